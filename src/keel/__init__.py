@@ -1,0 +1,1 @@
+"""keel: train transformers end to end, supervised."""

@@ -1,0 +1,292 @@
+"""The run config: typed sections, loaded from YAML plus dotted `--set` overrides, validated.
+
+Every field carries a one-line help string; `keel config` and the README's reference are made
+from them. Unknown keys are an error that suggests the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from keel.errors import UserError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    """Where the training tokens come from."""
+
+    path: str = opt("data/python-stdlib", "DATA_DIR written by `keel prepare` (tokenizer.json, shards, manifest.json).")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer."""
+
+    n_layer: int = opt(6, "Number of transformer blocks.")
+    n_head: int = opt(6, "Number of query heads; must divide d_model.")
+    n_kv_head: int = opt(6, "Number of key/value heads (grouped-query attention); must divide n_head.")
+    d_model: int = opt(384, "Width of the residual stream.")
+    context_length: int = opt(256, "Tokens per training sequence and the longest context at sampling.")
+    vocab_size: int = opt(0, "Vocabulary size; 0 takes it from the data's tokenizer.")
+    mlp_hidden: int = opt(0, "Hidden width of the SwiGLU MLP; 0 picks 8/3 d_model rounded up to a multiple of 64.")
+    qk_norm: bool = opt(False, "RMSNorm on queries and keys before attention (stabilises large learning rates).")
+    tie_embeddings: bool = opt(True, "Share the input embedding and output projection weights.")
+    rope_theta: float = opt(10000.0, "Base of the rotary position embedding frequencies.")
+    norm_eps: float = opt(1e-5, "Epsilon of RMSNorm.")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = opt(3e-3, "Peak learning rate.")
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
+    schedule: str = opt("wsd", "Learning-rate schedule after warmup: cosine | wsd (warmup-stable-decay) | constant.")
+    decay_fraction: float = opt(0.3, "Fraction of max_steps spent decaying at the end of the wsd schedule.")
+    warmup_steps: int = opt(50, "Steps of linear warmup from 0 to the peak learning rate.")
+    weight_decay: float = opt(0.1, "Decoupled weight decay on matrices; norms, biases and embeddings get none.")
+    beta1: float = opt(0.9, "AdamW beta1.")
+    beta2: float = opt(0.95, "AdamW beta2.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch, stopping, evaluation, checkpoints, hardware."""
+
+    batch_size: int = opt(8, "Sequences per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    max_steps: int = opt(1000, "Stop after this many optimizer steps (also the length of the lr schedule).")
+    max_tokens: int = opt(0, "Stop after this many training tokens; 0 means no limit.")
+    max_minutes: float = opt(0.0, "Stop after this many minutes of training in this process; 0 means no limit.")
+    eval_every: int = opt(200, "Evaluate on the validation split every this many steps (and at the end).")
+    eval_batches: int = opt(20, "Validation batches per evaluation.")
+    checkpoint_every: int = opt(200, "Write a checkpoint every this many steps (and at the end).")
+    keep_checkpoints: int = opt(3, "Keep this many latest checkpoints, plus the one with the best val loss.")
+    log_every: int = opt(10, "Write metrics to the registry and update the progress bar every this many steps.")
+    seed: int = opt(1337, "Seed for initialisation and for the data order.")
+    device: str = opt("auto", "auto | cpu | cuda (auto takes cuda when available).")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it, else fp16 on CUDA, else fp32).")
+    compile: bool = opt(False, "Compile the model with torch.compile.")
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    name: str = opt("", "Run name; empty takes the run directory's name.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check a YAML value against the field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                continue
+        raise UserError(f"config key {key} got {value!r}, which is not a {tp}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise UserError(f"config key {key} must be a {tp.__name__}, got {value!r}; fix the value in the config or --set.")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if _is_section(tp):
+            keys += _all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, _all_keys(RunConfig), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]}?" if close else " Run `keel config` to list the valid keys."
+    return UserError(f"unknown config key {key}.{hint}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {raw!r}.")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            raise _unknown_key(key)
+        tp = types_[name]
+        kwargs[name] = _build(tp, value or {}, key + ".") if _is_section(tp) else _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown_key(key)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-3", "train.compile=true"]` -> nested dict with YAML-parsed values."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r} is not KEY=VALUE; write it like --set optim.lr=1e-3.")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    config = _build(RunConfig, raw, "")
+    validate(config)
+    return config
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file (or start from defaults when path is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass the path of a YAML file to --config.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path} is not valid YAML{where}; fix its syntax.") from None
+    return from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+def save(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def validate(config: RunConfig) -> None:
+    """Raise UserError for values that cannot work, naming the key and the fix."""
+    m, o, t = config.model, config.optim, config.train
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    for key in ("n_layer", "n_head", "n_kv_head", "d_model", "context_length"):
+        need(getattr(m, key) > 0, f"model.{key} must be a positive integer, got {getattr(m, key)}.")
+    need(m.d_model % m.n_head == 0, f"model.n_head ({m.n_head}) must divide model.d_model ({m.d_model}); pick e.g. n_head={_divisor_near(m.d_model, m.n_head)}.")
+    need(m.n_head % m.n_kv_head == 0, f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); pick e.g. n_kv_head={_divisor_near(m.n_head, m.n_kv_head)}.")
+    need((m.d_model // m.n_head) % 2 == 0, f"the head size d_model/n_head = {m.d_model // m.n_head} must be even for rotary embeddings; change model.d_model or model.n_head.")
+    need(m.vocab_size >= 0 and m.mlp_hidden >= 0, "model.vocab_size and model.mlp_hidden must be >= 0 (0 means automatic).")
+    need(m.rope_theta > 0 and m.norm_eps > 0, "model.rope_theta and model.norm_eps must be positive.")
+    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be within [0, 1], got {o.min_lr_ratio}.")
+    need(o.schedule in ("cosine", "wsd", "constant"), f"optim.schedule must be cosine, wsd or constant, got {o.schedule!r}.")
+    need(0 <= o.decay_fraction <= 1, f"optim.decay_fraction must be within [0, 1], got {o.decay_fraction}.")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}.")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be within [0, 1).")
+    need(o.eps > 0, f"optim.eps must be positive, got {o.eps}.")
+    need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns clipping off), got {o.grad_clip}.")
+    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every"):
+        need(getattr(t, key) > 0, f"train.{key} must be a positive integer, got {getattr(t, key)}.")
+    need(t.max_tokens >= 0 and t.max_minutes >= 0, "train.max_tokens and train.max_minutes must be >= 0 (0 means no limit).")
+    need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"train.device must be auto, cpu or cuda, got {t.device!r}.")
+    need(t.dtype in ("auto", "float32", "bfloat16", "float16"), f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}.")
+
+
+def _divisor_near(n: int, target: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), d))
+
+
+def reference() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every field, for `keel config` and the README."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        default = cls()
+        for f in dataclasses.fields(cls):
+            tp = _field_types(cls)[f.name]
+            if _is_section(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, getattr(default, f.name), f.metadata.get("help", "")))
+
+    walk(RunConfig, "")
+    return rows
