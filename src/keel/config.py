@@ -171,6 +171,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     for name, value in raw.items():
         key = f"{prefix}{name}"
         if name not in types_:
+            while isinstance(value, dict) and value:  # name the full dotted key: modle.n_layer
+                name, value = next(iter(value.items()))
+                key = f"{key}.{name}"
             raise _unknown_key(key)
         tp = types_[name]
         kwargs[name] = _build(tp, value or {}, key + ".") if _is_section(tp) else _coerce(value, tp, key)

@@ -1,0 +1,204 @@
+"""Data: sources -> clean/dedup -> byte-level BPE -> token shards + manifest, and batches from them.
+
+`prepare` builds a DATA_DIR in two streaming passes, so memory stays flat however large the
+corpus is (only the dedup index grows, by a few dozen bytes per document):
+
+1. read every source, clean and dedup each document, and append it to a temporary JSONL of
+   its split (chosen by content hash);
+2. train the tokenizer from the train JSONL, then encode both JSONLs in batches and append
+   the ids to train.bin / val.bin.
+
+Everything is built in a hidden sibling directory that is renamed into place only when
+complete; on any failure it is deleted, and an existing DATA_DIR is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from keel.data.clean import DEDUP_MODES, Cleaner
+from keel.data.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    SPLITS,
+    TokenData,
+    eval_batches,
+    get_batch,
+    open_data,
+    sha256_file,
+    split_of,
+    token_dtype,
+    write_shard,
+)
+from keel.data.sources import Document, read_source
+from keel.data.tokenizer import EOT, MIN_VOCAB_SIZE, TOKENIZER_FILE, load_tokenizer, train_tokenizer
+from keel.errors import UserError
+
+__all__ = ["prepare", "open_data", "TokenData", "get_batch", "eval_batches", "load_tokenizer"]
+
+
+def prepare(
+    sources: list[str],
+    out_dir: Path,
+    vocab_size: int = 8192,
+    val_fraction: float = 0.02,
+    dedup: str = "exact",
+    force: bool = False,
+    min_chars: int = 32,
+    progress: bool = True,
+) -> dict:
+    """Build DATA_DIR `out_dir` from `sources` and return its manifest.
+
+    The manifest holds what a summary needs: documents read, kept and skipped (count and
+    example origins per reason), and documents / tokens / UTF-8 bytes per split.
+    """
+    out_dir = Path(out_dir)
+    _check_options(sources, out_dir, vocab_size, val_fraction, dedup, force, min_chars)
+    documents = [read_source(source) for source in sources]  # checks every source before any work
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        manifest = _build(build_dir, sources, documents, vocab_size, val_fraction, dedup, min_chars, progress)
+        _move_into_place(build_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _check_options(
+    sources: list[str], out_dir: Path, vocab_size: int, val_fraction: float, dedup: str, force: bool, min_chars: int
+) -> None:
+    if not sources:
+        raise UserError("no sources given; name at least one file, folder, builtin:python-stdlib or hf:NAME")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"vocab size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE} (256 bytes + {EOT})")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val fraction {val_fraction} must lie strictly between 0 and 1; 0.02 is a good start")
+    if dedup not in DEDUP_MODES:
+        raise UserError(f"unknown dedup mode {dedup!r}; use one of {', '.join(DEDUP_MODES)}")
+    if min_chars < 0:
+        raise UserError(f"min_chars {min_chars} must not be negative")
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    # --force deletes the old directory: never do that to something keel did not write.
+    is_empty_dir = out_dir.is_dir() and not any(out_dir.iterdir())
+    if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file() and not is_empty_dir:
+        raise UserError(f"{out_dir} exists and is not a keel data directory, so --force will not replace it; choose another --out")
+
+
+def _build(
+    build_dir: Path,
+    sources: list[str],
+    documents: list[Iterator[Document]],
+    vocab_size: int,
+    val_fraction: float,
+    dedup: str,
+    min_chars: int,
+    progress: bool,
+) -> dict:
+    work_dir = build_dir / "work"
+    work_dir.mkdir()
+    texts_path = {split: work_dir / f"{split}.jsonl" for split in SPLITS}
+    splits = {split: {"file": f"{split}.bin", "documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS}
+    cleaner = Cleaner(min_chars, dedup)
+    source_counts = []
+
+    # Pass 1: clean, dedup and split into two JSONL files of texts.
+    with (
+        open(texts_path["train"], "w", encoding="utf-8") as train_out,
+        open(texts_path["val"], "w", encoding="utf-8") as val_out,
+        tqdm(desc="reading", unit=" docs", disable=not progress) as bar,
+    ):
+        outs = {"train": train_out, "val": val_out}
+        for source, source_documents in zip(sources, documents):
+            num_read, num_kept, num_unreadable = 0, cleaner.num_kept, cleaner.num_unreadable
+            for origin, content in source_documents:
+                num_read += 1
+                bar.update()
+                text = cleaner.clean(origin, content)
+                if text is None:
+                    continue
+                split = split_of(text, val_fraction)
+                outs[split].write(json.dumps(text, ensure_ascii=False) + "\n")
+                splits[split]["documents"] += 1
+                splits[split]["bytes"] += len(text.encode("utf-8"))
+            if num_read == 0:
+                raise UserError(f"{source} contains no documents; check that it is the corpus you meant")
+            if cleaner.num_unreadable - num_unreadable == num_read:
+                raise UserError(
+                    f"{source} has no text: all {num_read} of its files are binary or not UTF-8; point it at UTF-8 text files"
+                )
+            source_counts.append({"source": source, "documents": num_read, "kept": cleaner.num_kept - num_kept})
+
+    report = cleaner.report()
+    if cleaner.num_kept == 0:
+        dropped = ", ".join(f"{s['count']} {reason}" for reason, s in report["skipped"].items() if s["count"])
+        raise UserError(f"nothing is left of {' '.join(sources)} after cleaning ({dropped}); add more text or lower min_chars")
+    if not all(splits[split]["documents"] for split in SPLITS):
+        raise UserError(
+            f"the corpus is too small to split: its {cleaner.num_kept} documents gave {splits['train']['documents']} train and "
+            f"{splits['val']['documents']} validation documents at val fraction {val_fraction}; add more text or change --val-fraction"
+        )
+
+    # Pass 2: tokenizer from the train split only (validation text stays unseen, as it is for
+    # the model), then both splits encoded to .bin.
+    tokenizer = train_tokenizer(_read_texts(texts_path["train"]), vocab_size, splits["train"]["documents"], progress)
+    eot_id = tokenizer.token_to_id(EOT)
+    for split in SPLITS:
+        texts = _read_texts(texts_path[split])
+        num_texts = splits[split]["documents"]
+        splits[split]["tokens"] = write_shard(tokenizer, texts, build_dir / splits[split]["file"], eot_id, num_texts, progress)
+    tokenizer.save(str(build_dir / TOKENIZER_FILE))
+    shutil.rmtree(work_dir)
+
+    files = [TOKENIZER_FILE] + [splits[split]["file"] for split in SPLITS]
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "sources": source_counts,
+        "options": {"vocab_size": vocab_size, "val_fraction": val_fraction, "dedup": dedup, "min_chars": min_chars},
+        "documents": {"read": sum(s["documents"] for s in source_counts), **report},
+        "splits": splits,
+        "tokenizer": {"file": TOKENIZER_FILE, "vocab_size": tokenizer.get_vocab_size(), "eot": EOT, "eot_id": eot_id},
+        "dtype": token_dtype(tokenizer.get_vocab_size()).name,
+        "files": {name: sha256_file(build_dir / name) for name in files},
+    }
+    (build_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    for name in files + [MANIFEST_FILE]:
+        _fsync(build_dir / name)
+    return manifest
+
+
+def _read_texts(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            yield json.loads(line)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _move_into_place(build_dir: Path, out_dir: Path) -> None:
+    """Rename the finished build to `out_dir`, replacing an old one only now that the new one is complete."""
+    if not out_dir.exists():
+        build_dir.rename(out_dir)
+        return
+    old_dir = build_dir.with_name(build_dir.name + ".old")  # build_dir's name is unique, so is this one
+    out_dir.rename(old_dir)
+    try:
+        build_dir.rename(out_dir)
+    except BaseException:
+        old_dir.rename(out_dir)
+        raise
+    shutil.rmtree(old_dir)

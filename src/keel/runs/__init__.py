@@ -1,0 +1,1 @@
+"""The run registry: a SQLite store of runs, metrics, checkpoints and events."""

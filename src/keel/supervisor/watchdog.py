@@ -1,0 +1,273 @@
+"""The process watchdog: run the trainer as a child process and restart it after a crash or a hang.
+
+The child (`python -m keel.train.worker RUN_DIR`) owes the watchdog three things:
+
+- a heartbeat: it rewrites `RUN_DIR/heartbeat.json` (`{"step", "time", "pid"}`) at least every
+  few seconds while healthy. Any change of the file counts as life; a file left by an earlier
+  segment does not. The watchdog's own clock decides staleness, so clocks never need to agree.
+- checkpoints in `RUN_DIR/checkpoints/step_XXXXXXXX/`; the newest one measures progress.
+- an exit code: 0 finished or cleanly stopped, `EXIT_USER_ERROR` or `EXIT_STOPPED_BY_SUPERVISOR`
+  (a restart cannot help); anything else, or death by a signal, is a crash worth a restart.
+
+Stopping. The child runs in the watchdog's process group, so Ctrl-C on the terminal sends SIGINT
+to both: the trainer checkpoints and exits, and the watchdog only notes that the user asked to
+stop and never restarts afterwards. SIGINT is therefore never forwarded (the child would see it
+twice, and the trainer takes a second signal as "stop now, skip the checkpoint"); SIGTERM is
+what `kill PID` and container runtimes send to the watchdog alone, so each one is forwarded.
+A child that dies of SIGINT or SIGTERM was asked to stop by someone and is not restarted either.
+
+Events (logbook entries) carry `downtime_seconds`: on a fault, the time from the trainer's last
+sign of life to the moment it was found dead or hung; on a restart, the backoff waited. Their sum
+is the wall time faults cost, apart from redoing the `lost_steps` since the newest checkpoint.
+
+The child must be the trainer itself, not a launcher with workers of its own: a hung child is
+killed with SIGKILL, which a launcher cannot pass on to its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from keel.config import opt
+
+EXIT_USER_ERROR = 2
+EXIT_STOPPED_BY_SUPERVISOR = 3
+HEARTBEAT_FILE = "heartbeat.json"
+RESTART_ENV = "KEEL_RESTART"
+
+_CHECKPOINT_DIR = re.compile(r"step_(\d+)")  # `.tmp-*` directories are unfinished and never match
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class WatchdogConfig:
+    """When to restart the trainer process and when to give up."""
+
+    max_restarts: int = opt(10, "Restart the trainer at most this many times in one `keel train`.")
+    max_restarts_without_progress: int = opt(3, "Give up when this many restarts in a row wrote no new checkpoint.")
+    # 300 s: long enough for the slow moments that may pause a heartbeat written from the loop
+    # (importing torch, torch.compile of the first step, a large checkpoint on network storage),
+    # yet half of the 10-minute default timeout torch.distributed gives NCCL collectives, so a
+    # stuck collective is caught here first, and minutes instead of the hours a person needs.
+    hang_timeout_s: float = opt(300.0, "Kill and restart the trainer when its heartbeat is this many seconds old.")
+    # A transient fault (a busy file system, a GPU reset) tends to clear in seconds; doubling
+    # up to a minute keeps a persistent one from being hammered.
+    backoff_s: float = opt(2.0, "Wait this long before the first restart; doubles with each failure in a row.")
+    backoff_max_s: float = opt(60.0, "Never wait longer than this before a restart.")
+
+
+@dataclass
+class _Segment:
+    """How one run of the child process ended."""
+
+    returncode: int  # negative: killed by that signal (Popen's convention)
+    hung: bool
+    heartbeat_step: int | None
+    seconds_since_life: float  # from the last heartbeat (or the start) to the moment it ended
+
+
+def newest_checkpoint_step(run_dir: Path) -> int | None:
+    """Step of the newest finished checkpoint directory in run_dir, or None when there is none."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := _CHECKPOINT_DIR.fullmatch(p.name)) and p.is_dir()]
+    return max(steps, default=None)
+
+
+def run_watchdog(
+    argv: list[str],
+    run_dir: Path,
+    config: WatchdogConfig,
+    on_event: Callable[[dict], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run argv until it finishes, restarting it after crashes and hangs; returns the exit code.
+
+    0 when the trainer finished or stopped cleanly; otherwise the child's code (128 + signal
+    number for a death by signal) after a user stop, a no-restart code, or giving up. Every
+    fault, restart and stop goes to on_event as a logbook entry. Call from the main thread.
+    """
+    assert argv, "argv names the trainer command"
+    emit = on_event or (lambda entry: None)
+    run_dir = Path(run_dir)
+    poll_s = min(0.5, config.hang_timeout_s / 10)  # granularity of hang detection and forwarding
+    stop = _StopRequests(emit)
+    restart = 0
+    failures_in_a_row = 0  # failed segments since the last one that wrote a checkpoint
+    with stop:
+        while True:
+            checkpoint_before = newest_checkpoint_step(run_dir)
+            segment = _run_segment(argv, run_dir, config, restart, env, stop, poll_s)
+            code = segment.returncode if segment.returncode >= 0 else 128 - segment.returncode
+            stop.report()
+            if stop.requested or segment.returncode in (0, EXIT_USER_ERROR, EXIT_STOPPED_BY_SUPERVISOR, -signal.SIGINT, -signal.SIGTERM):
+                return code
+
+            checkpoint_step = newest_checkpoint_step(run_dir)
+            progressed = checkpoint_step is not None and (checkpoint_before is None or checkpoint_step > checkpoint_before)
+            failures_in_a_row = 1 if progressed else failures_in_a_row + 1
+            failure = _describe(segment, checkpoint_step, config.hang_timeout_s)
+            step = segment.heartbeat_step if segment.heartbeat_step is not None else checkpoint_step
+            evidence = {"signal": _signal_name(-segment.returncode)} if segment.returncode < 0 else {"exit_code": segment.returncode}
+            lost_steps = None if segment.heartbeat_step is None else max(0, segment.heartbeat_step - (checkpoint_step or 0))
+            emit(_entry("fault", "hang" if segment.hung else "crash", f"the trainer {failure}.", step, {
+                **evidence, "restart": restart, "checkpoint_step": checkpoint_step, "lost_steps": lost_steps,
+                "downtime_seconds": round(segment.seconds_since_life, 3)}))
+
+            # Both counts include the first failure of the streak, which was no restart (or made progress).
+            if failures_in_a_row - 1 >= config.max_restarts_without_progress:
+                reason = f"{failures_in_a_row - 1} restarts without a new checkpoint"
+            elif restart >= config.max_restarts:
+                reason = f"{restart} restarts, the whole budget (max_restarts={config.max_restarts})"
+            else:
+                reason = None
+            if reason:
+                emit(_entry("info", "gave_up", f"gave up after {reason}; last failure: {failure}.", step,
+                            {"restart": restart, "checkpoint_step": checkpoint_step}))
+                return code
+
+            backoff_s = min(config.backoff_s * 2 ** (failures_in_a_row - 1), config.backoff_max_s)
+            waited_s = stop.sleep(backoff_s, poll_s)
+            stop.report()
+            if stop.requested:
+                return code
+            restart += 1
+            where = f"checkpoint step {checkpoint_step}" if checkpoint_step is not None else "the start"
+            emit(_entry("restart", "restart", f"restarted the trainer from {where} after {backoff_s:g} s of backoff "
+                        f"(restart {restart} of at most {config.max_restarts}).", checkpoint_step,
+                        {"restart": restart, "checkpoint_step": checkpoint_step, "backoff_seconds": backoff_s,
+                         "downtime_seconds": round(waited_s, 3)}))
+
+
+def _run_segment(argv: list[str], run_dir: Path, config: WatchdogConfig, restart: int,
+                 env: dict[str, str] | None, stop: _StopRequests, poll_s: float) -> _Segment:
+    """Start the child once and watch it until it exits or its heartbeat goes stale."""
+    heartbeat = _Heartbeat(run_dir / HEARTBEAT_FILE)
+    forwarded = 0
+    # Same process group as ours (no new session): Ctrl-C on the terminal reaches the child directly.
+    child = subprocess.Popen(argv, env={**(os.environ if env is None else env), RESTART_ENV: str(restart)})
+    try:
+        while True:
+            try:
+                returncode = child.wait(timeout=poll_s)
+                heartbeat.poll()
+                return _Segment(returncode, False, heartbeat.step, time.monotonic() - heartbeat.last_life)
+            except subprocess.TimeoutExpired:
+                pass
+            stop.report()
+            for _ in range(stop.sigterms - forwarded):
+                child.send_signal(signal.SIGTERM)
+            forwarded = stop.sigterms
+            heartbeat.poll()
+            silent_s = time.monotonic() - heartbeat.last_life
+            if silent_s > config.hang_timeout_s:
+                child.kill()
+                return _Segment(child.wait(), True, heartbeat.step, silent_s)
+    finally:
+        if child.poll() is None:  # we are leaving on an exception: never leave an orphan trainer
+            child.kill()
+            child.wait()
+
+
+class _Heartbeat:
+    """Watches the heartbeat file; `last_life` is the monotonic time it last changed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seen = self._read()  # a file left by an earlier segment is no sign of this one's life
+        self.last_life = time.monotonic()  # a slow start-up gets the whole hang timeout too
+        self.step: int | None = None
+
+    def _read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def poll(self) -> None:
+        data = self._read()
+        if data is None or data == self.seen:
+            return
+        self.seen, self.last_life = data, time.monotonic()
+        try:
+            self.step = int(json.loads(data)["step"])
+        except (ValueError, KeyError, TypeError):
+            pass  # caught mid-write: still a sign of life, the step comes with the next beat
+
+
+class _StopRequests:
+    """Catches SIGINT/SIGTERM for the watchdog's lifetime; after one, nothing is restarted."""
+
+    def __init__(self, emit: Callable[[dict], None]):
+        self.emit = emit
+        self.signals: list[int] = []
+        self.reported = False
+
+    def __enter__(self) -> _StopRequests:
+        self.previous = {s: signal.signal(s, self._handle) for s in _STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        # Only record: the handler may interrupt the main thread halfway through writing an event.
+        self.signals.append(signum)
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signals)
+
+    @property
+    def sigterms(self) -> int:
+        return self.signals.count(signal.SIGTERM)
+
+    def report(self) -> None:
+        """Log the first stop request once."""
+        if self.signals and not self.reported:
+            self.reported = True
+            name = _signal_name(self.signals[0])
+            self.emit(_entry("info", "user_stop", f"{name} received: the trainer may checkpoint and exit, "
+                             "and the watchdog will not restart it.", None, {"signal": name}))
+
+    def sleep(self, seconds: float, poll_s: float) -> float:
+        """Sleep up to seconds, waking early on a stop request; returns the time slept."""
+        start = time.monotonic()
+        while not self.requested and (left := seconds - (time.monotonic() - start)) > 0:
+            time.sleep(min(left, poll_s))
+        return time.monotonic() - start
+
+
+def _describe(segment: _Segment, checkpoint_step: int | None, hang_timeout_s: float) -> str:
+    """'was killed by SIGKILL ... at step ~120 (newest checkpoint: step 100)' for the messages."""
+    if segment.hung:
+        what = f"hung (no heartbeat for {hang_timeout_s:g} s) and was killed with SIGKILL"
+    elif segment.returncode < 0:
+        name = _signal_name(-segment.returncode)
+        what = f"was killed by {name}" + (" (often the out-of-memory killer)" if name == "SIGKILL" else "")
+    else:
+        what = f"exited with code {segment.returncode}"
+    where = "before its first heartbeat" if segment.heartbeat_step is None else f"at step ~{segment.heartbeat_step}"
+    newest = "none" if checkpoint_step is None else f"step {checkpoint_step}"
+    return f"{what} {where} (newest checkpoint: {newest})"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _entry(kind: str, name: str, message: str, step: int | None, evidence: dict) -> dict:
+    return {"kind": kind, "name": name, "message": message, "step": step, "evidence": evidence}

@@ -1,0 +1,247 @@
+"""Checkpoints: atomic, checksummed directories that a run resumes or rolls back from.
+
+A checkpoint is `RUN_DIR/checkpoints/step_{step:08d}/` holding
+
+    model.safetensors   the weights (tied tensors stored once, re-tied on load)
+    state.pt            optimizer, RNG, data cursor, supervisor state... loadable with weights_only=True
+    meta.json           step, tokens, val_loss, resolved config, keel version, save time
+    MANIFEST.json       sha256 and size of the three files above
+
+It is written into `.tmp-step_.../`, every file and the directory are fsynced, the directory is
+renamed into place and the parent fsynced, so a crash leaves either a complete checkpoint or a
+`.tmp-*` directory that is never read and is removed by the next save. Only one process writes
+checkpoints for a run (rank 0 under torchrun).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from keel.errors import UserError
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+META = "meta.json"
+MANIFEST = "MANIFEST.json"
+CHECKSUMMED = (WEIGHTS, STATE, META)
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
+    """Write the checkpoint for `step` and prune old ones; returns its directory.
+
+    `model` is the plain module (not the torch.compile / DDP wrapper), so parameter names stay
+    stable. `meta` must be JSON-serialisable; `step`, `keel_version` and `saved_at` are added.
+    An existing checkpoint for the same step is replaced. Pruning keeps the `keep_last` newest
+    checkpoints plus the one with the lowest finite `meta["val_loss"]`, and deletes any with a
+    step above `step`: after a rollback those belong to the abandoned timeline, and a later
+    resume must not pick them up.
+    """
+    assert step >= 0 and keep_last >= 1, (step, keep_last)
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a crash mid-write or mid-delete
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    tmp.mkdir()
+    try:
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+        torch.save(train_state, tmp / STATE)
+        # Prove now, not at resume time, that the state loads without executing code; mmap keeps
+        # this cheap because no tensor data is read.
+        try:
+            torch.load(tmp / STATE, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            raise AssertionError(f"train_state must hold only tensors, dicts, lists, tuples and plain Python scalars (no numpy values or objects): {err}") from None
+        meta = {**meta, "step": step, "keel_version": _keel_version(), "saved_at": time.time()}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        manifest = {"files": {name: {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size} for name in CHECKSUMMED}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for name in (*CHECKSUMMED, MANIFEST):
+            _fsync(tmp / name)
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    # A directory cannot be renamed over a non-empty one, so the old copy steps aside first. A
+    # crash between the two renames loses this step but no earlier checkpoint: resume falls back.
+    replaced = root / f".tmp-replaced-{final.name}"
+    if final.exists():
+        final.rename(replaced)
+    tmp.rename(final)
+    _fsync(root)
+    shutil.rmtree(replaced, ignore_errors=True)
+    _prune(run_dir, step, keep_last)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories of a run, oldest step first (temporary directories excluded)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory was written at, from its name."""
+    match = _STEP_DIR.fullmatch(Path(path).name)
+    assert match, path
+    return int(match.group(1))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file matches the manifest, else a short reason such as "state.pt sha256 mismatch"."""
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        for name in CHECKSUMMED:
+            if name not in files:
+                return f"{name} not listed in {MANIFEST}"
+        for name, entry in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} missing"
+            size, expected = file.stat().st_size, entry["size"]
+            if size < expected:
+                return f"{name} truncated ({size} of {expected} bytes)"
+            if size != expected:
+                return f"{name} size mismatch ({size} bytes, manifest says {expected})"
+            if _sha256(file) != entry["sha256"]:
+                return f"{name} sha256 mismatch"
+    except FileNotFoundError:
+        return f"{MANIFEST} missing"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} unreadable ({type(err).__name__})"
+    return None
+
+
+def load_checkpoint(path: Path, model: nn.Module, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify a checkpoint, load its weights into `model` (strict) and return (train_state, meta)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist; pass a directory such as RUN_DIR/checkpoints/step_00001000.")
+    reason = verify_checkpoint(path)
+    if reason:
+        raise UserError(f"checkpoint {path} is corrupt ({reason}); load an earlier checkpoint from {path.parent}.")
+    try:
+        safetensors.torch.load_model(model, path / WEIGHTS, strict=True, device=str(map_location))
+    except RuntimeError as err:
+        # The first line is "Error(s) in loading state_dict for X:"; the next names the first problem.
+        lines = str(err).splitlines()
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip().rstrip(".")[:300]
+        raise UserError(
+            f"checkpoint {path} does not fit the model because the model's shape differs from the run's config "
+            f"({detail}); resume with the config saved in the checkpoint's {META}, or start a new run directory."
+        ) from None
+    train_state = torch.load(path / STATE, map_location=map_location, weights_only=True)
+    meta = json.loads((path / META).read_text())
+    return train_state, meta
+
+
+def find_latest_good(run_dir: Path, before_step: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint (with step < before_step, if given) that verifies, and the (checkpoint,
+    reason) pairs of the newer ones that did not, so the caller can log why it fell back."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        if before_step is not None and checkpoint_step(path) >= before_step:
+            continue
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, torch CPU and (when present) CUDA generator states, as weights_only-loadable values."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of capture_rng_state. CUDA states are skipped on a machine without CUDA."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    # Generator states must be CPU byte tensors even if the checkpoint was mapped to a GPU.
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [s.cpu() for s in state["cuda"]][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _prune(run_dir: Path, newest_step: int, keep_last: int) -> None:
+    checkpoints = list_checkpoints(run_dir)
+    timeline = [p for p in checkpoints if checkpoint_step(p) <= newest_step]
+    keep = set(timeline[-keep_last:])
+    scored = [(loss, checkpoint_step(p), p) for p in timeline if (loss := _val_loss(p)) is not None]
+    if scored:
+        keep.add(min(scored)[2])  # ties go to the earliest step
+    for path in checkpoints:
+        if path not in keep:
+            # Rename first: a crash mid-delete then leaves a .tmp-* directory, not a half checkpoint.
+            doomed = path.with_name(f".tmp-pruned-{path.name}")
+            path.rename(doomed)
+            shutil.rmtree(doomed)
+
+
+def _val_loss(path: Path) -> float | None:
+    try:
+        loss = json.loads((path / META).read_text()).get("val_loss")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(loss, (int, float)) and math.isfinite(loss):
+        return float(loss)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    # Linux flushes a file's (or directory's) dirty data through any descriptor, even read-only.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _keel_version() -> str:
+    try:
+        return metadata.version("keel")
+    except metadata.PackageNotFoundError:
+        return "unknown"

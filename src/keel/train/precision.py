@@ -1,0 +1,50 @@
+"""Device and numeric precision, chosen at run time from what the hardware supports."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from keel.errors import UserError
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` takes CUDA when present; asking for CUDA on a machine without it is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but this machine has no CUDA device; use train.device=cpu or auto.")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    # oneDNN runs bf16 matmuls at native speed only with AVX-512 BF16 or AMX; elsewhere bf16 is
+    # emulated and slower than float32, so auto keeps float32 there.
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for autocast: bf16 where the hardware has it, fp16 on older GPUs, else fp32."""
+    if name != "auto":
+        dtype = getattr(torch, name)
+        if dtype == torch.float16 and device.type == "cpu":
+            raise UserError("train.dtype=float16 is not supported on the CPU; use bfloat16 or float32.")
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; weights and optimizer state stay float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaling is needed only for fp16, whose narrow exponent underflows small gradients."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -1,0 +1,268 @@
+"""`keel.data.prepare` end to end on real text: standard-library modules copied into tmp_path."""
+
+import hashlib
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from keel.data import open_data, prepare
+from keel.data.shards import token_dtype
+from keel.errors import UserError
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Small, stable modules present in every Python keel supports: a corpus of ~300 KB of real code.
+MODULES = [
+    "abc.py", "bisect.py", "colorsys.py", "contextvars.py", "copy.py", "fnmatch.py", "glob.py",
+    "graphlib.py", "heapq.py", "keyword.py", "numbers.py", "operator.py", "queue.py", "reprlib.py",
+    "sched.py", "shlex.py", "stat.py", "string.py", "textwrap.py", "tty.py",
+]  # fmt: skip
+OPTIONS = dict(vocab_size=512, val_fraction=0.25, progress=False)
+
+
+def copy_modules(folder: Path, names=MODULES) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(STDLIB / name, folder / name)
+    return folder
+
+
+def normalised(path: Path) -> str:
+    return path.read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def documents_of(data_dir: Path, split: str) -> list[str]:
+    """Decode a .bin back into its documents (split on the end-of-text separator)."""
+    data = open_data(data_dir)
+    ids = data.tokens(split).tolist()
+    assert ids[0] == data.eot_id  # every document starts with the separator
+    starts = [i for i, token in enumerate(ids) if token == data.eot_id] + [len(ids)]
+    return [data.tokenizer.decode(ids[a + 1 : b]) for a, b in zip(starts, starts[1:])]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Path, dict, Path]:
+    corpus = copy_modules(tmp_path_factory.mktemp("corpus"))
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    return out, prepare([str(corpus)], out, **OPTIONS), corpus
+
+
+def test_prepare_writes_data_dir_and_manifest(prepared):
+    out, manifest, corpus = prepared
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["documents"]["read"] == manifest["documents"]["kept"] == len(MODULES)
+    assert manifest["sources"] == [{"source": str(corpus), "documents": len(MODULES), "kept": len(MODULES)}]
+    assert manifest["options"] == {"vocab_size": 512, "val_fraction": 0.25, "dedup": "exact", "min_chars": 32}
+    assert manifest["tokenizer"] == {"file": "tokenizer.json", "vocab_size": 512, "eot": "<|endoftext|>", "eot_id": 0}
+    assert manifest["dtype"] == "uint16"
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    splits = manifest["splits"]
+    assert splits["train"]["documents"] > 0 and splits["val"]["documents"] > 0
+    assert splits["train"]["documents"] + splits["val"]["documents"] == len(MODULES)
+    assert sum(s["bytes"] for s in splits.values()) == sum(len(normalised(corpus / m).encode()) for m in MODULES)
+    for split, counts in splits.items():
+        tokens = open_data(out).tokens(split)
+        assert tokens.dtype == np.uint16 and tokens.ndim == 1 and len(tokens) == counts["tokens"]
+    # No temporary build or work directory is left next to the output.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["stdlib"]
+
+
+def test_shards_decode_to_the_original_files(prepared):
+    out, manifest, corpus = prepared
+    decoded = documents_of(out, "train") + documents_of(out, "val")
+    assert sorted(decoded) == sorted(normalised(corpus / m) for m in MODULES)
+    assert len(documents_of(out, "val")) == manifest["splits"]["val"]["documents"]
+
+
+def test_same_input_gives_identical_files(prepared, tmp_path):
+    out, manifest, corpus = prepared
+    again = prepare([str(corpus)], tmp_path / "again", **OPTIONS)
+    assert again["files"] == manifest["files"]
+
+
+def test_binary_and_non_utf8_files_are_skipped_and_counted(tmp_path):
+    corpus = copy_modules(tmp_path / "corpus")
+    # A UTF-16 text file has NUL bytes; a Latin-1 file with accents is not UTF-8.
+    (corpus / "notes_utf16.txt").write_bytes("Notes saved by a Windows editor, in UTF-16.\n".encode("utf-16"))
+    (corpus / "latin1.txt").write_bytes("Café, crème brûlée et pâtisserie: encodé en Latin-1.\n".encode("latin-1"))
+    (corpus / "short.md").write_text("# Title\n")
+    manifest = prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+    skipped = manifest["documents"]["skipped"]
+    assert skipped["binary"] == {"count": 1, "examples": [str(corpus / "notes_utf16.txt")]}
+    assert skipped["not_utf8"] == {"count": 1, "examples": [str(corpus / "latin1.txt")]}
+    assert skipped["too_short"] == {"count": 1, "examples": [str(corpus / "short.md")]}
+    assert manifest["documents"]["read"] == len(MODULES) + 3
+    assert manifest["documents"]["kept"] == len(MODULES)
+
+
+def near_copy(text: str) -> str:
+    """The same module with one line changed, as a fork or a vendored copy would have."""
+    lines = text.splitlines(keepends=True)
+    middle = len(lines) // 2
+    lines[middle] = "# patched locally: " + lines[middle]
+    return "".join(lines)
+
+
+@pytest.mark.parametrize(("dedup", "num_dropped"), [("none", 0), ("exact", 1), ("minhash", 2)])
+def test_dedup_modes(tmp_path, dedup, num_dropped):
+    corpus = copy_modules(tmp_path / "corpus")
+    shutil.copy(corpus / "textwrap.py", corpus / "textwrap_copy.py")  # an exact copy
+    (corpus / "textwrap_fork.py").write_text(near_copy((corpus / "textwrap.py").read_text()))
+    manifest = prepare([str(corpus)], tmp_path / "out", dedup=dedup, **OPTIONS)
+    documents = manifest["documents"]
+    assert documents["kept"] == len(MODULES) + 2 - num_dropped
+    assert documents["skipped"]["duplicate"]["examples"] == ([] if dedup == "none" else [str(corpus / "textwrap_copy.py")])
+    assert documents["skipped"]["near_duplicate"]["examples"] == ([str(corpus / "textwrap_fork.py")] if dedup == "minhash" else [])
+
+
+def test_jsonl_and_parquet_sources(tmp_path):
+    texts = [(STDLIB / name).read_text() for name in MODULES]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts[:10])) + "\n")
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": texts[10:], "path": MODULES[10:]}), parquet, row_group_size=4)
+    manifest = prepare([str(jsonl), str(parquet)], tmp_path / "out", **OPTIONS)
+    assert [s["kept"] for s in manifest["sources"]] == [10, len(MODULES) - 10]
+    assert sorted(documents_of(tmp_path / "out", "train") + documents_of(tmp_path / "out", "val")) == sorted(texts)
+
+
+def test_hf_source_from_local_dataset_folder(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    # Hubs are unreachable here: load_dataset must only read the local folder.
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    texts = [(STDLIB / name).read_text() for name in MODULES]
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    manifest = prepare([f"hf:{folder}"], tmp_path / "out", **OPTIONS)
+    assert manifest["documents"]["kept"] == len(MODULES)
+    assert manifest["sources"][0]["source"] == f"hf:{folder}"
+    with pytest.raises(UserError, match="could not load hf:.*::validation"):
+        prepare([f"hf:{folder}::validation"], tmp_path / "out2", **OPTIONS)
+
+
+def test_existing_out_dir_is_refused_and_left_unchanged(prepared, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(prepared[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match=f"{out} already exists; pass --force to replace it"):
+        prepare([str(prepared[2])], out, **OPTIONS)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_force_replaces_existing_data_dir(prepared, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(prepared[0], out)
+    corpus = copy_modules(tmp_path / "other", MODULES[:8])
+    manifest = prepare([str(corpus)], out, force=True, **OPTIONS)
+    assert manifest["documents"]["kept"] == 8
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    open_data(out).verify()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other"]  # old copy and build dir are gone
+
+
+def test_failed_force_keeps_the_old_data_dir_and_leaves_nothing(prepared, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(prepared[0], out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a fine first document, long enough to keep"}\n{"text": oops}\n')
+    with pytest.raises(UserError, match=f"{bad}:2 is not valid JSON"):
+        prepare([str(prepared[2]), str(bad)], out, force=True, **OPTIONS)
+    open_data(out).verify()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "data"]
+
+
+def test_force_refuses_to_replace_a_folder_keel_did_not_write(tmp_path):
+    corpus = copy_modules(tmp_path / "corpus")
+    with pytest.raises(UserError, match="not a keel data directory"):
+        prepare([str(corpus)], corpus, force=True, **OPTIONS)
+    assert sorted(p.name for p in corpus.iterdir()) == sorted(MODULES)
+
+
+# Every bad input ends in a UserError naming the input.
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(UserError, match=f"source {tmp_path / 'nope'} does not exist"):
+        prepare([str(tmp_path / "nope")], tmp_path / "out", **OPTIONS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_scheme(tmp_path):
+    with pytest.raises(UserError, match="unknown source scheme in 's3://bucket/corpus'"):
+        prepare(["s3://bucket/corpus"], tmp_path / "out", **OPTIONS)
+    with pytest.raises(UserError, match="unknown builtin corpus 'builtin:wikipedia'"):
+        prepare(["builtin:wikipedia"], tmp_path / "out", **OPTIONS)
+
+
+def test_empty_corpus_after_cleaning(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text("too short\n")
+    with pytest.raises(UserError, match=r"nothing is left of .*corpus after cleaning \(2 too_short\)"):
+        prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_folder_with_only_binary_files(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in MODULES[:3]:  # real text, but saved as UTF-16
+        (corpus / name.replace(".py", ".txt")).write_bytes((STDLIB / name).read_text().encode("utf-16"))
+    with pytest.raises(UserError, match=f"{corpus} has no text: all 3 of its files are binary or not UTF-8"):
+        prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+
+
+def test_folder_without_supported_files(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(STDLIB / "os.py", corpus / "os.c")
+    with pytest.raises(UserError, match=f"{corpus} contains no .txt, .md"):
+        prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"text": "first document is fine and long enough"}\n\n{"text": "unterminated}\n')
+    with pytest.raises(UserError, match=f"{bad}:3 is not valid JSON"):
+        prepare([str(bad)], tmp_path / "out", **OPTIONS)
+    bad.write_text('{"text": "first document is fine and long enough"}\n{"body": "no text field"}\n')
+    with pytest.raises(UserError, match=f'{bad}:2 has no "text" string field'):
+        prepare([str(bad)], tmp_path / "out", **OPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_parquet_without_text_column_names_its_columns(tmp_path):
+    bad = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"content": ["some text"], "path": ["a.py"]}), bad)
+    with pytest.raises(UserError, match=f"{bad} has no 'text' column \\(it has content, path\\)"):
+        prepare([str(bad)], tmp_path / "out", **OPTIONS)
+
+
+def test_vocab_size_too_small(tmp_path):
+    corpus = copy_modules(tmp_path / "corpus", MODULES[:2])
+    with pytest.raises(UserError, match="vocab size 256 is too small; use at least 257"):
+        prepare([str(corpus)], tmp_path / "out", vocab_size=256, progress=False)
+
+
+def test_corpus_too_small_to_split(tmp_path):
+    corpus = copy_modules(tmp_path / "corpus", MODULES[:1])
+    with pytest.raises(UserError, match="too small to split: its 1 documents"):
+        prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_ids_above_uint16_use_uint32():
+    # A corpus this small cannot supply 65k merges, so check the rule prepare applies directly.
+    assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
