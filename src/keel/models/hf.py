@@ -1,0 +1,103 @@
+"""Map GPT to and from Hugging Face Llama (`transformers.LlamaForCausalLM`): config and weights.
+
+GPT uses Llama's layout and rotary convention, so the mapping only renames tensors. This module
+does not import transformers; the caller builds `transformers.LlamaConfig(**llama_config(config))`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from keel.config import ModelConfig
+from keel.errors import UserError
+from keel.models.gpt import GPT, mlp_hidden_size, num_kv_heads
+
+# GPT's name for each part of a block -> Llama's.
+_BLOCK_PARTS = {"attn_norm": "input_layernorm", "attn": "self_attn", "mlp_norm": "post_attention_layernorm", "mlp": "mlp"}
+_LLAMA_PARTS = {llama: ours for ours, llama in _BLOCK_PARTS.items()}
+
+
+def _check_exportable(config: ModelConfig) -> None:
+    if config.qk_norm:
+        raise UserError("model.qk_norm=true has no Llama equivalent, so this model cannot be mapped to Hugging Face Llama; train with model.qk_norm=false to export.")
+
+
+def llama_config(config: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for `transformers.LlamaConfig` describing GPT(config).
+
+    bos/eos token ids belong to the tokenizer, so they are left unset here for the exporter to fill.
+    """
+    _check_exportable(config)
+    assert config.vocab_size > 0, "resolve model.vocab_size before exporting"
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": mlp_hidden_size(config),
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": num_kv_heads(config),
+        "head_dim": config.d_model // config.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.context_length,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+
+
+def _llama_key(key: str) -> str:
+    """GPT state-dict key -> Llama key, e.g. blocks.3.attn.q_proj.weight -> model.layers.3.self_attn.q_proj.weight."""
+    if key == "embed.weight":
+        return "model.embed_tokens.weight"
+    if key == "norm_f.weight":
+        return "model.norm.weight"
+    if key == "lm_head.weight":
+        return key
+    match = re.fullmatch(r"blocks\.(\d+)\.(\w+)\.(.+)", key)
+    assert match is not None and match[2] in _BLOCK_PARTS, f"no Llama name for {key}"
+    return f"model.layers.{match[1]}.{_BLOCK_PARTS[match[2]]}.{match[3]}"
+
+
+def to_llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """GPT weights under Llama's names (tensors shared, not copied).
+
+    With tied embeddings lm_head.weight is left out, as Hugging Face checkpoints do.
+    """
+    _check_exportable(model.config)
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        del state["lm_head.weight"]
+    return {_llama_key(key): tensor for key, tensor in state.items()}
+
+
+def from_llama_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Llama weights -> a state dict for `GPT(config).load_state_dict`.
+
+    With tied embeddings lm_head.weight is taken from the embedding when the checkpoint lacks it.
+    """
+    _check_exportable(config)
+    with torch.device("meta"):  # only the names are needed; meta tensors cost no memory
+        expected = {_llama_key(key): key for key in GPT(config).state_dict()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    # Older Llama checkpoints also store the rotary inverse frequencies, which GPT recomputes.
+    llama_keys = {key for key in state if not key.endswith("rotary_emb.inv_freq")}
+    if config.tie_embeddings:
+        llama_keys.discard("lm_head.weight")
+    missing, unexpected = sorted(expected.keys() - llama_keys), sorted(llama_keys - expected.keys())
+    if missing or unexpected:
+        raise UserError(
+            f"the Llama weights do not fit this model config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "use the config the weights were made with."
+        )
+    ours = {expected[key]: state[key] for key in expected}
+    if config.tie_embeddings:
+        ours["lm_head.weight"] = ours["embed.weight"]
+    return ours
