@@ -24,6 +24,10 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+# The supervisor keeps its config beside its policy; it needs only `opt` from this module.
+from keel.supervisor.policy import SupervisorConfig, validate_config as validate_supervisor  # noqa: E402
+
+
 @dataclass
 class DataConfig:
     """Where the training tokens come from."""
@@ -37,7 +41,7 @@ class ModelConfig:
 
     n_layer: int = opt(6, "Number of transformer blocks.")
     n_head: int = opt(6, "Number of query heads; must divide d_model.")
-    n_kv_head: int = opt(6, "Number of key/value heads (grouped-query attention); must divide n_head.")
+    n_kv_head: int = opt(0, "Number of key/value heads (grouped-query attention); must divide n_head; 0 means n_head.")
     d_model: int = opt(384, "Width of the residual stream.")
     context_length: int = opt(256, "Tokens per training sequence and the longest context at sampling.")
     vocab_size: int = opt(0, "Vocabulary size; 0 takes it from the data's tokenizer.")
@@ -85,6 +89,23 @@ class TrainConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """When to restart the trainer process and when to give up."""
+
+    max_restarts: int = opt(10, "Restart the trainer at most this many times in one `keel train`.")
+    max_restarts_without_progress: int = opt(3, "Give up when this many restarts in a row wrote no new checkpoint.")
+    # 300 s: long enough for the slow moments that may pause a heartbeat written from the loop
+    # (importing torch, torch.compile of the first step, a large checkpoint on network storage),
+    # yet half of the 10-minute default timeout torch.distributed gives NCCL collectives, so a
+    # stuck collective is caught here first, and minutes instead of the hours a person needs.
+    hang_timeout_s: float = opt(300.0, "Kill and restart the trainer when its heartbeat is this many seconds old.")
+    # A transient fault (a busy file system, a GPU reset) tends to clear in seconds; doubling
+    # up to a minute keeps a persistent one from being hammered.
+    backoff_s: float = opt(2.0, "Wait this long before the first restart; doubles with each failure in a row.")
+    backoff_max_s: float = opt(60.0, "Never wait longer than this before a restart.")
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -93,6 +114,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,6 +241,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     config = _build(RunConfig, raw, "")
+    if config.model.n_kv_head == 0:
+        config.model.n_kv_head = config.model.n_head
     validate(config)
     return config
 
@@ -236,6 +261,11 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
             where = f" at line {mark.line + 1}" if mark else ""
             raise UserError(f"config file {path} is not valid YAML{where}; fix its syntax.") from None
     return from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of config with dotted overrides applied, validated."""
+    return from_dict(_merge(config.to_dict(), parse_overrides(overrides)))
 
 
 def save(config: RunConfig, path: str | Path) -> None:
@@ -270,6 +300,12 @@ def validate(config: RunConfig) -> None:
         need(getattr(t, key) > 0, f"train.{key} must be a positive integer, got {getattr(t, key)}.")
     need(t.max_tokens >= 0 and t.max_minutes >= 0, "train.max_tokens and train.max_minutes must be >= 0 (0 means no limit).")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"train.device must be auto, cpu or cuda, got {t.device!r}.")
+    validate_supervisor(config.supervisor)
+    w = config.watchdog
+    need(w.max_restarts >= 0 and w.max_restarts_without_progress >= 1,
+         "watchdog.max_restarts must be >= 0 and watchdog.max_restarts_without_progress >= 1.")
+    need(w.hang_timeout_s > 0, f"watchdog.hang_timeout_s must be positive, got {w.hang_timeout_s}.")
+    need(0 <= w.backoff_s <= w.backoff_max_s, "watchdog.backoff_s must be within [0, watchdog.backoff_max_s].")
     need(t.dtype in ("auto", "float32", "bfloat16", "float16"), f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}.")
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from keel.config import opt
+from keel.config import WatchdogConfig
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED_BY_SUPERVISOR = 3
@@ -45,23 +45,6 @@ RESTART_ENV = "KEEL_RESTART"
 
 _CHECKPOINT_DIR = re.compile(r"step_(\d+)")  # `.tmp-*` directories are unfinished and never match
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@dataclass
-class WatchdogConfig:
-    """When to restart the trainer process and when to give up."""
-
-    max_restarts: int = opt(10, "Restart the trainer at most this many times in one `keel train`.")
-    max_restarts_without_progress: int = opt(3, "Give up when this many restarts in a row wrote no new checkpoint.")
-    # 300 s: long enough for the slow moments that may pause a heartbeat written from the loop
-    # (importing torch, torch.compile of the first step, a large checkpoint on network storage),
-    # yet half of the 10-minute default timeout torch.distributed gives NCCL collectives, so a
-    # stuck collective is caught here first, and minutes instead of the hours a person needs.
-    hang_timeout_s: float = opt(300.0, "Kill and restart the trainer when its heartbeat is this many seconds old.")
-    # A transient fault (a busy file system, a GPU reset) tends to clear in seconds; doubling
-    # up to a minute keeps a persistent one from being hammered.
-    backoff_s: float = opt(2.0, "Wait this long before the first restart; doubles with each failure in a row.")
-    backoff_max_s: float = opt(60.0, "Never wait longer than this before a restart.")
 
 
 @dataclass

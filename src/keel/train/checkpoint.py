@@ -161,14 +161,21 @@ def load_checkpoint(path: Path, model: nn.Module, map_location: str | torch.devi
     return train_state, meta
 
 
-def find_latest_good(run_dir: Path, before_step: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+def find_latest_good(run_dir: Path, before_step: int | None = None,
+                     healthy_only: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest checkpoint (with step < before_step, if given) that verifies, and the (checkpoint,
-    reason) pairs of the newer ones that did not, so the caller can log why it fell back."""
+    reason) pairs of the newer ones that did not, so the caller can log why it fell back.
+
+    healthy_only also passes over checkpoints whose meta says the supervisor saw trouble open when
+    they were written (`"healthy": false`): a rollback must land before the trouble began.
+    """
     skipped: list[tuple[Path, str]] = []
     for path in reversed(list_checkpoints(run_dir)):
         if before_step is not None and checkpoint_step(path) >= before_step:
             continue
         reason = verify_checkpoint(path)
+        if reason is None and healthy_only and not json.loads((path / META).read_text()).get("healthy", True):
+            continue
         if reason is None:
             return path, skipped
         skipped.append((path, reason))

@@ -1,0 +1,188 @@
+"""The `keel` command: parse, call one function, print. User mistakes print one sentence, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from keel.errors import UserError
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from keel.data import prepare
+
+    manifest = prepare(args.sources, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                       dedup=args.dedup, force=args.force)
+    print(format_prepare_summary(manifest, args.out))
+    return 0
+
+
+def format_prepare_summary(manifest: dict, out: str) -> str:
+    docs = manifest["documents"]
+    lines = [f"wrote {out}: vocab {manifest['tokenizer']['vocab_size']}, kept {docs['kept']:,} of {docs['read']:,} documents"]
+    for name in ("train", "val"):
+        s = manifest["splits"][name]
+        lines.append(f"  {name}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['bytes']:,} bytes")
+    for reason, skipped in docs["skipped"].items():
+        if skipped["count"]:
+            examples = ", ".join(skipped["examples"][:3])
+            lines.append(f"  skipped {skipped['count']:,} {reason.replace('_', ' ')}, e.g. {examples}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from keel import config as config_lib
+    from keel.runs.rundir import default_run_dir
+    from keel.train.launch import launch
+
+    config = config_lib.load(args.config, args.set)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config, args.config)
+    return launch(config, run_dir)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from keel.inference import load_run, sample
+
+    run = load_run(Path(args.run_dir))
+    print(sample(run, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from keel.inference import evaluate_run, load_run
+
+    run = load_run(Path(args.run_dir))
+    r = evaluate_run(run, Path(args.data) if args.data else None)
+    print(f"step {run.step}: val loss {r.loss:.4f}  perplexity {r.perplexity:.2f}  bits/byte {r.bits_per_byte:.4f}"
+          f"  ({r.tokens:,} tokens)")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from keel.runs.registry import Registry, format_runs_table
+
+    print(format_runs_table(Registry().runs()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from keel.demo import run_demo
+
+    run_demo(args.minutes)
+    return 0
+
+
+def cmd_logbook(args: argparse.Namespace) -> int:
+    from keel.runs.rundir import LOGBOOK_FILE, load_run_config
+    from keel.supervisor.logbook import read_logbook, render_chronicle
+
+    load_run_config(Path(args.run_dir))  # a clear error for a path that is not a run
+    print(render_chronicle(read_logbook(Path(args.run_dir) / LOGBOOK_FILE)), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from keel.runs.report import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir))}")
+    return 0
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from keel.demo import ensure_data
+    from keel.supervisor.chaos import format_scorecard, run_chaos
+
+    data_dir = Path(args.data)
+    ensure_data(data_dir)
+    results = run_chaos(data_dir, Path(args.out), args.quick, args.only,
+                        report=lambda r: print(f"{r.name}: {'PASS' if r.passed else 'FAIL'}: {r.evidence}", flush=True))
+    print("\n" + format_scorecard(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from keel.config import reference
+
+    for key, default, help_text in reference():
+        print(f"{key:28} {default!s:12} {help_text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keel", description="Train transformers end to end, supervised.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="clean, deduplicate and tokenize sources into a data directory")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="file or directory (.txt .md .rst .py .jsonl .parquet), builtin:python-stdlib, or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to create")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
+    p.add_argument("--dedup", choices=["exact", "minhash", "none"], default="exact", help="duplicate removal (default exact)")
+    p.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model, resuming if the run directory has checkpoints")
+    p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to keys it leaves out)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-3")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data", metavar="DATA_DIR", help="evaluate on this data's val split (default: the run's data)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("runs", help="table of runs from the registry")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("demo", help="prepare the stdlib corpus, train, sample and evaluate in bounded time")
+    p.add_argument("--minutes", type=float, default=8.0, help="training time budget (default 8)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("logbook", help="print the run's logbook as a chronicle with a summary")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_logbook)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report/index.html: curves, interventions and the logbook")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("chaos", help="break training on purpose (high lr, SIGKILL, corrupt checkpoint, NaN, hang) and score the repairs")
+    p.add_argument("--quick", action="store_true", help="a smaller model and shorter runs (a few minutes)")
+    p.add_argument("--only", nargs="+", choices=["high_lr", "sigkill", "corrupt_checkpoint", "nan", "hang"],
+                   help="run only these scenarios")
+    p.add_argument("--data", default="data/python-stdlib", help="prepared data (prepared from the stdlib if missing)")
+    p.add_argument("--out", default="runs/chaos", help="where the scenario runs go")
+    p.set_defaults(func=cmd_chaos)
+
+    p = sub.add_parser("config", help="list every config key with its default and meaning")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`keel demo`: the whole pipeline on the Python standard library in a bounded time."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+from keel import config as config_lib
+from keel.data import open_data, prepare
+from keel.errors import UserError
+from keel.inference import evaluate_run, load_run, sample
+from keel.runs.rundir import init_run_dir
+from keel.train.launch import launch
+from keel.train.loop import train
+
+PROMPTS = ["import os\n\n\ndef ", "class Parser:\n    def __init__(self", "    for i in range("]
+
+
+def ensure_data(data_dir: Path, vocab_size: int = 8192) -> None:
+    """Prepare builtin:python-stdlib once; later demos reuse it."""
+    if (data_dir / "manifest.json").is_file():
+        print(f"using prepared data in {data_dir}")
+        return
+    print("preparing builtin:python-stdlib (the standard library's own source) ...")
+    manifest = prepare(["builtin:python-stdlib"], data_dir, vocab_size=vocab_size)
+    splits = manifest["splits"]
+    print(f"prepared {splits['train']['documents']} train / {splits['val']['documents']} val documents, "
+          f"{splits['train']['tokens']:,} / {splits['val']['tokens']:,} tokens in {data_dir}")
+
+
+def steps_for_budget(config: config_lib.RunConfig, minutes: float) -> int:
+    """Time a few real training steps and size the run (and so its lr schedule) to the budget."""
+    probe = dataclasses.replace(config, name="demo-calibration", train=dataclasses.replace(
+        config.train, max_steps=8, eval_every=10_000, checkpoint_every=10_000))
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = init_run_dir(probe, Path(tmp))
+        result = train(probe, Path(tmp), registry=None, progress=False)
+    seconds_per_step = result.seconds / result.steps
+    # ~10% of the budget goes to evaluation, checkpoints and the first (slow) steps.
+    return max(20, int(0.9 * 60 * minutes / seconds_per_step))
+
+
+def run_demo(minutes: float, data_dir: Path = Path("data/python-stdlib"), runs_dir: Path = Path("runs")) -> Path:
+    if minutes <= 0:
+        raise UserError(f"--minutes must be positive, got {minutes}.")
+    ensure_data(data_dir)
+    open_data(data_dir)
+    base = config_lib.load(None, [f"data.path={data_dir}"])
+    max_steps = steps_for_budget(base, minutes)
+    name = time.strftime("demo-%Y%m%d-%H%M%S")
+    config = config_lib.load(None, [
+        f"name={name}", f"data.path={data_dir}", f"train.max_steps={max_steps}",
+        f"train.max_minutes={minutes}", f"train.eval_every={max(50, max_steps // 8)}",
+        f"train.checkpoint_every={max(50, max_steps // 8)}",
+    ])
+    run_dir = runs_dir / name
+    print(f"training {name} for {max_steps} steps (about {minutes:g} minutes) in {run_dir}")
+    code = launch(config, run_dir)
+    if code != 0:
+        raise UserError(f"training stopped with exit code {code}; see `keel logbook {run_dir}`.")
+    run = load_run(run_dir)
+    for prompt in PROMPTS:
+        print(f"\n----- sample (prompt {prompt!r}) -----")
+        print(sample(run, prompt, max_new_tokens=160, temperature=0.8, top_k=50))
+    result = evaluate_run(run)
+    print(f"\nval loss {result.loss:.3f}  perplexity {result.perplexity:.1f}  "
+          f"bits/byte {result.bits_per_byte:.3f}  ({result.tokens:,} held-out tokens)")
+    print(f"\nthe run lives in {run_dir}: keel sample {run_dir} --prompt 'def '; keel eval {run_dir}; keel runs")
+    return run_dir

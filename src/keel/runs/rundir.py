@@ -1,0 +1,75 @@
+"""The run directory: the resolved config and tokenizer that make a run self-describing.
+
+`runs/<name>/` holds `config.yaml`, `tokenizer.json`, `checkpoints/`, `logbook.jsonl` and
+`heartbeat.json`; metrics and events live in the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+from keel import config as config_lib
+from keel.config import RunConfig
+from keel.data import open_data
+from keel.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+LOGBOOK_FILE = "logbook.jsonl"
+
+
+def default_run_dir(config: RunConfig, config_path: str | Path | None) -> Path:
+    name = config.name or (Path(config_path).stem if config_path else "run")
+    return Path("runs") / name
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    return any(p.name.startswith("step_") for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
+    """Resolve the config against its data, refuse an incompatible resume, write config + tokenizer.
+
+    Returns the resolved config (name and vocab size filled in). Only the model shape must match
+    an existing run: changing e.g. train.max_steps to extend a run is allowed.
+    """
+    data = open_data(Path(config.data.path))
+    model = config.model
+    if model.vocab_size == 0:
+        model = dataclasses.replace(model, vocab_size=data.vocab_size)
+    elif model.vocab_size < data.vocab_size:
+        raise UserError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer of {config.data.path} "
+            f"({data.vocab_size}); set model.vocab_size=0 to take it from the data."
+        )
+    resolved = dataclasses.replace(config, name=config.name or run_dir.name, model=model)
+    config_lib.validate(resolved)
+
+    if (run_dir / CONFIG_FILE).exists() and has_checkpoints(run_dir):
+        previous = load_run_config(run_dir)
+        changed = [
+            f"model.{key} {old!r} -> {new!r}"
+            for key, old in dataclasses.asdict(previous.model).items()
+            if (new := getattr(resolved.model, key)) != old
+        ]
+        if changed:
+            raise UserError(
+                f"{run_dir} holds checkpoints of a model with a different shape ({', '.join(changed)}); "
+                "use a new --run-dir or restore the run's model settings."
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    config_lib.save(resolved, tmp)
+    os.replace(tmp, run_dir / CONFIG_FILE)
+    shutil.copyfile(Path(config.data.path) / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+    return resolved
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a keel run directory (no {CONFIG_FILE}); pass the directory `keel train` wrote.")
+    return config_lib.load(path)

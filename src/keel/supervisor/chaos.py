@@ -1,0 +1,237 @@
+"""`keel chaos`: break training on purpose and check that keel repairs it.
+
+Each scenario trains a small model on the prepared stdlib corpus through the real `keel train`
+path (watchdog -> trainer process -> supervisor) and checks the outcome against a reference run:
+
+- high_lr: about 10x a good learning rate. Without the supervisor the run ends far worse; with it
+  the run must finish within HIGH_LR_MARGIN of the good run's validation loss.
+- sigkill: the trainer process is SIGKILLed at random moments, several times; the watchdog
+  restarts it and the final weights must be bit-identical to the uninterrupted run.
+- corrupt_checkpoint: the newest checkpoint of a half-done run is damaged; the resume must detect
+  it, fall back to the previous one, log it, and finish.
+- nan: a NaN is injected into one step's loss (KEEL_FAULTS); the update must be skipped, no NaN
+  may reach the weights, and the logbook must say so.
+- hang: the trainer stops making progress (KEEL_FAULTS); the watchdog must notice the stale
+  heartbeat, restart it, log it, and the run must finish.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.numpy import load_file
+
+from keel import config as config_lib
+from keel.config import RunConfig
+from keel.runs.registry import Registry
+from keel.runs.rundir import LOGBOOK_FILE
+from keel.supervisor.logbook import read_logbook
+from keel.supervisor.watchdog import HEARTBEAT_FILE
+from keel.train.launch import launch
+
+HIGH_LR_FACTOR = 10.0
+# The repaired run may end this much above the good run's validation loss (relative): the lr cuts
+# cost some steps of progress, but a run that recovered lands close, while a diverged one does not.
+HIGH_LR_MARGIN = 0.10
+
+QUICK = ["model.n_layer=2", "model.d_model=128", "model.n_head=4", "model.n_kv_head=2",
+         "model.context_length=128", "train.batch_size=8", "train.max_steps=200", "train.eval_every=50",
+         "train.checkpoint_every=25", "train.log_every=10", "optim.warmup_steps=20", "optim.lr=2e-3"]
+FULL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.n_kv_head=2",
+        "model.context_length=256", "train.batch_size=8", "train.max_steps=600", "train.eval_every=100",
+        "train.checkpoint_every=50", "train.log_every=10", "optim.warmup_steps=50", "optim.lr=2e-3"]
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    passed: bool
+    evidence: str
+
+
+def run_chaos(data_dir: Path, out_dir: Path, quick: bool, only: list[str] | None = None,
+              report: Callable[[ScenarioResult], None] = print) -> list[ScenarioResult]:
+    """Run the scenarios (all, or those named in `only`) and return their results."""
+    base = config_lib.load(None, [f"data.path={data_dir}", *(QUICK if quick else FULL)])
+    chaos = Chaos(base, Path(out_dir))
+    scenarios = {"high_lr": chaos.high_lr, "sigkill": chaos.sigkill, "corrupt_checkpoint": chaos.corrupt_checkpoint,
+                 "nan": chaos.nan, "hang": chaos.hang}
+    results = []
+    for name in only or list(scenarios):
+        result = scenarios[name]()
+        report(result)
+        results.append(result)
+    return results
+
+
+def format_scorecard(results: list[ScenarioResult]) -> str:
+    width = max(len(r.name) for r in results)
+    lines = [f"{r.name:{width}}  {'PASS' if r.passed else 'FAIL'}  {r.evidence}" for r in results]
+    lines.append(f"{sum(r.passed for r in results)}/{len(results)} scenarios passed")
+    return "\n".join(lines)
+
+
+class Chaos:
+    def __init__(self, base: RunConfig, out_dir: Path):
+        self.base, self.out_dir = base, out_dir
+        self._reference: tuple[Path, float] | None = None
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _train(self, name: str, *overrides: str, env: dict[str, str] | None = None,
+               during: Callable[[Path], None] | None = None, fresh: bool = True) -> Path:
+        run_dir = self.out_dir / name
+        if fresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        config = config_lib.apply_overrides(self.base, [f"name=chaos-{name}", *overrides])
+        saved = {key: os.environ.get(key) for key in (env or {})}
+        os.environ.update(env or {})
+        thread = threading.Thread(target=during, args=(run_dir,), daemon=True) if during else None
+        try:
+            if thread:
+                thread.start()
+            launch(config, run_dir)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            if thread:
+                thread.join(timeout=5)
+        return run_dir
+
+    def reference(self) -> tuple[Path, float]:
+        """The good run every scenario compares with (trained once)."""
+        if self._reference is None:
+            run_dir = self._train("reference")
+            self._reference = (run_dir, _final_val_loss(run_dir))
+        return self._reference
+
+    # -- scenarios --------------------------------------------------------------------------
+
+    def high_lr(self) -> ScenarioResult:
+        _, good = self.reference()
+        lr = f"optim.lr={self.base.optim.lr * HIGH_LR_FACTOR}"
+        bare = _final_val_loss(self._train("high_lr_bare", lr, "supervisor.enabled=false"))
+        run_dir = self._train("high_lr_supervised", lr)
+        supervised = _final_val_loss(run_dir)
+        actions = _entries(run_dir, "action")
+        passed = supervised <= good * (1 + HIGH_LR_MARGIN) and bare > good * (1 + HIGH_LR_MARGIN)
+        return ScenarioResult("high_lr", passed,
+                              f"val loss good lr {good:.3f}, {HIGH_LR_FACTOR:g}x lr bare {bare:.3f}, "
+                              f"{HIGH_LR_FACTOR:g}x lr supervised {supervised:.3f} "
+                              f"(margin {HIGH_LR_MARGIN:.0%}); repairs: {_count(actions)}")
+
+    def sigkill(self, kills: int = 3) -> ScenarioResult:
+        reference_dir, _ = self.reference()
+        max_steps = self.base.train.max_steps
+        rng = random.Random(0)
+        targets = sorted(rng.sample(range(max_steps // 10, max_steps - max_steps // 10), kills))
+        killed: list[int] = []
+
+        def killer(run_dir: Path) -> None:
+            for target in targets:
+                while True:
+                    beat = _heartbeat(run_dir)
+                    if beat and (beat["step"] or -1) >= target and beat["pid"] not in killed:
+                        os.kill(beat["pid"], signal.SIGKILL)
+                        killed.append(beat["pid"])
+                        break
+                    time.sleep(0.05)
+
+        run_dir = self._train("sigkill", "watchdog.backoff_s=0.5", during=killer)
+        same = _weights(run_dir) == _weights(reference_dir)
+        restarts = len(_entries(run_dir, "restart"))
+        return ScenarioResult("sigkill", same and restarts == kills,
+                              f"{len(killed)} SIGKILLs near steps {targets}, {restarts} restarts, final weights "
+                              f"{'bit-identical to' if same else 'DIFFERENT from'} the uninterrupted run")
+
+    def corrupt_checkpoint(self) -> ScenarioResult:
+        half = self.base.train.max_steps // 2
+        run_dir = self._train("corrupt_checkpoint", f"train.max_steps={half}")
+        newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+        weights = newest / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        self._train("corrupt_checkpoint", fresh=False)
+        faults = [e for e in _entries(run_dir, "fault") if e["name"] == "corrupt_checkpoint"]
+        finished = _status(run_dir) == "finished"
+        return ScenarioResult("corrupt_checkpoint", bool(faults) and finished,
+                              f"damaged {newest.name}; " + (faults[0]["message"] if faults else "NOT detected")
+                              + f"; run {'finished' if finished else 'did not finish'}")
+
+    def nan(self) -> ScenarioResult:
+        step = self.base.train.max_steps // 3
+        run_dir = self._train("nan", env={"KEEL_FAULTS": f"nan@{step}"})
+        skipped = [e for e in _entries(run_dir, "action") if e["name"] == "skip_update"]
+        finite = all(math.isfinite(float(v)) for t in load_file(str(_final(run_dir) / "model.safetensors")).values()
+                     for v in (t.min(), t.max()))
+        finished = _status(run_dir) == "finished"
+        return ScenarioResult("nan", bool(skipped) and finite and finished,
+                              f"NaN injected at step {step}: {len(skipped)} update(s) skipped, weights "
+                              f"{'all finite' if finite else 'CONTAIN NaN/inf'}, run "
+                              f"{'finished' if finished else 'did not finish'}")
+
+    def hang(self, timeout_s: float = 15.0) -> ScenarioResult:
+        step = self.base.train.max_steps // 3
+        run_dir = self._train("hang", f"watchdog.hang_timeout_s={timeout_s}", "watchdog.backoff_s=0.5",
+                              env={"KEEL_FAULTS": f"hang@{step}"})
+        hangs = [e for e in _entries(run_dir, "fault") if e["name"] == "hang"]
+        finished = _status(run_dir) == "finished"
+        return ScenarioResult("hang", bool(hangs) and finished,
+                              f"trainer hung after step {step}: " + (hangs[0]["message"] if hangs else "NOT detected")
+                              + f"; run {'finished' if finished else 'did not finish'}")
+
+
+# -- reading results ------------------------------------------------------------------------
+
+
+def _entries(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in read_logbook(run_dir / LOGBOOK_FILE) if e["kind"] == kind]
+
+
+def _count(entries: list[dict]) -> str:
+    names = [e["name"] for e in entries]
+    return ", ".join(f"{names.count(n)} {n}" for n in dict.fromkeys(names)) or "none"
+
+
+def _final(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+
+
+def _weights(run_dir: Path) -> bytes:
+    return (_final(run_dir) / "model.safetensors").read_bytes()
+
+
+def _status(run_dir: Path) -> str:
+    config = config_lib.load(run_dir / "config.yaml")
+    with Registry() as registry:
+        run = registry.get_run(config.name)
+    return run["status"] if run else "missing"
+
+
+def _final_val_loss(run_dir: Path) -> float:
+    config = config_lib.load(run_dir / "config.yaml")
+    with Registry() as registry:
+        values = [v for _, v in registry.metrics(config.name, "val_loss").get("val_loss", [])]
+    return values[-1] if values and math.isfinite(values[-1]) else float("inf")
+
+
+def _heartbeat(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / HEARTBEAT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+

@@ -1,0 +1,449 @@
+"""The policy: signals in, repairs out, every decision and its outcome written to the logbook.
+
+The escalation ladder (each rung can be turned off in `SupervisorConfig`):
+  1. skip the offending update ("update" trouble: a non-finite value or a spike);
+  2. roll back to the last good checkpoint before the trouble began and skip the next K batches;
+  3. the same rollback plus a lower learning rate and tighter clipping, kept for the rest of the
+     run; this rung may be climbed again (`max_lr_cuts` times in one incident), because a learning
+     rate that is far too high needs more than one halving (OPT-175B lowered its lr several times);
+  4. the same rollback plus zeroed AdamW moments;
+  5. stop with a diagnosis, when a repair is needed and the budget is spent or no rung is left.
+
+Trouble opens an *incident*. A lone spike is skipped; the incident closes once `judge_steps` steps
+pass without trouble and the loss is back at its pre-trouble level, and nothing escalates. Within
+an incident, `repair_after_skips` loss spikes or non-finite steps, or any "state" trouble
+(divergence, norm growth, loss-scale collapse), call for a repair (rungs 2-4). A grad-norm spike
+next to a normal loss is skipped but does not count: healthy small-batch runs have such steps in
+clusters (three within 90 steps in a measured healthy run) and their loss shows no harm; only a
+run of `repair_after_skips` of them in a row counts, since that is a level shift the window has
+stopped following. Each repair is judged: did the run get `judge_steps` past the trouble without
+new trouble, with the loss EWM back under best·(1 + recovery_tolerance)? A failure climbs a rung
+at once; a success makes the rung that worked the first one tried in the next incident, so a
+rollback that failed is not retried before an lr cut next time.
+
+How the loop applies actions (in list order):
+- skip_update: drop the gradients, no optimizer step, the step counter stays, the data cursor advances;
+- rollback: load the newest good checkpoint with step < before_step (the initial weights count as
+  a good checkpoint of step 0), move the data cursor to (cursor at the trouble + skip_batches),
+  keep the *current* lr multiplier and clip value (repairs stay in force) and this live
+  Supervisor's state, then call `after_rollback(restored_step)`;
+- scale_lr: multiply the persistent lr multiplier; set_clip: set the clip value;
+- reset_optimizer: zero the named AdamW moments of every parameter (keeping AdamW's step count, so
+  the first updates come out about (1-β1)/√(1-β2) ≈ 0.45 of a normal one rather than larger);
+- stop: end the run with status "stopped" and the diagnosis.
+Good checkpoints: call `checkpoint_is_good(step)` when writing each checkpoint and keep the answer
+in it; a checkpoint is good when no incident is open (no unresolved trouble, no repair on trial).
+Process restarts: `load_state_dict` the state saved in the checkpoint resumed from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from keel.config import opt
+from keel.errors import UserError
+from keel.supervisor.logbook import Logbook
+from keel.supervisor.monitors import (
+    DivergenceMonitor,
+    LossScaleMonitor,
+    NormGrowthMonitor,
+    Signal,
+    SpikeMonitor,
+    StepRecord,
+    ThroughputMonitor,
+    nonfinite_signal,
+)
+
+ACTION_KINDS = ("skip_update", "rollback", "scale_lr", "set_clip", "reset_optimizer", "stop")
+REPAIR_RUNGS = ("rollback", "lower_lr", "reset_optimizer")  # rungs 2-4, in escalation order
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class SupervisorConfig:
+    """The training supervisor: monitors, the repair ladder and its budget."""
+
+    enabled: bool = opt(True, "Watch training and repair instabilities; false gives a bare loop that applies every update, NaN included.")
+
+    # Spikes. OLMo-core's SkipStepOptimizer skips a step whose loss or grad norm is more than 6σ
+    # from the mean of the previous 128 steps, once max(20, 128 // 2) = 64 values are in: batch
+    # noise has heavier tails than a Gaussian, and a good batch skipped is still a batch lost.
+    # The ratio tests fire from the 10th step on and ignore an inflated σ. Measured on healthy
+    # runs of two small models: the worst batch loss was 1.28x its 20-step EWM and the worst grad
+    # norm 5.6x, while 10x-lr runs showed grad norms 20-35x theirs.
+    spike_window: int = opt(128, "Steps in the rolling window of the spike test (OLMo-core's default).")
+    spike_sigma: float = opt(6.0, "A loss or grad norm above mean + this many σ of the window is a spike (OLMo-core's default).")
+    spike_warmup: int = opt(64, "Values the window needs before the σ test runs (OLMo-core: max(20, window/2)).")
+    loss_spike_ratio: float = opt(2.0, "A loss above this multiple of its moving average is a spike, even before the σ test is warm.")
+    grad_spike_ratio: float = opt(10.0, "A grad norm above this multiple of its moving average is a spike (Megatron-LM's 10x).")
+    spike_ewm_span: int = opt(20, "Span in steps of the moving average behind the ratio tests.")
+
+    # Divergence: the slow climb no single step makes look like a spike. A 50-step EWM of the loss
+    # moves ~0.7% with batch noise of 5%, and its best is biased low by a few of those; 10% above
+    # it for 50 steps running is a trend, not noise. The same EWM judges repairs.
+    divergence_margin: float = opt(0.1, "The loss diverges when its moving average stays this fraction above its best.")
+    divergence_span: int = opt(50, "Span in steps of the loss moving average used for divergence and for judging repairs.")
+    divergence_patience: int = opt(50, "Steps the loss average must stay above best·(1 + margin) to count as divergence.")
+
+    # Norm growth. Measured: healthy runs' last-block activation RMS grew 50-150x from its value at
+    # initialisation and then stayed (weight decay bounds it); 10x-lr runs grew 1,000-100,000x within
+    # 100 steps. Later in a run, the average doubling within a few hundred steps is what OPT-175B's
+    # logbook shows before divergences.
+    norm_init_ratio: float = opt(1000.0, "Activation or logit RMS above this multiple of its value at initialisation is a signal.")
+    norm_growth_ratio: float = opt(2.0, "Activation or logit RMS above this multiple of its long-run average is a signal.")
+    norm_fast_span: int = opt(10, "Span in steps of the recent activation/logit RMS average.")
+    norm_slow_span: int = opt(500, "Span in steps of the long-run activation/logit RMS average.")
+    norm_warmup: int = opt(500, "Steps before growth against the long-run average is judged (early training moves norms fast).")
+
+    # fp16 loss scale. PyTorch's GradScaler starts at 2^16 and halves on each overflowing step; a
+    # scale under 1 means the unscaled gradients alone overflow fp16's 65504. fairseq gives up at
+    # 1e-4, far later than needed.
+    loss_scale_floor: float = opt(1.0, "An fp16 loss scale under this is a collapse.")
+    loss_scale_halvings: int = opt(10, "This many loss-scale halvings in a row (overflowing steps, each skipped) is a collapse.")
+
+    # Throughput. Single slow steps (checkpoint writes, garbage collection) measured up to 2.4x the
+    # usual; a sustained 3x is a sick machine or a straggler. No repair inside the run fixes that.
+    slow_step_factor: float = opt(3.0, "A step taking this multiple of the median step time is slow.")
+    slow_step_patience: int = opt(20, "Slow steps in a row before the throughput collapse is logged.")
+
+    # The ladder and its budget. PaLM restarted ~100 steps before a spike and skipped 200-500
+    # batches of a 255k-step run (0.1-0.2%); small runs still skip at least a handful.
+    skip_spikes: bool = opt(True, "Rung 1: drop the update of a spiking step (non-finite updates are always dropped).")
+    repair_after_skips: int = opt(3, "Loss spikes or non-finite steps within one incident before a repair (rung 2+) is tried.")
+    rollback: bool = opt(True, "Rung 2 (and part of 3 and 4): roll back to the last good checkpoint before the trouble and skip batches.")
+    skip_fraction: float = opt(0.002, "Batches skipped after a rollback, as a fraction of max_steps (PaLM: 200-500 of 255k).")
+    skip_min: int = opt(10, "At least this many batches are skipped after a rollback.")
+    skip_max: int = opt(500, "At most this many batches are skipped after a rollback (PaLM's largest skip).")
+    lower_lr: bool = opt(True, "Rung 3: lower the learning rate and tighten clipping for the rest of the run.")
+    lr_factor: float = opt(0.5, "Rung 3 multiplies the learning rate by this (1 leaves it).")
+    clip_factor: float = opt(0.5, "Rung 3 multiplies the clip value by this (1 leaves it); with clipping off it clips at this × the typical grad norm.")
+    max_lr_cuts: int = opt(3, "Rung 3 may be repeated this many times in one incident before rung 4 (3 cuts of 0.5 = 1/8).")
+    reset_optimizer: bool = opt(True, "Rung 4: zero AdamW moments so stale statistics do not drive the repaired run.")
+    reset_moments: str = opt("exp_avg,exp_avg_sq", "AdamW moments rung 4 zeroes, comma-separated (exp_avg, exp_avg_sq).")
+    stop_on_failure: bool = opt(True, "Rung 5: stop the run with a diagnosis when repairs fail or the budget is spent (false: carry on unrepaired).")
+    max_repairs: int = opt(8, "Budget: repairs (rungs 2-4) allowed in the whole run.")
+    judge_steps: int = opt(100, "Steps past the trouble after which a skip or a repair is judged (PaLM restarted ~100 steps back).")
+    recovery_tolerance: float = opt(0.05, "A repair worked when the loss average is back under best·(1 + this), half the divergence margin.")
+
+
+def validate_config(config: SupervisorConfig) -> None:
+    """Raise UserError for supervisor settings that cannot work, naming the key and the fix."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    for f in fields(SupervisorConfig):
+        value = getattr(config, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            need(value >= 0, f"supervisor.{f.name} must be >= 0, got {value}.")
+    for key in ("spike_window", "spike_ewm_span", "divergence_span", "divergence_patience", "norm_fast_span",
+                "norm_slow_span", "slow_step_patience", "loss_scale_halvings", "repair_after_skips", "judge_steps"):
+        need(getattr(config, key) > 0, f"supervisor.{key} must be a positive integer, got {getattr(config, key)}.")
+    for key in ("spike_sigma", "loss_spike_ratio", "grad_spike_ratio", "norm_init_ratio", "norm_growth_ratio", "slow_step_factor"):
+        need(getattr(config, key) > 1, f"supervisor.{key} must be above 1, got {getattr(config, key)}.")
+    need(2 <= config.spike_warmup <= config.spike_window,
+         f"supervisor.spike_warmup must be within [2, spike_window={config.spike_window}], got {config.spike_warmup}.")
+    need(0 < config.lr_factor <= 1, f"supervisor.lr_factor must be within (0, 1], got {config.lr_factor}.")
+    need(0 < config.clip_factor <= 1, f"supervisor.clip_factor must be within (0, 1], got {config.clip_factor}.")
+    need(config.skip_min <= config.skip_max, f"supervisor.skip_min ({config.skip_min}) must not exceed supervisor.skip_max ({config.skip_max}).")
+    moments = _moments(config)
+    need(bool(moments) and all(m in MOMENTS for m in moments),
+         f"supervisor.reset_moments must list exp_avg and/or exp_avg_sq separated by commas, got {config.reset_moments!r}.")
+
+
+def _moments(config: SupervisorConfig) -> list[str]:
+    return [m.strip() for m in config.reset_moments.split(",") if m.strip()]
+
+
+@dataclass
+class Action:
+    """One thing the loop must do."""
+
+    kind: str  # one of ACTION_KINDS
+    reason: str  # one human sentence
+    params: dict = field(default_factory=dict)
+    # rollback: {"before_step": int, "skip_batches": int}; scale_lr: {"factor": float};
+    # set_clip: {"value": float}; reset_optimizer: {"moments": [str, ...]}; stop: {"diagnosis": str}
+
+
+class Supervisor:
+    """Watches the step records, repairs trouble through the loop's actions, and keeps the logbook."""
+
+    def __init__(self, config: SupervisorConfig, logbook: Logbook, max_steps: int, grad_clip: float):
+        validate_config(config)
+        self.config, self.logbook, self.max_steps = config, logbook, max_steps
+        self.ladder = [rung for rung in REPAIR_RUNGS if getattr(config, rung)]
+        # Saved in checkpoints (state_dict):
+        self.clip = grad_clip  # current clip value (0 = off); set_clip keeps it up to date
+        self.lr_multiplier = 1.0  # product of the scale_lr factors handed out
+        self.first_rung = self.ladder[0] if self.ladder else ""  # where the next incident's repairs begin
+        self.repairs_used = 0
+        self.incident: dict[str, Any] | None = None
+        self.grad_spikes_in_a_row = 0
+        self.good_checkpoints: list[list[int]] = []  # [step, tokens] of checkpoints called good, oldest first
+        self.last_tokens = 0
+        # Not saved: a rollback in flight, logged once the loop reports where it landed.
+        self.pending_rollback: dict[str, Any] | None = None
+        self._build_monitors()
+
+    def _build_monitors(self) -> None:
+        c = self.config
+        self.loss_spike = SpikeMonitor("loss_spike", "loss", c.spike_window, c.spike_sigma, c.spike_warmup,
+                                       c.loss_spike_ratio, c.spike_ewm_span, _RATIO_WARMUP)
+        self.grad_spike = SpikeMonitor("grad_spike", "grad norm", c.spike_window, c.spike_sigma, c.spike_warmup,
+                                       c.grad_spike_ratio, c.spike_ewm_span, _RATIO_WARMUP)
+        self.divergence = DivergenceMonitor(c.divergence_span, c.divergence_margin, c.divergence_patience)
+        self.act_growth = NormGrowthMonitor("act_growth", "last-block activation RMS", c.norm_init_ratio,
+                                            c.norm_growth_ratio, c.norm_fast_span, c.norm_slow_span, c.norm_warmup)
+        self.logit_growth = NormGrowthMonitor("logit_growth", "logit RMS", c.norm_init_ratio,
+                                              c.norm_growth_ratio, c.norm_fast_span, c.norm_slow_span, c.norm_warmup)
+        self.loss_scale = LossScaleMonitor(c.loss_scale_floor, c.loss_scale_halvings)
+        self.throughput = ThroughputMonitor(c.spike_window, c.slow_step_factor, c.slow_step_patience, _THROUGHPUT_WARMUP)
+
+    @property
+    def monitors(self) -> dict[str, Any]:
+        return {"loss_spike": self.loss_spike, "grad_spike": self.grad_spike, "divergence": self.divergence,
+                "act_growth": self.act_growth, "logit_growth": self.logit_growth,
+                "loss_scale": self.loss_scale, "throughput": self.throughput}
+
+    # -- every step -----------------------------------------------------------------------------
+
+    def observe(self, record: StepRecord) -> list[Action]:
+        """Judge one step before its update is applied; returns the actions in the order to apply them."""
+        if not self.config.enabled:
+            return []
+        self.last_tokens = record.tokens
+        signals = self._signals(record)
+        for signal in signals:
+            self.logbook.write(record.step, "signal", signal.name, signal.message, signal.evidence)
+        actions: list[Action] = []
+        spikes = [s for s in signals if s.trouble == "update"]
+        if not (math.isfinite(record.loss) and math.isfinite(record.grad_norm)):
+            reason = spikes[0].message if spikes else "fp16 overflow, the loss scaler lowers its scale"
+            actions.append(Action("skip_update", f"{reason}; the update is dropped."))
+        elif spikes and self.config.skip_spikes:
+            actions.append(Action("skip_update", f"{spikes[0].message}; the update is dropped."))
+        if actions and spikes:  # routine fp16 overflows are the scaler's business, not the logbook's
+            self.logbook.write(record.step, "action", "skip_update", "skipped the update")
+
+        only_grad = bool(spikes) and all(s.name == "grad_spike" for s in spikes)
+        self.grad_spikes_in_a_row = self.grad_spikes_in_a_row + 1 if only_grad else 0
+        counted = bool(spikes) and (not only_grad or self.grad_spikes_in_a_row >= self.config.repair_after_skips)
+        state = [s for s in signals if s.trouble == "state"]
+        if counted or state:
+            actions += self._on_trouble(record, [s for s in signals if s.trouble != "warning"], counted, state)
+        elif self.incident is not None and record.step >= self.incident["judge_step"]:
+            actions += self._judge(record)
+        return actions
+
+    def _signals(self, record: StepRecord) -> list[Signal]:
+        """Run the monitors; spiking and non-finite steps stay out of every running statistic."""
+        signals = [self.throughput.observe(record.step_seconds, record.step), nonfinite_signal(record)]
+        if record.loss_scale is not None:
+            signals.append(self.loss_scale.observe(record.loss_scale, record.step))
+        if math.isfinite(record.loss) and math.isfinite(record.grad_norm):
+            spikes = [self.loss_spike.check(record.loss, record.step), self.grad_spike.check(record.grad_norm, record.step)]
+            signals += spikes
+            if not any(spikes):
+                self.loss_spike.add(record.loss)
+                self.grad_spike.add(record.grad_norm)
+                signals.append(self.divergence.observe(record.loss, record.step))
+                for monitor, value in ((self.act_growth, record.act_norm), (self.logit_growth, record.logit_norm)):
+                    if math.isfinite(value):
+                        signals.append(monitor.observe(value, record.step))
+        return [s for s in signals if s is not None]
+
+    # -- incidents ------------------------------------------------------------------------------
+
+    def _on_trouble(self, record: StepRecord, trouble: list[Signal], counted: bool, state: list[Signal]) -> list[Action]:
+        began = min(s.began_step for s in trouble)
+        if self.incident is None:
+            best = self.divergence.best
+            self.incident = {
+                "began_step": began,
+                "reference_loss": best if math.isfinite(best) else self.divergence.level,  # the pre-trouble level
+                "counted": 0,  # loss spikes / non-finite steps since the incident began or the last repair
+                "rung": "",  # the repair on trial ("" = only skips so far)
+                "lr_cuts": 0,
+                "tried": [],  # one line per repair, for the diagnosis
+                "judge_step": 0,
+            }
+        incident = self.incident
+        incident["began_step"] = min(incident["began_step"], began)
+        incident["judge_step"] = max(incident["judge_step"], record.step + self.config.judge_steps)
+        incident["counted"] += counted
+        if state:
+            return self._repair(record, state[0].message)
+        if incident["counted"] >= self.config.repair_after_skips:
+            return self._repair(record, f"{incident['counted']} spiking or non-finite steps since step {incident['began_step']}")
+        return []
+
+    def _judge(self, record: StepRecord) -> list[Action]:
+        """The incident's judge step is reached without new trouble: did the loss come back?"""
+        incident = self.incident
+        assert incident is not None
+        target = incident["reference_loss"] * (1 + self.config.recovery_tolerance)
+        level = self.divergence.level
+        if math.isfinite(target) and math.isfinite(level) and level > target:
+            return self._repair(record, f"the loss average {level:.4g} is still above {target:.4g}, {self.config.judge_steps} steps after the trouble")
+        repair = incident["rung"] or "skip_update"
+        self.logbook.write(
+            record.step, "outcome", repair,
+            f"{_DOING[repair]} worked: no trouble for {self.config.judge_steps} steps and the loss average {level:.4g} "
+            f"is under {target:.4g}",
+            {"loss_ewm": level, "target": target, "began_step": incident["began_step"], "recovered": 1},
+        )
+        if incident["rung"]:
+            self.first_rung = incident["rung"]  # what worked is tried first next time
+        self.incident = None
+        return []
+
+    def _repair(self, record: StepRecord, cause: str) -> list[Action]:
+        """Judge the repair on trial a failure and climb to the next rung, or stop when none is left."""
+        incident = self.incident
+        assert incident is not None
+        failed = incident["rung"] or ("skip_update" if incident["counted"] else "")
+        if failed:
+            self.logbook.write(record.step, "outcome", failed, f"{_DOING[failed]} did not hold: {cause}",
+                               {"loss": record.loss, "began_step": incident["began_step"], "recovered": 0})
+        rung = self._next_rung(incident)
+        if not rung:
+            tried = "; ".join(incident["tried"])
+            return self._give_up(record, cause, f"every repair failed ({tried})" if tried else "no repair rung is enabled")
+        if self.repairs_used >= self.config.max_repairs:
+            return self._give_up(record, cause, f"the budget of {self.config.max_repairs} repairs is spent")
+        self.repairs_used += 1
+        incident.update(rung=rung, counted=0, judge_step=record.step + self.config.judge_steps)
+        incident["lr_cuts"] += rung == "lower_lr"
+        return self._rung_actions(rung, record, cause)
+
+    def _next_rung(self, incident: dict[str, Any]) -> str:
+        rung = incident["rung"]
+        if not rung:
+            return self.first_rung
+        if rung == "lower_lr" and incident["lr_cuts"] < self.config.max_lr_cuts:
+            return rung
+        later = self.ladder[self.ladder.index(rung) + 1:]
+        return later[0] if later else ""
+
+    def _rung_actions(self, rung: str, record: StepRecord, cause: str) -> list[Action]:
+        c, incident = self.config, self.incident
+        assert incident is not None
+        actions: list[Action] = []
+        entries: list[tuple[str, str, dict]] = []  # logbook lines for the actions after the rollback
+        if c.rollback:
+            skip = min(max(round(c.skip_fraction * self.max_steps), c.skip_min), c.skip_max)
+            before = max(incident["began_step"], 0)
+            actions.append(Action("rollback", f"{cause}: roll back before step {before} and skip {skip} batches.",
+                                  {"before_step": before, "skip_batches": skip}))
+        if rung == "lower_lr" and c.lr_factor < 1:
+            self.lr_multiplier *= c.lr_factor
+            actions.append(Action("scale_lr", f"{cause}: lower the learning rate ×{c.lr_factor:g}.", {"factor": c.lr_factor}))
+            entries.append(("scale_lr", f"lowered the learning rate ×{c.lr_factor:g} (now ×{self.lr_multiplier:.3g} of the schedule)",
+                            {"factor": c.lr_factor, "lr_multiplier": self.lr_multiplier, "lr": record.lr * c.lr_factor}))
+        base = self.clip if self.clip > 0 else self.grad_spike.level  # with clipping off: the typical grad norm
+        if rung == "lower_lr" and c.clip_factor < 1 and math.isfinite(base):
+            old, self.clip = self.clip, base * c.clip_factor
+            actions.append(Action("set_clip", f"{cause}: tighten gradient clipping to {self.clip:.3g}.", {"value": self.clip}))
+            entries.append(("set_clip", f"tightened gradient clipping to {self.clip:.3g} (was {old:.3g})", {"value": self.clip, "was": old}))
+        if rung == "reset_optimizer":
+            moments = _moments(c)
+            actions.append(Action("reset_optimizer", f"{cause}: zero the AdamW moments {', '.join(moments)}.", {"moments": moments}))
+            entries.append(("reset_optimizer", f"zeroed the AdamW moments {', '.join(moments)}", {}))
+        incident["tried"].append(f"step {record.step}: " + " + ".join(a.kind for a in actions))
+        if c.rollback:
+            self.pending_rollback = {"from_step": record.step, "from_tokens": record.tokens,
+                                     "skip_batches": actions[0].params["skip_batches"], "entries": entries}
+        else:
+            for name, message, evidence in entries:
+                self.logbook.write(record.step, "action", name, message, evidence)
+        return actions
+
+    def _give_up(self, record: StepRecord, cause: str, why: str) -> list[Action]:
+        incident = self.incident
+        assert incident is not None
+        diagnosis = (
+            f"{cause}; {why}. Training is unstable here: lower optim.lr (the supervisor had cut it to "
+            f"×{self.lr_multiplier:.3g}), lengthen optim.warmup_steps, or inspect the data from step "
+            f"{incident['began_step']} on."
+        )
+        self.incident = None
+        evidence = {"repairs_used": self.repairs_used, "lr_multiplier": self.lr_multiplier, "began_step": incident["began_step"]}
+        if self.config.stop_on_failure:
+            self.logbook.write(record.step, "action", "stop", f"stopped the run: {diagnosis}", evidence)
+            return [Action("stop", diagnosis, {"diagnosis": diagnosis})]
+        self.logbook.write(record.step, "info", "unrepaired", f"gave up repairing and carries on: {diagnosis}", evidence)
+        return []
+
+    # -- calls from the loop outside observe() --------------------------------------------------
+
+    def after_rollback(self, restored_step: int) -> None:
+        """The loop restored the checkpoint of `restored_step`: log the repair and restart the monitors."""
+        pending, self.pending_rollback = self.pending_rollback, None
+        if pending is not None:
+            from_step = pending["from_step"]
+            tokens_lost = max(pending["from_tokens"] - self._tokens_at(restored_step, from_step, pending["from_tokens"]), 0)
+            self.logbook.write(
+                from_step, "action", "rollback",
+                f"rolled back from step {from_step} to step {restored_step} and skipped {pending['skip_batches']} batches "
+                f"({from_step - restored_step} steps and {tokens_lost:,} tokens lost)",
+                {"from_step": from_step, "to_step": restored_step, "steps_lost": from_step - restored_step,
+                 "tokens_lost": tokens_lost, "skip_batches": pending["skip_batches"]},
+            )
+            for name, message, evidence in pending["entries"]:
+                self.logbook.write(from_step, "action", name, message, evidence)
+        self.good_checkpoints = [pair for pair in self.good_checkpoints if pair[0] <= restored_step]
+        initial = (self.act_growth.initial, self.logit_growth.initial)  # the run's, not the segment's
+        self._build_monitors()
+        self.act_growth.initial, self.logit_growth.initial = initial
+        self.grad_spikes_in_a_row = 0
+
+    def _tokens_at(self, step: int, from_step: int, from_tokens: int) -> int:
+        for good_step, tokens in self.good_checkpoints:
+            if good_step == step:
+                return tokens
+        return round(from_tokens * step / max(from_step + 1, 1))  # a checkpoint this Supervisor never saw
+
+    def checkpoint_is_good(self, step: int) -> bool:
+        """Call when writing the checkpoint of `step`: True when no incident is open, so a rollback may land there.
+
+        The answer is remembered with the tokens trained so far, to count the tokens a rollback loses.
+        """
+        good = not self.config.enabled or self.incident is None
+        if good:
+            self.good_checkpoints = [pair for pair in self.good_checkpoints if pair[0] != step]
+            self.good_checkpoints = (self.good_checkpoints + [[step, self.last_tokens]])[-_GOOD_CHECKPOINTS_KEPT:]
+        return good
+
+    def state_dict(self) -> dict:
+        """Plain Python types only, so `torch.load(weights_only=True)` reads it back."""
+        return {
+            "monitors": {name: monitor.state_dict() for name, monitor in self.monitors.items()},
+            "clip": self.clip, "lr_multiplier": self.lr_multiplier, "first_rung": self.first_rung,
+            "repairs_used": self.repairs_used, "incident": self.incident, "grad_spikes_in_a_row": self.grad_spikes_in_a_row,
+            "good_checkpoints": [list(pair) for pair in self.good_checkpoints], "last_tokens": self.last_tokens,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, monitor in self.monitors.items():
+            monitor.load_state_dict(state["monitors"][name])
+        self.clip, self.lr_multiplier, self.repairs_used = state["clip"], state["lr_multiplier"], state["repairs_used"]
+        # A rung turned off since the checkpoint was written is not tried.
+        self.first_rung = state["first_rung"] if state["first_rung"] in self.ladder else (self.ladder[0] if self.ladder else "")
+        self.incident = state["incident"]
+        self.grad_spikes_in_a_row, self.last_tokens = state["grad_spikes_in_a_row"], state["last_tokens"]
+        self.good_checkpoints = [list(pair) for pair in state["good_checkpoints"]]
+
+
+_DOING = {
+    "skip_update": "skipping the update",
+    "rollback": "the rollback",
+    "lower_lr": "the lower learning rate",
+    "reset_optimizer": "resetting the optimizer moments",
+}
+_RATIO_WARMUP = 10  # values before a ratio test may fire: a 20-step EWM of fewer is still jumpy
+_THROUGHPUT_WARMUP = 20  # step times before the median is trusted (OLMo-core's minimum of 20 values, reused)
+_GOOD_CHECKPOINTS_KEPT = 64  # far more than any keep_checkpoints; bounds the state

@@ -1,0 +1,50 @@
+"""Test-only fault injection, off unless KEEL_FAULTS is set.
+
+`KEEL_FAULTS="nan@120,spike@150,hang@200"` makes the trainer process
+- `nan@S`: turn the loss of step S into NaN (so its gradients are NaN too), once per process;
+- `spike@S`: multiply the loss of step S (and so its gradients) by 100, once per process;
+- `hang@S`: stop making progress (sleep forever) after step S, only in the first process of a
+  run (KEEL_RESTART unset or 0), so the watchdog's restart can get past it.
+`keel chaos` and the tests use it to prove the supervisor and watchdog repair these faults.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from keel.errors import UserError
+
+
+class Faults:
+    def __init__(self, spec: str = "", segment: int = 0):
+        self.nan_steps: set[int] = set()
+        self.spike_steps: set[int] = set()
+        self.hang_steps: set[int] = set()
+        self.segment = segment
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            kind, _, step = item.partition("@")
+            steps = {"nan": self.nan_steps, "spike": self.spike_steps, "hang": self.hang_steps}
+            if kind not in steps or not step.isdigit():
+                raise UserError(f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP or hang@STEP; fix or unset KEEL_FAULTS.")
+            steps[kind].add(int(step))
+
+    @classmethod
+    def from_env(cls) -> "Faults":
+        return cls(os.environ.get("KEEL_FAULTS", ""), int(os.environ.get("KEEL_RESTART", "0")))
+
+    def corrupt_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if step in self.nan_steps:
+            self.nan_steps.discard(step)
+            return loss * float("nan")
+        if step in self.spike_steps:
+            self.spike_steps.discard(step)
+            return loss * 100.0
+        return loss
+
+    def maybe_hang(self, step: int) -> None:
+        if self.segment == 0 and step in self.hang_steps:
+            while True:
+                time.sleep(3600)

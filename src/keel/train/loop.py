@@ -1,0 +1,413 @@
+"""The training loop.
+
+One optimizer step = `grad_accum` micro-batches -> one StepRecord for the supervisor -> its
+actions applied -> the update (unless skipped). Everything a resume needs (weights, optimizer,
+LoopState, supervisor state, grad scaler) goes into each checkpoint, and the batch at cursor c
+is a pure function of (data, seed, c), so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from keel.config import RunConfig
+from keel.data import eval_batches, get_batch, open_data
+from keel.models.gpt import GPT
+from keel.runs.registry import Registry
+from keel.runs.rundir import LOGBOOK_FILE
+from keel.supervisor.logbook import Logbook
+from keel.supervisor.monitors import StepRecord
+from keel.supervisor.policy import Action, Supervisor
+from keel.supervisor.watchdog import HEARTBEAT_FILE
+from keel.train import checkpoint as ckpt
+from keel.train.faults import Faults
+from keel.train.optim import build_optimizer, lr_at
+from keel.train.precision import autocast, grad_scaler, pick_device, pick_dtype
+
+
+
+@dataclass
+class LoopState:
+    """The loop's own resumable state (weights and optimizer are saved beside it)."""
+
+    step: int = 0  # optimizer steps applied
+    cursor: int = 0  # index of the next batch; runs ahead of step when batches are skipped
+    tokens: int = 0  # training tokens in the weights
+    lr_scale: float = 1.0  # multiplier the supervisor applies on top of the schedule
+    grad_clip: float = 0.0  # current clip value (the supervisor may tighten it)
+    best_val_loss: float | None = None
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | stopped | stopped_by_supervisor | time_limit | token_limit
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    final_loss: float
+    val_loss: float | None
+    timings: dict[str, float] = field(default_factory=dict)
+    diagnosis: str = ""
+
+
+class _Timer:
+    """Wall-clock seconds per phase, for the bench's time split."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def evaluate(model: GPT, batches, device: torch.device, dtype: torch.dtype) -> float:
+    """Mean next-token loss over the given (x, y) batches."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            with autocast(device, dtype):
+                _, loss = model(x.to(device), y.to(device))
+            total += loss.item() * y.numel()
+            count += y.numel()
+    model.train()
+    return total / max(count, 1)
+
+
+def write_heartbeat(run_dir: Path, step: int) -> None:
+    tmp = run_dir / f".{HEARTBEAT_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "time": time.time(), "pid": os.getpid()}))
+    os.replace(tmp, run_dir / HEARTBEAT_FILE)
+
+
+class Trainer:
+    """Holds what one training process needs; `run()` is the loop."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, registry: Registry | None, progress: bool):
+        self.config, self.run_dir, self.registry, self.progress = config, Path(run_dir), registry, progress
+        t = config.train
+        self.device = pick_device(t.device)
+        self.dtype = pick_dtype(t.dtype, self.device)
+        data = open_data(Path(config.data.path))
+        self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
+        self.train_name, self.val_name = data.split_name("train"), data.split_name("val")
+        # Fail now, with a clear sentence, if the context does not fit the data.
+        self._batch(0)
+        next(iter(eval_batches(self.val_tokens, config.model.context_length, t.batch_size, 1, split_name=self.val_name)))
+
+        torch.manual_seed(t.seed)
+        self.model = GPT(config.model).to(self.device)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.scaler = grad_scaler(self.device, self.dtype)
+        self.state = LoopState(grad_clip=config.optim.grad_clip)
+        self.segment = registry.start_run(config.name, str(run_dir), config.to_dict()) if registry else 0
+        self.logbook = Logbook(self.run_dir / LOGBOOK_FILE, mirror=self._mirror_event)
+        self.supervisor = (
+            Supervisor(config.supervisor, self.logbook, t.max_steps, config.optim.grad_clip)
+            if config.supervisor.enabled
+            else None
+        )
+        self.faults = Faults.from_env()
+        self.timer = _Timer()
+        self.pending_metrics: list[tuple[int, dict[str, float]]] = []
+        self.stop_signal: str | None = None
+        self.act_sq = torch.zeros((), device=self.device)
+        self.model.norm_f.register_forward_hook(self._record_activation)
+
+    # -- small pieces -----------------------------------------------------------------------
+
+    def _record_activation(self, module, inputs, output) -> None:
+        hidden = inputs[0].detach()  # (B, T, C) output of the last block
+        self.act_sq += hidden.float().square().mean()
+
+    def _mirror_event(self, entry: dict) -> None:
+        if self.registry is not None:
+            self.registry.log_event(self.config.name, entry.get("step"), entry["kind"], entry["message"], entry)
+
+    def _batch(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c, t = self.config.model, self.config.train
+        x, y = get_batch(self.train_tokens, c.context_length, t.batch_size, t.seed, micro_index, split_name=self.train_name)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _set_lr(self) -> float:
+        lr = lr_at(self.state.step, self.config.optim, self.config.train.max_steps) * self.state.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _val_loss(self) -> float:
+        c, t = self.config.model, self.config.train
+        batches = eval_batches(self.val_tokens, c.context_length, t.batch_size, t.eval_batches, split_name=self.val_name)
+        return evaluate(self.model, batches, self.device, self.dtype)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def save(self, val_loss: float | None = None) -> None:
+        write_heartbeat(self.run_dir, self.state.step)
+        train_state = {
+            "loop": dataclasses.asdict(self.state),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "supervisor": self.supervisor.state_dict() if self.supervisor else {},
+            "rng": ckpt.capture_rng_state(),
+        }
+        # A checkpoint written while the supervisor has trouble open is no place to roll back to.
+        healthy = self.supervisor.checkpoint_is_good(self.state.step) if self.supervisor else True
+        meta = {"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss, "healthy": healthy,
+                "time": time.time(), "config": self.config.to_dict()}
+        path = ckpt.save_checkpoint(self.run_dir, self.state.step, self.model, train_state, meta,
+                                    keep_last=self.config.train.keep_checkpoints)
+        if self.registry is not None:
+            self.registry.log_checkpoint(self.config.name, self.state.step, str(path), val_loss)
+
+    def restore(self, before_step: int | None = None) -> bool:
+        """Load the newest good checkpoint (older than before_step); say which ones were bad."""
+        path, bad = ckpt.find_latest_good(self.run_dir, before_step=before_step, healthy_only=before_step is not None)
+        for bad_path, reason in bad:
+            self.logbook.write(self.state.step, "fault", "corrupt_checkpoint",
+                                f"checkpoint {bad_path.name} is unusable ({reason}); falling back to an older one.",
+                                {"checkpoint": bad_path.name, "reason": reason})
+        if path is None:
+            return False
+        train_state, _ = ckpt.load_checkpoint(path, self.model, self.device)
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.scaler.load_state_dict(train_state["scaler"])
+        self.state = LoopState(**train_state["loop"])
+        if self.supervisor and train_state["supervisor"]:
+            self.supervisor.load_state_dict(train_state["supervisor"])
+        ckpt.restore_rng_state(train_state["rng"])
+        return True
+
+    # -- supervisor actions -----------------------------------------------------------------
+
+    def apply(self, action: Action) -> str | None:
+        """Carry out one action; returns a stop diagnosis for `stop`."""
+        if action.kind == "scale_lr":
+            self.state.lr_scale *= action.params["factor"]
+        elif action.kind == "set_clip":
+            self.state.grad_clip = action.params["value"]
+        elif action.kind == "reset_optimizer":
+            for param_state in self.optimizer.state.values():
+                for name in action.params["moments"]:
+                    if name in param_state:
+                        param_state[name].zero_()
+        elif action.kind == "rollback":
+            trouble_cursor, keep = self.state.cursor, (self.state.lr_scale, self.state.grad_clip)
+            supervisor_state = self.supervisor.state_dict()
+            if not self.restore(before_step=action.params["before_step"]):
+                self._reinitialise()  # older checkpoints were pruned; step 0 is the seed's initial weights
+            # The live supervisor and the repairs decided since the checkpoint stay in force.
+            self.supervisor.load_state_dict(supervisor_state)
+            self.state.lr_scale, self.state.grad_clip = keep
+            self.state.cursor = trouble_cursor + action.params["skip_batches"]
+            self.supervisor.after_rollback(self.state.step)
+        elif action.kind == "stop":
+            return action.params.get("diagnosis", action.reason)
+        return None
+
+    def _reinitialise(self) -> None:
+        torch.manual_seed(self.config.train.seed)
+        self.model.init_weights()
+        self.optimizer.state.clear()
+        self.state = LoopState(grad_clip=self.config.optim.grad_clip)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> StepRecord:
+        """Forward/backward one optimizer step's batches; the update waits for the supervisor."""
+        t = self.config.train
+        start = time.perf_counter()
+        lr = self._set_lr()
+        loss_sum = torch.zeros((), device=self.device)
+        logit_sq = torch.zeros((), device=self.device)
+        self.act_sq.zero_()
+        for micro in range(t.grad_accum):
+            with self.timer("data"):
+                x, y = self._batch(self.state.cursor * t.grad_accum + micro)
+            with self.timer("forward_backward"):
+                with autocast(self.device, self.dtype):
+                    logits, loss = self.forward(x, y)
+                loss = self.faults.corrupt_loss(loss, self.state.step)
+                self.scaler.scale(loss / t.grad_accum).backward()
+                loss_sum += loss.detach()
+                logit_sq += logits.detach().float().square().mean()
+        with self.timer("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if self.state.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.state.grad_clip, grad_norm)
+            # One deliberate device sync per step: the supervisor must see the numbers before the
+            # update is applied (on a CPU this costs nothing).
+            values = torch.stack([loss_sum / t.grad_accum, grad_norm, (logit_sq / t.grad_accum).sqrt(),
+                                  (self.act_sq / t.grad_accum).sqrt()]).tolist()
+        tokens = self.state.tokens + t.grad_accum * t.batch_size * self.config.model.context_length
+        record = StepRecord(step=self.state.step, loss=values[0], grad_norm=values[1], lr=lr, tokens=tokens,
+                            step_seconds=time.perf_counter() - start, act_norm=values[3], logit_norm=values[2],
+                            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
+        return record
+
+    def run(self) -> TrainResult:
+        t = self.config.train
+        write_heartbeat(self.run_dir, self.state.step)
+        resumed = self.restore()
+        if not resumed:
+            self.save()  # step 0: rollbacks always have somewhere to go
+        self.logbook.write(self.state.step, "info", "run_start",
+                           f"trainer {'resumed' if resumed else 'started'} at step {self.state.step} "
+                           f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')} (process segment {self.segment})",
+                           {"segment": self.segment, "tokens": self.state.tokens})
+        start_step, start_time = self.state.step, time.perf_counter()
+        status, diagnosis, record, val_loss = "finished", "", None, None
+        bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True)
+        last_beat = 0.0
+        with _stop_on_signals(self):
+            while self.state.step < t.max_steps:
+                record = self.step()
+                actions = self.supervisor.observe(record) if self.supervisor else []
+                # Without the supervisor this is a bare loop: every update is applied, NaN included.
+                skip = any(a.kind in ("skip_update", "rollback") for a in actions)
+                with self.timer("optimizer"):
+                    if not skip:
+                        self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.state.cursor += 1
+                if not skip:
+                    self.state.step += 1
+                    self.state.tokens = record.tokens
+                self.pending_metrics.append((record.step, _metrics(record, skip)))
+                stop_reason = next((d for a in actions if (d := self.apply(a))), None)
+                self.faults.maybe_hang(self.state.step)
+                if stop_reason:
+                    status, diagnosis = "stopped_by_supervisor", stop_reason
+                    break
+                step = self.state.step
+                if not skip and (step % t.eval_every == 0 or step == t.max_steps):
+                    with self.timer("eval"):
+                        write_heartbeat(self.run_dir, step)
+                        val_loss = self._val_loss()
+                    self.pending_metrics.append((step, {"val_loss": val_loss}))
+                    if self.state.best_val_loss is None or val_loss < self.state.best_val_loss:
+                        self.state.best_val_loss = val_loss
+                if not skip and (step % t.checkpoint_every == 0 or step == t.max_steps):
+                    with self.timer("checkpoint"):
+                        self.save(val_loss if step % t.eval_every == 0 or step == t.max_steps else None)
+                with self.timer("logging"):
+                    if len(self.pending_metrics) >= t.log_every:
+                        self.flush_metrics(start_step, start_time)
+                    if time.time() - last_beat > 0.25:
+                        write_heartbeat(self.run_dir, step)
+                        last_beat = time.time()
+                    bar.update(step - bar.n)
+                    if self.state.cursor % t.log_every == 0:
+                        bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.lr:.2e}",
+                                        tok_s=f"{self._tokens_per_s(start_step, start_time):.0f}", refresh=False)
+                status = self._limit_reached(start_time) or status
+                if self.stop_signal or status != "finished":
+                    status = "stopped" if self.stop_signal else status
+                    break
+        bar.close()
+        if _latest_step(self.run_dir) != self.state.step:
+            self.save()  # a stop between checkpoints loses nothing
+        self.flush_metrics(start_step, start_time)
+        seconds = time.perf_counter() - start_time
+        end_reason = {"finished": f"reached train.max_steps={t.max_steps}", "time_limit": f"reached train.max_minutes={t.max_minutes}",
+                      "token_limit": f"reached train.max_tokens={t.max_tokens}", "stopped": f"stopped by {self.stop_signal}",
+                      "stopped_by_supervisor": f"stopped by the supervisor: {diagnosis}"}[status]
+        self.logbook.write(self.state.step, "info", "run_end", end_reason,
+                           {"status": "stopped" if status.startswith("stopped") else "finished",
+                            "tokens": self.state.tokens, "val_loss": val_loss})
+        return TrainResult(status=status, steps=self.state.step, tokens=self.state.tokens, seconds=seconds,
+                           tokens_per_s=self._tokens_per_s(start_step, start_time),
+                           final_loss=record.loss if record else float("nan"), val_loss=val_loss,
+                           timings=dict(self.timer.seconds), diagnosis=diagnosis)
+
+    def _tokens_per_s(self, start_step: int, start_time: float) -> float:
+        c, t = self.config.model, self.config.train
+        done = (self.state.step - start_step) * t.batch_size * t.grad_accum * c.context_length
+        return done / max(time.perf_counter() - start_time, 1e-9)
+
+    def _limit_reached(self, start_time: float) -> str | None:
+        t = self.config.train
+        if t.max_tokens and self.state.tokens >= t.max_tokens:
+            return "token_limit"
+        if t.max_minutes and time.perf_counter() - start_time >= 60 * t.max_minutes:
+            return "time_limit"
+        return None
+
+    def flush_metrics(self, start_step: int, start_time: float) -> None:
+        if self.registry is None or not self.pending_metrics:
+            self.pending_metrics.clear()
+            return
+        self.registry.log_metrics_many(self.config.name, self.pending_metrics, segment=self.segment)
+        self.registry.update_run(self.config.name, step=self.state.step, tokens=self.state.tokens,
+                                 best_val_loss=self.state.best_val_loss,
+                                 tokens_per_s=self._tokens_per_s(start_step, start_time))
+        self.pending_metrics.clear()
+
+
+def _metrics(record: StepRecord, skipped: bool) -> dict[str, float]:
+    values = {"loss": record.loss, "grad_norm": record.grad_norm, "lr": record.lr, "tokens": record.tokens,
+              "act_norm": record.act_norm, "logit_norm": record.logit_norm, "step_seconds": record.step_seconds}
+    if record.loss_scale is not None:
+        values["loss_scale"] = record.loss_scale
+    if skipped:
+        values["skipped"] = 1.0
+    return values
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    checkpoints = ckpt.list_checkpoints(run_dir)
+    return int(checkpoints[-1].name.split("_")[1]) if checkpoints else None
+
+
+@contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM finish the current step, write a checkpoint and return; a second one kills.
+
+    A repeat within 2 s is the same request arriving twice (a scheduler signalling every process
+    of the job reaches the trainer directly and through the watchdog), not impatience.
+    """
+    first_time = 0.0
+
+    def handler(signum, frame):
+        nonlocal first_time
+        if trainer.stop_signal:
+            if time.monotonic() - first_time > 2.0:
+                raise KeyboardInterrupt
+            return
+        first_time = time.monotonic()
+        trainer.stop_signal = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def train(config: RunConfig, run_dir: Path, registry: Registry | None = None, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run in run_dir, whose config.yaml was written by init_run_dir."""
+    trainer = Trainer(config, run_dir, registry, progress)
+    result = trainer.run()
+    if registry is not None:
+        registry.update_run(config.name, status="stopped" if result.status.startswith("stopped") else "finished")
+    return result

@@ -1,0 +1,61 @@
+"""The chaos scenarios at tiny scale, through the real `keel train` path (watchdog + trainer)."""
+
+import math
+
+import pytest
+from conftest import TINY
+from safetensors.numpy import load_file
+
+from keel import config as config_lib
+from keel.runs.registry import Registry
+from keel.supervisor.chaos import Chaos, _entries, _final
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture
+def chaos(tiny_data, tmp_path):
+    base = config_lib.load(None, [f"data.path={tiny_data}", *TINY, "train.max_steps=150",
+                                  "train.checkpoint_every=10", "train.eval_every=50"])
+    return Chaos(base, tmp_path / "chaos")
+
+
+def test_nan_step_is_skipped_and_logged(chaos):
+    result = chaos.nan()
+    assert result.passed, result.evidence
+    run_dir = chaos.out_dir / "nan"
+    weights = load_file(str(_final(run_dir) / "model.safetensors"))
+    assert all(math.isfinite(float(t.sum())) for t in weights.values())
+    signals = [e for e in _entries(run_dir, "signal") if e["name"] == "nonfinite"]
+    assert signals and signals[0]["step"] == 50
+
+
+def test_sigkilled_trainer_is_restarted_and_ends_bit_identical(chaos):
+    result = chaos.sigkill(kills=2)
+    assert result.passed, result.evidence
+    assert "bit-identical" in result.evidence
+
+
+def test_corrupt_latest_checkpoint_is_detected_and_skipped(chaos):
+    result = chaos.corrupt_checkpoint()
+    assert result.passed, result.evidence
+    assert "sha256 mismatch" in result.evidence
+
+
+def test_hung_trainer_is_detected_and_restarted(chaos):
+    result = chaos.hang(timeout_s=10)
+    assert result.passed, result.evidence
+
+
+def test_repeated_spikes_roll_back_and_skip_batches(chaos, monkeypatch):
+    """Three spiking steps in one incident: skipped, then a rollback to a checkpoint before them."""
+    monkeypatch.setenv("KEEL_FAULTS", "spike@60,spike@61,spike@62")
+    run_dir = chaos._train("spikes")
+    actions = _entries(run_dir, "action")
+    kinds = [e["name"] for e in actions]
+    assert kinds.count("skip_update") >= 2 and "rollback" in kinds, kinds
+    rollback = next(e for e in actions if e["name"] == "rollback")
+    assert rollback["evidence"]["to_step"] < 60 <= rollback["evidence"]["from_step"]
+    with Registry() as registry:
+        run = registry.get_run("chaos-spikes")
+    assert run["status"] == "finished" and run["step"] == 150

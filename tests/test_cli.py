@@ -1,0 +1,125 @@
+"""Every command once end to end, and the bad inputs a user can make, through the real CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import assert_user_error, keel, tiny_train_args
+
+from keel.runs.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    result = keel(*tiny_train_args(tiny_data, run_dir), env={"KEEL_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    return run_dir, home
+
+
+def test_train_writes_a_complete_run_dir(trained):
+    run_dir, home = trained
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer.json").is_file()
+    steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert steps[-1] == "step_00000030"
+    with Registry(home / "registry.sqlite") as registry:
+        run = registry.get_run("tiny")
+        losses = registry.metrics("tiny", "loss")["loss"]
+    assert run["status"] == "finished" and run["step"] == 30 and run["best_val_loss"] is not None
+    assert [s for s, _ in losses] == list(range(30))
+    first, last = sum(v for _, v in losses[:5]) / 5, sum(v for _, v in losses[-5:]) / 5
+    assert last < first - 0.5  # it learns
+
+
+def test_sample_eval_and_runs(trained):
+    run_dir, home = trained
+    env = {"KEEL_HOME": str(home)}
+    sample = keel("sample", str(run_dir), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "1", env=env)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("def ") and len(sample.stdout) > 10
+    again = keel("sample", str(run_dir), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "1", env=env)
+    assert again.stdout == sample.stdout  # the seed fixes the sample
+    evaluation = keel("eval", str(run_dir), env=env)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "val loss" in evaluation.stdout and "bits/byte" in evaluation.stdout
+    runs = keel("runs", env=env)
+    assert runs.returncode == 0 and "tiny" in runs.stdout and "finished" in runs.stdout
+
+
+def test_prepare_prints_a_summary(corpus_dir, tmp_path):
+    result = keel("prepare", str(corpus_dir), "--out", str(tmp_path / "d"), "--vocab-size", "300", "--val-fraction", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "train:" in result.stdout and "tokens" in result.stdout
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["tokenizer"]["vocab_size"] == 300
+
+
+def test_bad_prepare_inputs(corpus_dir, tmp_path):
+    assert_user_error(keel("prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")), "missing")
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "blob.txt").write_bytes(bytes(range(256)) * 10)
+    assert_user_error(keel("prepare", str(binary), "--out", str(tmp_path / "o")))
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "fine line of text that is long enough to keep"}\n{oops\n')
+    assert_user_error(keel("prepare", str(bad_jsonl), "--out", str(tmp_path / "o")), "bad.jsonl:2")
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    assert_user_error(keel("prepare", str(corpus_dir), "--out", str(existing)), "--force")
+    assert (existing / "keep.txt").read_text() == "mine"
+
+
+def test_bad_train_inputs(tiny_data, trained, tmp_path):
+    run_dir, home = trained
+    env = {"KEEL_HOME": str(home)}
+    assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "optim.lrr=1")), "optim.lr")
+    assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "optim.lr=-1")), "optim.lr")
+    assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.n_head=3")), "model.n_head")
+    assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.n_kv_head=3")), "model.n_kv_head")
+    assert_user_error(keel(*tiny_train_args(tmp_path / "nodata", tmp_path / "r")), "nodata")
+    assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.context_length=100000")),
+                      "context_length")
+    assert_user_error(keel("train", "--config", str(tmp_path / "nope.yaml")), "nope.yaml")
+    # Resuming with another model shape is refused and the run is left as it was.
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    config_before = (run_dir / "config.yaml").read_text()
+    assert_user_error(keel(*tiny_train_args(tiny_data, run_dir, "model.d_model=128"), env=env), "model.d_model")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert_user_error(keel("sample", str(tmp_path / "norun")), "not a keel run directory")
+
+
+def _final_weights(run_dir: Path) -> bytes:
+    return (run_dir / "checkpoints" / "step_00000030" / "model.safetensors").read_bytes()
+
+
+def test_exact_resume_after_sigkill(tiny_data, trained, tmp_path):
+    """Kill the whole process tree mid-run, run the same command again: same losses, same weights."""
+    reference_dir, reference_home = trained
+    home = tmp_path / "home"
+    run_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "keel.cli", *tiny_train_args(tiny_data, run_dir, "train.max_steps=30")]
+    env = {**os.environ, "KEEL_HOME": str(home)}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "step_00000010").exists():
+        assert process.poll() is None and time.time() < deadline, "trainer ended before the first checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the machine dies: watchdog and trainer together
+    process.wait()
+    assert not (run_dir / "checkpoints" / "step_00000030").exists()
+
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _final_weights(run_dir) == _final_weights(reference_dir)
+    with Registry(home / "registry.sqlite") as a, Registry(reference_home / "registry.sqlite") as b:
+        assert a.metrics("killed", "loss") == b.metrics("tiny", "loss")
+        assert len(a.segments("killed")) == 2  # the run really was resumed
