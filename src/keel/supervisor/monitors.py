@@ -214,7 +214,8 @@ class SpikeMonitor(Monitor):
 
     state_fields = ("window", "ewm")
 
-    def __init__(self, name: str, label: str, window: int, sigma: float, warmup: int, ratio: float, ewm_span: int, ewm_warmup: int):
+    def __init__(self, name: str, label: str, window: int, sigma: float, warmup: int, ratio: float,
+                 ewm_span: int, ewm_warmup: int):
         self.name, self.label = name, label
         self.sigma, self.warmup, self.ratio, self.ewm_warmup = sigma, warmup, ratio, ewm_warmup
         self.window = Window(window)
@@ -222,13 +223,13 @@ class SpikeMonitor(Monitor):
 
     def check(self, value: float, step: int) -> Signal | None:
         by_sigma = by_ratio = False
-        evidence: dict[str, float] = {self.name.removesuffix("_spike"): value}
+        evidence: dict[str, float] = {"value": value}
         if len(self.window) >= self.warmup:
             mean, std = self.window.mean, self.window.std
             sigmas = (value - mean) / std if std > 0 else 0.0
             by_sigma = sigmas > self.sigma
             evidence.update(mean=mean, std=std, sigmas=sigmas)
-        if self.ewm.count >= self.ewm_warmup:
+        if self.ewm.count >= self.ewm_warmup and self.ewm.mean > 0:
             by_ratio = value > self.ratio * self.ewm.mean
             evidence.update(ewm=self.ewm.mean, ratio=value / self.ewm.mean)
         if not (by_sigma or by_ratio):
@@ -253,16 +254,18 @@ class DivergenceMonitor(Monitor):
     """Loss trending well above its best: the EWM stays above best·(1 + margin) for `patience` steps.
 
     Catches the slow climb no single step makes look like a spike. The best is the lowest EWM since
-    the monitor (re)started, taken only once the EWM has settled (after `span` values).
+    the monitor (re)started, taken once the EWM has settled (after `span` values). The climb is
+    taken to have begun at the last step the EWM was within half the margin of its best: on a flat
+    noisy curve the best itself can be hundreds of steps older than the trouble.
     """
 
-    state_fields = ("ewm", "best", "best_step", "steps_above", "fired")
+    state_fields = ("ewm", "best", "best_step", "calm_step", "steps_above", "fired")
 
     def __init__(self, span: int, margin: float, patience: int):
         self.span, self.margin, self.patience = span, margin, patience
         self.ewm = Ewm(span)
         self.best = math.inf
-        self.best_step = -1
+        self.best_step = self.calm_step = -1
         self.steps_above = 0
         self.fired = False
 
@@ -273,6 +276,8 @@ class DivergenceMonitor(Monitor):
         level = self.ewm.mean
         if level < self.best:
             self.best, self.best_step = level, step
+        if level <= self.best * (1 + self.margin / 2):
+            self.calm_step = step
         if level <= self.best * (1 + self.margin):
             self.steps_above, self.fired = 0, False
             return None
@@ -283,19 +288,16 @@ class DivergenceMonitor(Monitor):
         rise = level / self.best - 1
         return Signal(
             "divergence", "state", step,
-            f"loss diverging: moving average {level:.4g} is {rise:.0%} above its best {self.best:.4g} "
-            f"(step {self.best_step}) for {self.steps_above} steps",
-            {"loss_ewm": level, "best": self.best, "best_step": self.best_step, "rise": rise, "steps_above": self.steps_above},
-            began_step=self.best_step,
+            f"loss diverging: its moving average {level:.4g} has been {rise:.0%} above its best {self.best:.4g} "
+            f"for {self.steps_above} steps (climbing since step {self.calm_step})",
+            {"loss_ewm": level, "best": self.best, "best_step": self.best_step, "rise": rise,
+             "steps_above": self.steps_above, "calm_step": self.calm_step},
+            began_step=self.calm_step,
         )
 
     @property
     def level(self) -> float:
         return self.ewm.mean
-
-    @property
-    def warm(self) -> bool:
-        return self.ewm.count >= self.span
 
 
 class NormGrowthMonitor(Monitor):
@@ -390,8 +392,9 @@ class LossScaleMonitor(Monitor):
         self.fired = True
         return Signal(
             "loss_scale_collapse", "state", step,
-            f"fp16 loss scale collapsed to {scale:.3g} after {self.halvings} halvings in a row "
-            "(gradients overflow step after step)",
+            f"fp16 loss scale collapsed to {scale:.3g}, "
+            + (f"{self.halvings} halvings in a row (gradients overflow step after step)" if self.halvings
+               else f"under its floor {self.floor:g} (the unscaled gradients overflow fp16)"),
             {"loss_scale": scale, "halvings": self.halvings, "floor": self.floor},
             began_step=self.run_began if self.halvings else step,
         )

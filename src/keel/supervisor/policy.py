@@ -12,14 +12,17 @@ The escalation ladder (each rung can be turned off in `SupervisorConfig`):
 Trouble opens an *incident*. A lone spike is skipped; the incident closes once `judge_steps` steps
 pass without trouble and the loss is back at its pre-trouble level, and nothing escalates. Within
 an incident, `repair_after_skips` loss spikes or non-finite steps, or any "state" trouble
-(divergence, norm growth, loss-scale collapse), call for a repair (rungs 2-4). A grad-norm spike
-next to a normal loss is skipped but does not count: healthy small-batch runs have such steps in
-clusters (three within 90 steps in a measured healthy run) and their loss shows no harm; only a
-run of `repair_after_skips` of them in a row counts, since that is a level shift the window has
-stopped following. Each repair is judged: did the run get `judge_steps` past the trouble without
-new trouble, with the loss EWM back under best·(1 + recovery_tolerance)? A failure climbs a rung
-at once; a success makes the rung that worked the first one tried in the next incident, so a
-rollback that failed is not retried before an lr cut next time.
+(divergence, norm growth, loss-scale collapse), call for a repair (rungs 2-4).
+
+A grad-norm spike next to a normal loss is skipped but does not count: healthy small-batch runs
+have such steps in clusters (three within 90 steps in a measured healthy run) and their loss
+shows no harm. Only a run of them counts, from its `repair_after_skips`-th step in a row on: that
+is a level shift the window, which leaves flagged values out, would otherwise never follow.
+
+Each repair is judged: did the run get `judge_steps` past the trouble without new trouble, with
+the loss EWM back under best·(1 + recovery_tolerance)? A failure climbs a rung at once; a success
+makes the rung that worked the first one tried in the next incident, so a rollback that failed is
+not retried before an lr cut next time.
 
 How the loop applies actions (in list order):
 - skip_update: drop the gradients, no optimizer step, the step counter stays, the data cursor advances;
@@ -38,6 +41,7 @@ Process restarts: `load_state_dict` the state saved in the checkpoint resumed fr
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -87,10 +91,11 @@ class SupervisorConfig:
     divergence_span: int = opt(50, "Span in steps of the loss moving average used for divergence and for judging repairs.")
     divergence_patience: int = opt(50, "Steps the loss average must stay above best·(1 + margin) to count as divergence.")
 
-    # Norm growth. Measured: healthy runs' last-block activation RMS grew 50-150x from its value at
-    # initialisation and then stayed (weight decay bounds it); 10x-lr runs grew 1,000-100,000x within
-    # 100 steps. Later in a run, the average doubling within a few hundred steps is what OPT-175B's
-    # logbook shows before divergences.
+    # Norm growth. Measured on small GPTs (2-4 layers, 96-256 wide, 200-2000 steps): the last-block
+    # activation RMS of healthy runs rose 56-139x above its value at initialisation and then stayed
+    # (weight decay bounds it); at 10x the lr it rose 2,300-181,000x, most of it within 100 steps.
+    # Later in a run, the average doubling within a few hundred steps is what OPT-175B's logbook
+    # shows before divergences.
     norm_init_ratio: float = opt(1000.0, "Activation or logit RMS above this multiple of its value at initialisation is a signal.")
     norm_growth_ratio: float = opt(2.0, "Activation or logit RMS above this multiple of its long-run average is a signal.")
     norm_fast_span: int = opt(10, "Span in steps of the recent activation/logit RMS average.")
@@ -184,7 +189,7 @@ class Supervisor:
         self.incident: dict[str, Any] | None = None
         self.grad_spikes_in_a_row = 0
         self.good_checkpoints: list[list[int]] = []  # [step, tokens] of checkpoints called good, oldest first
-        self.last_tokens = 0
+        self.last_tokens = 0  # tokens trained into the weights so far
         # Not saved: a rollback in flight, logged once the loop reports where it landed.
         self.pending_rollback: dict[str, Any] | None = None
         self._build_monitors()
@@ -215,7 +220,6 @@ class Supervisor:
         """Judge one step before its update is applied; returns the actions in the order to apply them."""
         if not self.config.enabled:
             return []
-        self.last_tokens = record.tokens
         signals = self._signals(record)
         for signal in signals:
             self.logbook.write(record.step, "signal", signal.name, signal.message, signal.evidence)
@@ -237,6 +241,8 @@ class Supervisor:
             actions += self._on_trouble(record, [s for s in signals if s.trouble != "warning"], counted, state)
         elif self.incident is not None and record.step >= self.incident["judge_step"]:
             actions += self._judge(record)
+        if not any(a.kind in ("skip_update", "rollback") for a in actions):
+            self.last_tokens = record.tokens  # this step's tokens reach the weights
         return actions
 
     def _signals(self, record: StepRecord) -> list[Signal]:
@@ -276,7 +282,8 @@ class Supervisor:
         incident["judge_step"] = max(incident["judge_step"], record.step + self.config.judge_steps)
         incident["counted"] += counted
         if state:
-            return self._repair(record, state[0].message)
+            short = f"new trouble ({state[0].name.replace('_', ' ')}) at step {record.step}"
+            return self._repair(record, state[0].message, short)
         if incident["counted"] >= self.config.repair_after_skips:
             return self._repair(record, f"{incident['counted']} spiking or non-finite steps since step {incident['began_step']}")
         return []
@@ -288,7 +295,8 @@ class Supervisor:
         target = incident["reference_loss"] * (1 + self.config.recovery_tolerance)
         level = self.divergence.level
         if math.isfinite(target) and math.isfinite(level) and level > target:
-            return self._repair(record, f"the loss average {level:.4g} is still above {target:.4g}, {self.config.judge_steps} steps after the trouble")
+            return self._repair(record, f"the loss average {level:.4g} is still above {target:.4g}, "
+                                        f"{self.config.judge_steps} steps after the trouble")
         repair = incident["rung"] or "skip_update"
         self.logbook.write(
             record.step, "outcome", repair,
@@ -301,13 +309,17 @@ class Supervisor:
         self.incident = None
         return []
 
-    def _repair(self, record: StepRecord, cause: str) -> list[Action]:
-        """Judge the repair on trial a failure and climb to the next rung, or stop when none is left."""
+    def _repair(self, record: StepRecord, cause: str, short_cause: str = "") -> list[Action]:
+        """Judge the repair on trial a failure and climb to the next rung, or stop when none is left.
+
+        `cause` is the sentence for actions and the diagnosis; `short_cause`, when the cause is a signal
+        already in the logbook, keeps the outcome line from repeating it.
+        """
         incident = self.incident
         assert incident is not None
         failed = incident["rung"] or ("skip_update" if incident["counted"] else "")
         if failed:
-            self.logbook.write(record.step, "outcome", failed, f"{_DOING[failed]} did not hold: {cause}",
+            self.logbook.write(record.step, "outcome", failed, f"{_DOING[failed]} did not hold: {short_cause or cause}",
                                {"loss": record.loss, "began_step": incident["began_step"], "recovered": 0})
         rung = self._next_rung(incident)
         if not rung:
@@ -342,20 +354,23 @@ class Supervisor:
         if rung == "lower_lr" and c.lr_factor < 1:
             self.lr_multiplier *= c.lr_factor
             actions.append(Action("scale_lr", f"{cause}: lower the learning rate ×{c.lr_factor:g}.", {"factor": c.lr_factor}))
-            entries.append(("scale_lr", f"lowered the learning rate ×{c.lr_factor:g} (now ×{self.lr_multiplier:.3g} of the schedule)",
+            entries.append(("scale_lr", f"lowered the learning rate ×{c.lr_factor:g} "
+                                        f"(now ×{self.lr_multiplier:.3g} of the schedule)",
                             {"factor": c.lr_factor, "lr_multiplier": self.lr_multiplier, "lr": record.lr * c.lr_factor}))
         base = self.clip if self.clip > 0 else self.grad_spike.level  # with clipping off: the typical grad norm
         if rung == "lower_lr" and c.clip_factor < 1 and math.isfinite(base):
             old, self.clip = self.clip, base * c.clip_factor
             actions.append(Action("set_clip", f"{cause}: tighten gradient clipping to {self.clip:.3g}.", {"value": self.clip}))
-            entries.append(("set_clip", f"tightened gradient clipping to {self.clip:.3g} (was {old:.3g})", {"value": self.clip, "was": old}))
+            entries.append(("set_clip", f"tightened gradient clipping to {self.clip:.3g} (was {old:.3g})",
+                            {"value": self.clip, "was": old}))
         if rung == "reset_optimizer":
             moments = _moments(c)
-            actions.append(Action("reset_optimizer", f"{cause}: zero the AdamW moments {', '.join(moments)}.", {"moments": moments}))
+            actions.append(Action("reset_optimizer", f"{cause}: zero the AdamW moments {', '.join(moments)}.",
+                                  {"moments": moments}))
             entries.append(("reset_optimizer", f"zeroed the AdamW moments {', '.join(moments)}", {}))
         incident["tried"].append(f"step {record.step}: " + " + ".join(a.kind for a in actions))
         if c.rollback:
-            self.pending_rollback = {"from_step": record.step, "from_tokens": record.tokens,
+            self.pending_rollback = {"from_step": record.step, "from_tokens": self.last_tokens,
                                      "skip_batches": actions[0].params["skip_batches"], "entries": entries}
         else:
             for name, message, evidence in entries:
@@ -385,7 +400,8 @@ class Supervisor:
         pending, self.pending_rollback = self.pending_rollback, None
         if pending is not None:
             from_step = pending["from_step"]
-            tokens_lost = max(pending["from_tokens"] - self._tokens_at(restored_step, from_step, pending["from_tokens"]), 0)
+            self.last_tokens = self._tokens_at(restored_step, from_step, pending["from_tokens"])
+            tokens_lost = max(pending["from_tokens"] - self.last_tokens, 0)
             self.logbook.write(
                 from_step, "action", "rollback",
                 f"rolled back from step {from_step} to step {restored_step} and skipped {pending['skip_batches']} batches "
@@ -405,7 +421,7 @@ class Supervisor:
         for good_step, tokens in self.good_checkpoints:
             if good_step == step:
                 return tokens
-        return round(from_tokens * step / max(from_step + 1, 1))  # a checkpoint this Supervisor never saw
+        return round(from_tokens * step / max(from_step, 1))  # a checkpoint this Supervisor never saw
 
     def checkpoint_is_good(self, step: int) -> bool:
         """Call when writing the checkpoint of `step`: True when no incident is open, so a rollback may land there.
@@ -423,7 +439,8 @@ class Supervisor:
         return {
             "monitors": {name: monitor.state_dict() for name, monitor in self.monitors.items()},
             "clip": self.clip, "lr_multiplier": self.lr_multiplier, "first_rung": self.first_rung,
-            "repairs_used": self.repairs_used, "incident": self.incident, "grad_spikes_in_a_row": self.grad_spikes_in_a_row,
+            "repairs_used": self.repairs_used, "incident": copy.deepcopy(self.incident),
+            "grad_spikes_in_a_row": self.grad_spikes_in_a_row,
             "good_checkpoints": [list(pair) for pair in self.good_checkpoints], "last_tokens": self.last_tokens,
         }
 
@@ -433,7 +450,7 @@ class Supervisor:
         self.clip, self.lr_multiplier, self.repairs_used = state["clip"], state["lr_multiplier"], state["repairs_used"]
         # A rung turned off since the checkpoint was written is not tried.
         self.first_rung = state["first_rung"] if state["first_rung"] in self.ladder else (self.ladder[0] if self.ladder else "")
-        self.incident = state["incident"]
+        self.incident = copy.deepcopy(state["incident"])
         self.grad_spikes_in_a_row, self.last_tokens = state["grad_spikes_in_a_row"], state["last_tokens"]
         self.good_checkpoints = [list(pair) for pair in state["good_checkpoints"]]
 
