@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from keel.config import opt
+from keel.config import SupervisorConfig
 from keel.errors import UserError
 from keel.supervisor.logbook import Logbook
 from keel.supervisor.monitors import (
@@ -63,74 +63,6 @@ from keel.supervisor.monitors import (
 ACTION_KINDS = ("skip_update", "rollback", "scale_lr", "set_clip", "reset_optimizer", "stop")
 REPAIR_RUNGS = ("rollback", "lower_lr", "reset_optimizer")  # rungs 2-4, in escalation order
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-@dataclass
-class SupervisorConfig:
-    """The training supervisor: monitors, the repair ladder and its budget."""
-
-    enabled: bool = opt(True, "Watch training and repair instabilities; false gives a bare loop that applies every update, NaN included.")
-
-    # Spikes. OLMo-core's SkipStepOptimizer skips a step whose loss or grad norm is more than 6σ
-    # from the mean of the previous 128 steps, once max(20, 128 // 2) = 64 values are in: batch
-    # noise has heavier tails than a Gaussian, and a good batch skipped is still a batch lost.
-    # The ratio tests fire from the 10th step on and ignore an inflated σ. Measured on healthy
-    # runs of two small models: the worst batch loss was 1.28x its 20-step EWM and the worst grad
-    # norm 5.6x, while 10x-lr runs showed grad norms 20-35x theirs.
-    spike_window: int = opt(128, "Steps in the rolling window of the spike test (OLMo-core's default).")
-    spike_sigma: float = opt(6.0, "A loss or grad norm above mean + this many σ of the window is a spike (OLMo-core's default).")
-    spike_warmup: int = opt(64, "Values the window needs before the σ test runs (OLMo-core: max(20, window/2)).")
-    loss_spike_ratio: float = opt(2.0, "A loss above this multiple of its moving average is a spike, even before the σ test is warm.")
-    grad_spike_ratio: float = opt(10.0, "A grad norm above this multiple of its moving average is a spike (Megatron-LM's 10x).")
-    spike_ewm_span: int = opt(20, "Span in steps of the moving average behind the ratio tests.")
-
-    # Divergence: the slow climb no single step makes look like a spike. A 50-step EWM of the loss
-    # moves ~0.7% with batch noise of 5%, and its best is biased low by a few of those; 10% above
-    # it for 50 steps running is a trend, not noise. The same EWM judges repairs.
-    divergence_margin: float = opt(0.1, "The loss diverges when its moving average stays this fraction above its best.")
-    divergence_span: int = opt(50, "Span in steps of the loss moving average used for divergence and for judging repairs.")
-    divergence_patience: int = opt(50, "Steps the loss average must stay above best·(1 + margin) to count as divergence.")
-
-    # Norm growth. Measured on small GPTs (2-4 layers, 96-256 wide, 200-2000 steps): the last-block
-    # activation RMS of healthy runs rose 56-139x above its value at initialisation and then stayed
-    # (weight decay bounds it); at 10x the lr it rose 2,300-181,000x, most of it within 100 steps.
-    # Later in a run, the average doubling within a few hundred steps is what OPT-175B's logbook
-    # shows before divergences.
-    norm_init_ratio: float = opt(1000.0, "Activation or logit RMS above this multiple of its value at initialisation is a signal.")
-    norm_growth_ratio: float = opt(2.0, "Activation or logit RMS above this multiple of its long-run average is a signal.")
-    norm_fast_span: int = opt(10, "Span in steps of the recent activation/logit RMS average.")
-    norm_slow_span: int = opt(500, "Span in steps of the long-run activation/logit RMS average.")
-    norm_warmup: int = opt(500, "Steps before growth against the long-run average is judged (early training moves norms fast).")
-
-    # fp16 loss scale. PyTorch's GradScaler starts at 2^16 and halves on each overflowing step; a
-    # scale under 1 means the unscaled gradients alone overflow fp16's 65504. fairseq gives up at
-    # 1e-4, far later than needed.
-    loss_scale_floor: float = opt(1.0, "An fp16 loss scale under this is a collapse.")
-    loss_scale_halvings: int = opt(10, "This many loss-scale halvings in a row (overflowing steps, each skipped) is a collapse.")
-
-    # Throughput. Single slow steps (checkpoint writes, garbage collection) measured up to 2.4x the
-    # usual; a sustained 3x is a sick machine or a straggler. No repair inside the run fixes that.
-    slow_step_factor: float = opt(3.0, "A step taking this multiple of the median step time is slow.")
-    slow_step_patience: int = opt(20, "Slow steps in a row before the throughput collapse is logged.")
-
-    # The ladder and its budget. PaLM restarted ~100 steps before a spike and skipped 200-500
-    # batches of a 255k-step run (0.1-0.2%); small runs still skip at least a handful.
-    skip_spikes: bool = opt(True, "Rung 1: drop the update of a spiking step (non-finite updates are always dropped).")
-    repair_after_skips: int = opt(3, "Loss spikes or non-finite steps within one incident before a repair (rung 2+) is tried.")
-    rollback: bool = opt(True, "Rung 2 (and part of 3 and 4): roll back to the last good checkpoint before the trouble and skip batches.")
-    skip_fraction: float = opt(0.002, "Batches skipped after a rollback, as a fraction of max_steps (PaLM: 200-500 of 255k).")
-    skip_min: int = opt(10, "At least this many batches are skipped after a rollback.")
-    skip_max: int = opt(500, "At most this many batches are skipped after a rollback (PaLM's largest skip).")
-    lower_lr: bool = opt(True, "Rung 3: lower the learning rate and tighten clipping for the rest of the run.")
-    lr_factor: float = opt(0.5, "Rung 3 multiplies the learning rate by this (1 leaves it).")
-    clip_factor: float = opt(0.5, "Rung 3 multiplies the clip value by this (1 leaves it); with clipping off it clips at this × the typical grad norm.")
-    max_lr_cuts: int = opt(3, "Rung 3 may be repeated this many times in one incident before rung 4 (3 cuts of 0.5 = 1/8).")
-    reset_optimizer: bool = opt(True, "Rung 4: zero AdamW moments so stale statistics do not drive the repaired run.")
-    reset_moments: str = opt("exp_avg,exp_avg_sq", "AdamW moments rung 4 zeroes, comma-separated (exp_avg, exp_avg_sq).")
-    stop_on_failure: bool = opt(True, "Rung 5: stop the run with a diagnosis when repairs fail or the budget is spent (false: carry on unrepaired).")
-    max_repairs: int = opt(8, "Budget: repairs (rungs 2-4) allowed in the whole run.")
-    judge_steps: int = opt(100, "Steps past the trouble after which a skip or a repair is judged (PaLM restarted ~100 steps back).")
-    recovery_tolerance: float = opt(0.05, "A repair worked when the loss average is back under best·(1 + this), half the divergence margin.")
 
 
 def validate_config(config: SupervisorConfig) -> None:
