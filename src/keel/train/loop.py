@@ -126,6 +126,7 @@ class Trainer:
         self.timer = _Timer()
         self.pending_metrics: list[tuple[int, dict[str, float]]] = []
         self.stop_signal: str | None = None
+        self.steps_applied = 0  # optimizer steps applied by this process (rollbacks do not undo the work)
         self.act_sq = torch.zeros((), device=self.device)
         self.model.norm_f.register_forward_hook(self._record_activation)
 
@@ -133,7 +134,7 @@ class Trainer:
 
     def _record_activation(self, module, inputs, output) -> None:
         hidden = inputs[0].detach()  # (B, T, C) output of the last block
-        self.act_sq += hidden.float().square().mean()
+        self.act_sq += _mean_square(hidden)
 
     def _mirror_event(self, entry: dict) -> None:
         if self.registry is not None:
@@ -245,7 +246,7 @@ class Trainer:
                 loss = self.faults.corrupt_loss(loss, self.state.step)
                 self.scaler.scale(loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
-                logit_sq += logits.detach().float().square().mean()
+                logit_sq += _mean_square(logits.detach())
         with self.timer("optimizer"):
             self.scaler.unscale_(self.optimizer)
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -272,7 +273,7 @@ class Trainer:
                            f"trainer {'resumed' if resumed else 'started'} at step {self.state.step} "
                            f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')} (process segment {self.segment})",
                            {"segment": self.segment, "tokens": self.state.tokens})
-        start_step, start_time = self.state.step, time.perf_counter()
+        start_time = time.perf_counter()
         status, diagnosis, record, val_loss = "finished", "", None, None
         bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
@@ -292,6 +293,7 @@ class Trainer:
                 if not skip:
                     self.state.step += 1
                     self.state.tokens = record.tokens
+                    self.steps_applied += 1
                 self.pending_metrics.append((record.step, _metrics(record, skip)))
                 stop_reason = next((d for a in actions if (d := self.apply(a))), None)
                 self.faults.maybe_hang(self.state.step)
@@ -311,14 +313,14 @@ class Trainer:
                         self.save(val_loss if step % t.eval_every == 0 or step == t.max_steps else None)
                 with self.timer("logging"):
                     if len(self.pending_metrics) >= t.log_every:
-                        self.flush_metrics(start_step, start_time)
+                        self.flush_metrics(start_time)
                     if time.time() - last_beat > 0.25:
                         write_heartbeat(self.run_dir, step)
                         last_beat = time.time()
                     bar.update(step - bar.n)
                     if self.state.cursor % t.log_every == 0:
                         bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.lr:.2e}",
-                                        tok_s=f"{self._tokens_per_s(start_step, start_time):.0f}", refresh=False)
+                                        tok_s=f"{self._tokens_per_s(start_time):.0f}", refresh=False)
                 status = self._limit_reached(start_time) or status
                 if self.stop_signal or status != "finished":
                     status = "stopped" if self.stop_signal else status
@@ -326,7 +328,7 @@ class Trainer:
         bar.close()
         if _latest_step(self.run_dir) != self.state.step:
             self.save()  # a stop between checkpoints loses nothing
-        self.flush_metrics(start_step, start_time)
+        self.flush_metrics(start_time)
         seconds = time.perf_counter() - start_time
         end_reason = {"finished": f"reached train.max_steps={t.max_steps}", "time_limit": f"reached train.max_minutes={t.max_minutes}",
                       "token_limit": f"reached train.max_tokens={t.max_tokens}", "stopped": f"stopped by {self.stop_signal}",
@@ -335,13 +337,13 @@ class Trainer:
                            {"status": "stopped" if status.startswith("stopped") else "finished",
                             "tokens": self.state.tokens, "val_loss": val_loss})
         return TrainResult(status=status, steps=self.state.step, tokens=self.state.tokens, seconds=seconds,
-                           tokens_per_s=self._tokens_per_s(start_step, start_time),
+                           tokens_per_s=self._tokens_per_s(start_time),
                            final_loss=record.loss if record else float("nan"), val_loss=val_loss,
                            timings=dict(self.timer.seconds), diagnosis=diagnosis)
 
-    def _tokens_per_s(self, start_step: int, start_time: float) -> float:
+    def _tokens_per_s(self, start_time: float) -> float:
         c, t = self.config.model, self.config.train
-        done = (self.state.step - start_step) * t.batch_size * t.grad_accum * c.context_length
+        done = self.steps_applied * t.batch_size * t.grad_accum * c.context_length
         return done / max(time.perf_counter() - start_time, 1e-9)
 
     def _limit_reached(self, start_time: float) -> str | None:
@@ -352,15 +354,20 @@ class Trainer:
             return "time_limit"
         return None
 
-    def flush_metrics(self, start_step: int, start_time: float) -> None:
+    def flush_metrics(self, start_time: float) -> None:
         if self.registry is None or not self.pending_metrics:
             self.pending_metrics.clear()
             return
         self.registry.log_metrics_many(self.config.name, self.pending_metrics, segment=self.segment)
         self.registry.update_run(self.config.name, step=self.state.step, tokens=self.state.tokens,
                                  best_val_loss=self.state.best_val_loss,
-                                 tokens_per_s=self._tokens_per_s(start_step, start_time))
+                                 tokens_per_s=self._tokens_per_s(start_time))
         self.pending_metrics.clear()
+
+
+def _mean_square(x: torch.Tensor) -> torch.Tensor:
+    # vector_norm accumulates in float32 without materialising a float32 copy of the (B, T, V) logits.
+    return torch.linalg.vector_norm(x, dtype=torch.float32).square() / x.numel()
 
 
 def _metrics(record: StepRecord, skipped: bool) -> dict[str, float]:
