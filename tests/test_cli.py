@@ -123,3 +123,10 @@ def test_exact_resume_after_sigkill(tiny_data, trained, tmp_path):
     with Registry(home / "registry.sqlite") as a, Registry(reference_home / "registry.sqlite") as b:
         assert a.metrics("killed", "loss") == b.metrics("tiny", "loss")
         assert len(a.segments("killed")) == 2  # the run really was resumed
+
+
+def test_eval_refuses_data_from_another_tokenizer(trained, corpus_dir, tmp_path):
+    run_dir, home = trained
+    other = tmp_path / "other"
+    assert keel("prepare", str(corpus_dir), "--out", str(other), "--vocab-size", "300", "--val-fraction", "0.2").returncode == 0
+    assert_user_error(keel("eval", str(run_dir), "--data", str(other), env={"KEEL_HOME": str(home)}), "another tokenizer")

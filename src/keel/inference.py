@@ -77,8 +77,9 @@ def evaluate_run(run: LoadedRun, data_dir: Path | None = None, max_batches: int 
     with different tokenizers compare fairly.
     """
     data = open_data(Path(data_dir or run.config.data.path))
-    if data.vocab_size > run.config.model.vocab_size:
-        raise UserError(f"{data_dir} has a larger vocabulary ({data.vocab_size}) than the run's model; evaluate on data prepared with the run's tokenizer.")
+    if Tokenizer.from_file(str(data.path / TOKENIZER_FILE)).to_str() != run.tokenizer.to_str():
+        raise UserError(f"{data.path} was tokenized with another tokenizer than the run's; evaluate on data prepared "
+                        "with the run's tokenizer (or on the run's own data, the default).")
     tokens = data.tokens("val")
     context, batch = run.config.model.context_length, run.config.train.batch_size
     num_batches = max_batches or max(1, (len(tokens) - 1) // (context * batch))
