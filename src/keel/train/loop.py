@@ -127,6 +127,7 @@ class Trainer:
         self.pending_metrics: list[tuple[int, dict[str, float]]] = []
         self.stop_signal: str | None = None
         self.steps_applied = 0  # optimizer steps applied by this process (rollbacks do not undo the work)
+        self.start_time = time.perf_counter()
         self.act_sq = torch.zeros((), device=self.device)
         self.model.norm_f.register_forward_hook(self._record_activation)
 
@@ -160,6 +161,7 @@ class Trainer:
 
     def save(self, val_loss: float | None = None) -> None:
         write_heartbeat(self.run_dir, self.state.step)
+        self.flush_metrics()  # every step up to a checkpoint is in the registry before it exists
         train_state = {
             "loop": dataclasses.asdict(self.state),
             "optimizer": self.optimizer.state_dict(),
@@ -273,7 +275,7 @@ class Trainer:
                            f"trainer {'resumed' if resumed else 'started'} at step {self.state.step} "
                            f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')} (process segment {self.segment})",
                            {"segment": self.segment, "tokens": self.state.tokens})
-        start_time = time.perf_counter()
+        self.start_time = time.perf_counter()
         status, diagnosis, record, val_loss = "finished", "", None, None
         bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
@@ -313,23 +315,23 @@ class Trainer:
                         self.save(val_loss if step % t.eval_every == 0 or step == t.max_steps else None)
                 with self.timer("logging"):
                     if len(self.pending_metrics) >= t.log_every:
-                        self.flush_metrics(start_time)
+                        self.flush_metrics()
                     if time.time() - last_beat > 0.25:
                         write_heartbeat(self.run_dir, step)
                         last_beat = time.time()
                     bar.update(step - bar.n)
                     if self.state.cursor % t.log_every == 0:
                         bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.lr:.2e}",
-                                        tok_s=f"{self._tokens_per_s(start_time):.0f}", refresh=False)
-                status = self._limit_reached(start_time) or status
+                                        tok_s=f"{self._tokens_per_s():.0f}", refresh=False)
+                status = self._limit_reached() or status
                 if self.stop_signal or status != "finished":
                     status = "stopped" if self.stop_signal else status
                     break
         bar.close()
         if _latest_step(self.run_dir) != self.state.step:
             self.save()  # a stop between checkpoints loses nothing
-        self.flush_metrics(start_time)
-        seconds = time.perf_counter() - start_time
+        self.flush_metrics()
+        seconds = time.perf_counter() - self.start_time
         end_reason = {"finished": f"reached train.max_steps={t.max_steps}", "time_limit": f"reached train.max_minutes={t.max_minutes}",
                       "token_limit": f"reached train.max_tokens={t.max_tokens}", "stopped": f"stopped by {self.stop_signal}",
                       "stopped_by_supervisor": f"stopped by the supervisor: {diagnosis}"}[status]
@@ -337,31 +339,31 @@ class Trainer:
                            {"status": "stopped" if status.startswith("stopped") else "finished",
                             "tokens": self.state.tokens, "val_loss": val_loss})
         return TrainResult(status=status, steps=self.state.step, tokens=self.state.tokens, seconds=seconds,
-                           tokens_per_s=self._tokens_per_s(start_time),
+                           tokens_per_s=self._tokens_per_s(),
                            final_loss=record.loss if record else float("nan"), val_loss=val_loss,
                            timings=dict(self.timer.seconds), diagnosis=diagnosis)
 
-    def _tokens_per_s(self, start_time: float) -> float:
+    def _tokens_per_s(self) -> float:
         c, t = self.config.model, self.config.train
         done = self.steps_applied * t.batch_size * t.grad_accum * c.context_length
-        return done / max(time.perf_counter() - start_time, 1e-9)
+        return done / max(time.perf_counter() - self.start_time, 1e-9)
 
-    def _limit_reached(self, start_time: float) -> str | None:
+    def _limit_reached(self) -> str | None:
         t = self.config.train
         if t.max_tokens and self.state.tokens >= t.max_tokens:
             return "token_limit"
-        if t.max_minutes and time.perf_counter() - start_time >= 60 * t.max_minutes:
+        if t.max_minutes and time.perf_counter() - self.start_time >= 60 * t.max_minutes:
             return "time_limit"
         return None
 
-    def flush_metrics(self, start_time: float) -> None:
+    def flush_metrics(self) -> None:
         if self.registry is None or not self.pending_metrics:
             self.pending_metrics.clear()
             return
         self.registry.log_metrics_many(self.config.name, self.pending_metrics, segment=self.segment)
         self.registry.update_run(self.config.name, step=self.state.step, tokens=self.state.tokens,
                                  best_val_loss=self.state.best_val_loss,
-                                 tokens_per_s=self._tokens_per_s(start_time))
+                                 tokens_per_s=self._tokens_per_s())
         self.pending_metrics.clear()
 
 
