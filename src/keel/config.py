@@ -52,7 +52,7 @@ class ModelConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = opt(3e-3, "Peak learning rate.")
+    lr: float = opt(1e-3, "Peak learning rate.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
     schedule: str = opt("wsd", "Learning-rate schedule after warmup: cosine | wsd (warmup-stable-decay) | constant.")
     decay_fraction: float = opt(0.3, "Fraction of max_steps spent decaying at the end of the wsd schedule.")

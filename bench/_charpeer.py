@@ -1,0 +1,134 @@
+"""The byte-level peer of bench/quality.py: nanoGPT's recipe trained for a wall-clock budget.
+
+The text is the documents of keel's own DATA_DIR (decoded from its token shards, so both
+trainers see exactly the same train and val files), written as a byte stream with a separator
+id (256) before each document, as keel puts its end-of-text token there. The model is
+bench/_peers.py's `NanoGPT` (learned positions, LayerNorm, GELU MLP, tied embeddings) in
+float32, which is what nanoGPT runs on a CPU, trained with nanoGPT's character-level recipe for
+a model of this size (config/train_shakespeare_char.py: AdamW lr 1e-3 with cosine decay to 1e-4,
+100 warm-up steps, beta2 0.99), without its dropout: the runs here see less than one epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from _peers import NanoGPT, Shape
+from keel.data import eval_batches, open_data
+
+SEPARATOR = 256  # the id before each document; the other 256 ids are the bytes themselves
+VOCAB_SIZE = 257
+
+
+@dataclass
+class PeerRecipe:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1337
+
+
+@dataclass
+class PeerResult:
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float
+    val_loss: float  # nats per predicted byte (separators included), over the whole val split
+    bits_per_byte: float  # per byte of document text, as keel counts bytes
+    params: int
+
+
+def byte_stream(data_dir: Path, split: str) -> tuple[np.ndarray, int]:
+    """(the split as [SEPARATOR] + UTF-8 bytes per document, uint16; its number of text bytes)."""
+    data = open_data(data_dir)
+    tokens = np.asarray(data.tokens(split))
+    starts = np.flatnonzero(tokens == data.eot_id)  # every document begins with the end-of-text id
+    assert len(starts) and starts[0] == 0, "keel writes each document as [eot] + ids"
+    documents = [tokens[a + 1:b].tolist() for a, b in zip(starts, [*starts[1:], len(tokens)])]
+    texts = data.tokenizer.decode_batch(documents, skip_special_tokens=False)
+    pieces, num_bytes = [], 0
+    for text in texts:
+        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        pieces += [np.array([SEPARATOR], dtype=np.uint16), raw.astype(np.uint16)]
+        num_bytes += len(raw)
+    # The decode is exact (byte-level BPE), so the bytes are those keel counted when preparing.
+    assert num_bytes == data.manifest["splits"][split]["bytes"], (num_bytes, data.manifest["splits"][split]["bytes"])
+    return np.concatenate(pieces), num_bytes
+
+
+def lr_at(step: int, recipe: PeerRecipe, max_steps: int) -> float:
+    """nanoGPT's get_lr: linear warmup, cosine to min_lr at max_steps."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / (recipe.warmup_steps + 1)
+    progress = min(1.0, (step - recipe.warmup_steps) / max(1, max_steps - recipe.warmup_steps))
+    return recipe.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (recipe.lr - recipe.min_lr)
+
+
+def train_and_evaluate(data_dir: Path, minutes: float, shape: Shape, recipe: PeerRecipe = PeerRecipe(),
+                       log=print) -> PeerResult:
+    """Train for `minutes` of wall clock (the cosine ends when the budget does), then evaluate."""
+    train, _ = byte_stream(data_dir, "train")
+    val, val_bytes = byte_stream(data_dir, "val")
+    train_t = torch.from_numpy(train.astype(np.int64))
+    T, B = shape.context_length, shape.batch_size
+    torch.manual_seed(recipe.seed)
+    model = NanoGPT(shape)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # nanoGPT asks for fused AdamW only on CUDA, so on a CPU it runs the default (foreach) one.
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
+    budget = 60 * minutes
+    # The schedule's length is re-estimated from the measured step time (first 2 steps excluded)
+    # until warm-up ends, so the cosine reaches its floor when the budget runs out.
+    max_steps, step, loss = recipe.warmup_steps + 1, 0, torch.tensor(float("nan"))
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < budget and step < max_steps:
+        if step == 2:
+            clock_step, clock_time = step, elapsed
+        if 2 < step <= recipe.warmup_steps:
+            seconds_per_step = (elapsed - clock_time) / (step - clock_step)
+            max_steps = max(recipe.warmup_steps + 1, step + int((budget - elapsed) / seconds_per_step))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, recipe, max_steps)
+        offsets = torch.randint(len(train_t) - T - 1, (B,))  # nanoGPT samples windows with replacement
+        window = torch.stack([train_t[i:i + T + 1] for i in offsets.tolist()])  # (B, T+1)
+        x, y = window[:, :-1], window[:, 1:]
+        logits = model(x)  # (B, T, vocab)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % 100 == 0:
+            log(f"  peer step {step}/{max_steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
+    seconds = time.perf_counter() - start
+
+    # The same windows keel's evaluation uses: consecutive, from the start of the split, all of it.
+    num_batches = max(1, (len(val) - 1) // (T * B))
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in eval_batches(val, T, B, num_batches, split_name="peer val bytes"):
+            logits = model(x)
+            total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+            count += y.numel()
+    val_loss = total / count
+    # As keel does: nats per predicted position, divided by ln 2 and by the split's text bytes per position.
+    bits_per_byte = val_loss / math.log(2) / (val_bytes / len(val))
+    return PeerResult(step, step * B * T, seconds, loss.item(), val_loss, bits_per_byte,
+                      sum(p.numel() for p in model.parameters()))
