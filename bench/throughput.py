@@ -1,0 +1,237 @@
+"""Training throughput of keel against two peers, on this machine, in one run.
+
+For each model size it trains keel (its defaults: the dtype, optimizer and attention keel picks
+by itself), a plain PyTorch loop over Hugging Face LlamaForCausalLM with the same architecture
+in bf16 autocast, and a nanoGPT-style float32 loop (bench/_peers.py), all on the same token
+batches from the Python standard library. It prints tokens/s, model FLOP utilisation against the
+2048x2048 GEMM peak measured in the same run, peak memory, the split of step time between data,
+forward/backward, optimizer and logging, and the keel/peer ratios.
+
+Each measurement runs in a fresh subprocess of this script, because a process's peak RSS
+cannot be reset. Warm-up steps are excluded from tokens/s and from the time split.
+
+    python bench/throughput.py            # the real measurement, ~5-10 minutes on 2 cores
+    python bench/throughput.py --quick    # smoke run, ~1 minute
+    python bench/throughput.py --set train.compile=true   # keel with config overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from keel.config import load
+from keel.data import get_batch, open_data, prepare
+from keel.models.gpt import mlp_hidden_size
+from keel.train.loop import Trainer
+from keel.train.precision import cpu_has_bf16
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _peers import Shape, gemm_gflops, llama_peer, nanogpt_peer, train_peer  # noqa: E402
+
+CACHE = Path(__file__).parent / ".cache"
+DATA_DIR = CACHE / "python-stdlib-8192"
+VOCAB_SIZE = 8192
+PHASES = ("data", "forward_backward", "optimizer", "logging")
+IMPLS = ("keel", "llama", "nanogpt")
+
+# (n_layer, d_model, n_head, context_length, batch_size); mid has 2.3x the parameters of small.
+SIZES = {"small": (6, 384, 6, 256, 8), "mid": (8, 512, 8, 256, 8)}
+FULL = {"warmup": 5, "steps": 30, "gemm_seconds": 3.0}
+# The smoke run keeps the two architectures but halves the context and the batch.
+QUICK = {"warmup": 2, "steps": 4, "gemm_seconds": 1.0, "context_length": 128, "batch_size": 4}
+
+
+def keel_shape(size: str, quick: bool, overrides: list[str]) -> tuple[Shape, list[str]]:
+    """The Shape every implementation trains, and keel's config overrides that produce it."""
+    n_layer, d_model, n_head, context_length, batch_size = SIZES[size]
+    if quick:
+        context_length, batch_size = QUICK["context_length"], QUICK["batch_size"]
+    sets = [f"model.n_layer={n_layer}", f"model.d_model={d_model}", f"model.n_head={n_head}", f"model.n_kv_head={n_head}",
+            f"model.context_length={context_length}", f"model.vocab_size={VOCAB_SIZE}", f"train.batch_size={batch_size}",
+            f"data.path={DATA_DIR}"] + overrides
+    config = load(None, sets)
+    m, t = config.model, config.train
+    shape = Shape(m.n_layer, m.d_model, m.n_head, m.n_kv_head, mlp_hidden_size(m), m.vocab_size, m.context_length,
+                  t.batch_size * t.grad_accum)
+    return shape, sets
+
+
+# ---------------------------------------------------------------------------------------------
+# one measurement, in its own process
+
+
+def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
+    # Evaluation and checkpoints happen only at the end and are not counted; the rest is keel's defaults.
+    config = load(None, sets + [f"train.max_steps={warmup + steps}", f"train.eval_every={warmup + steps}",
+                                f"train.checkpoint_every={warmup + steps}", "train.eval_batches=1"])
+
+    class Clocked(Trainer):
+        """keel's own loop, with the clock and phase timers restarted after the warm-up steps.
+
+        The batch cursor counts the steps taken so far, so it names the first timed step.
+        """
+
+        def step(self):
+            if self.state.cursor == warmup:
+                self.timer.seconds.clear()
+                self.clock_start = time.perf_counter()
+            return super().step()
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Clocked(config, Path(run_dir), registry=None, progress=False)
+        result = trainer.run()
+        seconds = time.perf_counter() - trainer.clock_start
+    if result.status != "finished":
+        sys.exit(f"keel stopped before its last step ({result.status} {result.diagnosis}), so its figures would be wrong")
+    timings = result.timings
+    seconds -= timings.get("eval", 0.0) + timings.get("checkpoint", 0.0)
+    tokens = steps * config.train.batch_size * config.train.grad_accum * config.model.context_length
+    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "final_loss": result.final_loss,
+            "timings": {k: timings.get(k, 0.0) for k in PHASES}, "dtype": str(trainer.dtype).removeprefix("torch."),
+            "flops_per_token": trainer.model.flops_per_token(), "params": trainer.model.num_params(),
+            "compiled": config.train.compile}
+
+
+def measure_peer(impl: str, shape: Shape, sets: list[str], warmup: int, steps: int) -> dict[str, object]:
+    config = load(None, sets)
+    torch.manual_seed(config.train.seed)
+    if impl == "llama":
+        model, optimizer, autocast_dtype, flops = llama_peer(shape, config.model.rope_theta, config.model.norm_eps,
+                                                             config.model.tie_embeddings)
+    else:
+        model, optimizer, autocast_dtype, flops = nanogpt_peer(shape)
+    tokens = open_data(Path(config.data.path)).tokens("train")
+
+    def next_batch(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # keel's sampler with keel's seed: every implementation sees the same batches.
+        return get_batch(tokens, shape.context_length, shape.batch_size, config.train.seed, index)
+
+    result = train_peer(model, optimizer, autocast_dtype, next_batch, steps, warmup)
+    dtype = str(autocast_dtype or torch.float32).removeprefix("torch.")
+    return result | {"dtype": dtype, "flops_per_token": flops, "params": sum(p.numel() for p in model.parameters()),
+                     "compiled": False}
+
+
+def worker(job: dict) -> None:
+    """Run one measurement and print it as the last line of stdout, with the process's peak RSS."""
+    shape = Shape(**job["shape"])
+    if job["impl"] == "keel":
+        result = measure_keel(job["sets"], job["warmup"], job["steps"])
+    else:
+        result = measure_peer(job["impl"], shape, job["sets"], job["warmup"], job["steps"])
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    print(json.dumps(result))
+
+
+def run_job(job: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{job['impl']} / {job['size']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"native bf16: {'yes' if cpu_has_bf16() else 'no'}, load average {load}")
+
+
+def prepare_data() -> None:
+    """Tokens from the Python standard library, prepared once by keel and reused across runs."""
+    if not (DATA_DIR / "manifest.json").exists():
+        print(f"preparing {DATA_DIR} (once) ...", flush=True)
+        prepare(["builtin:python-stdlib"], DATA_DIR, vocab_size=VOCAB_SIZE, progress=False)
+
+
+def percent(part: float, whole: float) -> str:
+    return f"{100 * part / whole:5.1f}%"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: few steps, context 128, batch 4 (~1 minute)")
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated model sizes among {', '.join(SIZES)}")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated implementations among {', '.join(IMPLS)}")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default 30, quick 4)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them (default 5, quick 2)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="keel config override, e.g. train.compile=true (repeatable; model.* keys reshape the peers too)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement in a child process
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    plan = QUICK if args.quick else FULL
+    warmup = plan["warmup"] if args.warmup is None else args.warmup
+    steps = plan["steps"] if args.steps is None else args.steps
+    sizes, impls = args.sizes.split(","), args.impls.split(",")
+    if unknown := set(sizes) - set(SIZES):
+        parser.error(f"unknown size {', '.join(sorted(unknown))}; choose among {', '.join(SIZES)}")
+    if unknown := set(impls) - set(IMPLS):
+        parser.error(f"unknown implementation {', '.join(sorted(unknown))}; choose among {', '.join(IMPLS)}")
+    if steps < 1 or warmup < 0:
+        parser.error("--steps must be at least 1 and --warmup at least 0")
+
+    print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
+    print("machine:", machine())
+    prepare_data()
+    peak = {"float32": gemm_gflops(torch.float32, seconds=plan["gemm_seconds"]),
+            "bfloat16": gemm_gflops(torch.bfloat16, seconds=plan["gemm_seconds"])}
+    print(f"GEMM 2048x2048 peak: float32 {peak['float32']:.0f} GFLOP/s, bfloat16 {peak['bfloat16']:.0f} GFLOP/s")
+    print(f"{warmup} warm-up + {steps} timed steps per run; each run in its own process\n")
+
+    started = time.perf_counter()
+    results: dict[tuple[str, str], dict] = {}
+    header = (f"{'size':<6} {'impl':<8} {'shape L/d/h/T/B':<17} {'params':>7} {'dtype':<8} {'tok/s':>7} {'MFU':>6} "
+              f"{'RSS MiB':>8} {'data':>6} {'fwd/bwd':>7} {'optim':>6} {'log':>6} {'other':>6} {'loss':>6}")
+    print(header)
+    print("-" * len(header))
+    for size in sizes:
+        shape, sets = keel_shape(size, args.quick, args.overrides)
+        for impl in impls:
+            job = {"impl": impl, "size": size, "shape": dataclasses.asdict(shape), "sets": sets,
+                   "warmup": warmup, "steps": steps}
+            r = results[size, impl] = run_job(job)
+            mfu = r["flops_per_token"] * r["tokens_per_s"] / (peak[r["dtype"]] * 1e9)
+            split = [r["timings"][k] for k in PHASES]
+            name = impl + ("+c" if r["compiled"] else "")
+            print(f"{size:<6} {name:<8} {f'{shape.n_layer}/{shape.d_model}/{shape.n_head}/{shape.context_length}/{shape.batch_size}':<17} "
+                  f"{r['params'] / 1e6:6.1f}M {r['dtype']:<8} {r['tokens_per_s']:7.0f} {100 * mfu:5.1f}% "
+                  f"{r['peak_rss_mib']:8.0f} " + " ".join(f"{percent(s, r['seconds']):>6}" for s in split)
+                  + f" {percent(r['seconds'] - sum(split), r['seconds']):>6} {r['final_loss']:6.3f}", flush=True)
+    print("\nMFU = flops_per_token x tokens/s / GEMM peak of the dtype the run computes in; "
+          "'other' is step time outside the four phases (supervisor, lr schedule, bookkeeping).")
+
+    if "keel" in impls:
+        print("\nkeel against the peers (issue 4 targets for mid: >= 3.5x nanogpt, >= 1.3x llama, "
+              ">= 70% of the bf16 GEMM peak, data+logging < 3% of step time)")
+        for size in sizes:
+            keel = results[size, "keel"]
+            ratios = [f"{keel['tokens_per_s'] / results[size, peer]['tokens_per_s']:.2f}x {peer}" for peer in impls if peer != "keel"]
+            mfu_bf16 = keel["flops_per_token"] * keel["tokens_per_s"] / (peak["bfloat16"] * 1e9)
+            data_log = sum(keel["timings"][k] for k in ("data", "logging")) / keel["seconds"]
+            print(f"  {size:<6} tokens/s {', '.join(ratios) or '(no peer run)'}; {100 * mfu_bf16:.1f}% of the bf16 peak; "
+                  f"data+logging {100 * data_log:.1f}%")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+if __name__ == "__main__":
+    main()
