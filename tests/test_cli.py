@@ -50,6 +50,13 @@ def test_sample_eval_and_runs(trained):
     assert "val loss" in evaluation.stdout and "bits/byte" in evaluation.stdout
     runs = keel("runs", env=env)
     assert runs.returncode == 0 and "tiny" in runs.stdout and "finished" in runs.stdout
+    logbook = keel("logbook", str(run_dir), env=env)
+    assert logbook.returncode == 0 and "reached train.max_steps=30" in logbook.stdout and "summary" in logbook.stdout
+    report = keel("report", str(run_dir), env=env)
+    assert report.returncode == 0, report.stderr
+    page = (run_dir / "report" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Logbook" in page
+    assert "optim.lr" in keel("config").stdout
 
 
 def test_prepare_prints_a_summary(corpus_dir, tmp_path):
