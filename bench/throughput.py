@@ -12,7 +12,7 @@ cannot be reset. Warm-up steps are excluded from tokens/s and from the time spli
 
     python bench/throughput.py            # the real measurement, ~5-10 minutes on 2 cores
     python bench/throughput.py --quick    # smoke run, ~1 minute
-    python bench/throughput.py --set train.compile=true   # keel with config overrides
+    python bench/throughput.py --set train.compile=false   # keel with config overrides
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from keel.config import load
 from keel.data import get_batch, open_data, prepare
 from keel.models.gpt import mlp_hidden_size
-from keel.train.loop import Trainer
+from keel.train.loop import Trainer, should_compile
 from keel.train.precision import cpu_has_bf16
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,6 +77,10 @@ def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
     # Evaluation and checkpoints happen only at the end and are not counted; the rest is keel's defaults.
     config = load(None, sets + [f"train.max_steps={warmup + steps}", f"train.eval_every={warmup + steps}",
                                 f"train.checkpoint_every={warmup + steps}", "train.eval_batches=1"])
+    if config.train.compile == "auto":
+        # Decide as for a run of the default length, not for this short measurement (the compilation
+        # itself falls into the warm-up steps).
+        config.train.compile = should_compile(load(None).train, start_step=0)
 
     class Clocked(Trainer):
         """keel's own loop, with the clock and phase timers restarted after the warm-up steps.
@@ -102,7 +106,7 @@ def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
     return {"tokens_per_s": tokens / seconds, "seconds": seconds, "final_loss": result.final_loss,
             "timings": {k: timings.get(k, 0.0) for k in PHASES}, "dtype": str(trainer.dtype).removeprefix("torch."),
             "flops_per_token": trainer.model.flops_per_token(), "params": trainer.model.num_params(),
-            "compiled": config.train.compile}
+            "compiled": trainer.forward is not trainer.model}
 
 
 def measure_peer(impl: str, shape: Shape, sets: list[str], warmup: int, steps: int) -> dict[str, object]:
@@ -174,7 +178,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per measurement (default 30, quick 4)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default 5, quick 2)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="keel config override, e.g. train.compile=true (repeatable; model.* keys reshape the peers too)")
+                        help="keel config override, e.g. train.compile=false (repeatable; model.* keys reshape the peers too)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement in a child process
     args = parser.parse_args()
     if args.worker:

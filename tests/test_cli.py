@@ -98,6 +98,9 @@ def test_bad_train_inputs(tiny_data, trained, tmp_path):
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     config_before = (run_dir / "config.yaml").read_text()
     assert_user_error(keel(*tiny_train_args(tiny_data, run_dir, "model.d_model=128"), env=env), "model.d_model")
+    assert_user_error(keel(*tiny_train_args(tiny_data, run_dir, "optim.optimizer=muon"), env=env), "optim.optimizer=adamw")
+    assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "train.compile=maybe")), "train.compile")
+    assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.attention=flash")), "model.attention")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
     assert (run_dir / "config.yaml").read_text() == config_before
     assert_user_error(keel("sample", str(tmp_path / "norun")), "not a keel run directory")

@@ -43,6 +43,7 @@ class ModelConfig:
     vocab_size: int = opt(0, "Vocabulary size; 0 takes it from the data's tokenizer.")
     mlp_hidden: int = opt(0, "Hidden width of the SwiGLU MLP; 0 picks 8/3 d_model rounded up to a multiple of 64.")
     qk_norm: bool = opt(False, "RMSNorm on queries and keys before attention (stabilises large learning rates).")
+    attention: str = opt("auto", "Attention kernel: sdpa (PyTorch's fused scaled_dot_product_attention) | matmul (scores as a plain T x T matrix) | auto (matmul for training on a CPU at context <= 256, where it is faster, else sdpa).")
     tie_embeddings: bool = opt(True, "Share the input embedding and output projection weights.")
     rope_theta: float = opt(10000.0, "Base of the rotary position embedding frequencies.")
     norm_eps: float = opt(1e-5, "Epsilon of RMSNorm.")
@@ -50,8 +51,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """The optimizer and the learning-rate schedule."""
 
+    optimizer: str = opt("adamw", "adamw | muon: Muon (orthogonalised momentum) for the hidden weight matrices, AdamW for embeddings, lm_head and norms.")
     lr: float = opt(1e-3, "Peak learning rate.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
     schedule: str = opt("wsd", "Learning-rate schedule after warmup: cosine | wsd (warmup-stable-decay) | constant.")
@@ -81,7 +83,8 @@ class TrainConfig:
     seed: int = opt(1337, "Seed for initialisation and for the data order.")
     device: str = opt("auto", "auto | cpu | cuda (auto takes cuda when available).")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it, else fp16 on CUDA, else fp32).")
-    compile: bool = opt(False, "Compile the model with torch.compile.")
+    compile: bool | str = opt("auto", "true | false | auto: torch.compile the model (auto: when the run has at least 500 steps to go, enough to repay the compilation).")
+    activation_checkpointing: bool = opt(False, "Recompute each block's activations in the backward pass: far less memory for about a third more compute.")
 
 
 @dataclass
@@ -350,7 +353,9 @@ def validate(config: RunConfig) -> None:
     need(m.n_head % m.n_kv_head == 0, f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); pick e.g. n_kv_head={_divisor_near(m.n_head, m.n_kv_head)}.")
     need((m.d_model // m.n_head) % 2 == 0, f"the head size d_model/n_head = {m.d_model // m.n_head} must be even for rotary embeddings; change model.d_model or model.n_head.")
     need(m.vocab_size >= 0 and m.mlp_hidden >= 0, "model.vocab_size and model.mlp_hidden must be >= 0 (0 means automatic).")
+    need(m.attention in ("auto", "sdpa", "matmul"), f"model.attention must be auto, sdpa or matmul, got {m.attention!r}.")
     need(m.rope_theta > 0 and m.norm_eps > 0, "model.rope_theta and model.norm_eps must be positive.")
+    need(o.optimizer in ("adamw", "muon"), f"optim.optimizer must be adamw or muon, got {o.optimizer!r}.")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be within [0, 1], got {o.min_lr_ratio}.")
     need(o.schedule in ("cosine", "wsd", "constant"), f"optim.schedule must be cosine, wsd or constant, got {o.schedule!r}.")
@@ -363,6 +368,7 @@ def validate(config: RunConfig) -> None:
     for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every"):
         need(getattr(t, key) > 0, f"train.{key} must be a positive integer, got {getattr(t, key)}.")
     need(t.max_tokens >= 0 and t.max_minutes >= 0, "train.max_tokens and train.max_minutes must be >= 0 (0 means no limit).")
+    need(t.compile in (True, False, "auto"), f"train.compile must be true, false or auto, got {t.compile!r}.")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"train.device must be auto, cpu or cuda, got {t.device!r}.")
     from keel.supervisor.policy import validate_config as validate_supervisor  # the rules live with the policy
 

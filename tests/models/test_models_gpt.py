@@ -163,6 +163,35 @@ def test_kv_cache_greedy_equals_recomputing_everything(overrides):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-4, rtol=1e-4)  # logits are ~10 here
 
 
+@pytest.mark.parametrize("n_kv_head", [1, 4])
+def test_matmul_attention_equals_sdpa_in_loss_and_gradients(n_kv_head):
+    batch = python_bytes(3, 33)
+    results = {}
+    for kernel in ("sdpa", "matmul"):
+        torch.manual_seed(0)
+        model = GPT(tiny(attention=kernel, n_kv_head=n_kv_head, qk_norm=True))
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        results[kernel] = (loss.detach(), {name: p.grad for name, p in model.named_parameters()})
+        with torch.autocast("cpu", torch.bfloat16):  # and in the dtype training on this CPU uses
+            results[kernel + "_bf16"] = model(batch[:, :-1], batch[:, 1:])[1].detach()
+    (sdpa_loss, sdpa_grads), (matmul_loss, matmul_grads) = results["sdpa"], results["matmul"]
+    torch.testing.assert_close(matmul_loss, sdpa_loss, atol=1e-6, rtol=1e-6)
+    for name, grad in sdpa_grads.items():
+        torch.testing.assert_close(matmul_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(results["matmul_bf16"], results["sdpa_bf16"], atol=2e-2, rtol=0)
+
+
+def test_matmul_attention_is_causal():
+    torch.manual_seed(0)
+    model = GPT(tiny(attention="matmul")).eval()
+    batch = python_bytes(1, 40)
+    changed = batch.clone()
+    changed[0, 30:] = 0  # a different future must not change the logits of the past
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)[0][:, :30], model(changed)[0][:, :30])
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     torch.manual_seed(0)
     model = GPT(tiny()).eval()

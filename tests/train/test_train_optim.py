@@ -1,7 +1,13 @@
+import sysconfig
+from pathlib import Path
+
+import pytest
 import torch
 
 from keel import config as config_lib
-from keel.train.optim import build_optimizer, lr_at
+from keel.config import ModelConfig
+from keel.models.gpt import GPT
+from keel.train.optim import MUON_MOMENTUM, build_optimizer, lr_at, reset_moments
 
 
 def test_schedules_warm_up_then_end_at_the_floor():
@@ -22,3 +28,140 @@ def test_no_weight_decay_on_norms_and_embeddings():
     decay, no_decay = opt.param_groups
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+# -- Muon -------------------------------------------------------------------------------------
+
+BLOCK_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_gpt(**overrides) -> GPT:
+    torch.manual_seed(0)
+    fields = dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, context_length=32, vocab_size=256, qk_norm=True)
+    return GPT(ModelConfig(**{**fields, **overrides}))
+
+
+def optim_config(optimizer: str = "muon", lr: float = 3e-3) -> config_lib.OptimConfig:
+    return config_lib.load(None, [f"optim.optimizer={optimizer}", f"optim.lr={lr}"]).optim
+
+
+@pytest.fixture(scope="module")
+def python_bytes() -> torch.Tensor:
+    """(8, 33) windows of a stdlib source file's bytes: real text, byte-level vocabulary."""
+    data = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_bytes()
+    return torch.tensor([list(data[i * 33 : (i + 1) * 33]) for i in range(8)], dtype=torch.long)
+
+
+def train_steps(model: GPT, optimizer, batch: torch.Tensor, num_steps: int) -> list[float]:
+    losses = []
+    for _ in range(num_steps):
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_muon_gets_exactly_the_block_matrices_and_adamw_the_rest(tie):
+    model = tiny_gpt(tie_embeddings=tie)
+    opt = build_optimizer(model, optim_config())
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied weight is named once
+    (muon,), (decay, no_decay) = opt.muon.param_groups, opt.adamw.param_groups
+    assert sorted(names[id(p)] for p in muon["params"]) == sorted(
+        name for name in names.values() if name.startswith("blocks.") and name.split(".")[-2] in BLOCK_MATRICES)
+    assert len(muon["params"]) == 2 * len(BLOCK_MATRICES)
+    assert [names[id(p)] for p in decay["params"]] == ([] if tie else ["lm_head.weight"])
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n in names.values() if "norm" in n} | {"embed.weight"}
+    assert muon["weight_decay"] == decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    every = [id(p) for group in opt.param_groups for p in group["params"]]
+    assert sorted(every) == sorted(names)  # each parameter once, none missing
+    assert muon["momentum"] == MUON_MOMENTUM and muon["adjust_lr_fn"] == "match_rms_adamw"
+
+
+def test_adamw_is_one_plain_fused_adamw():
+    opt = build_optimizer(tiny_gpt(), optim_config("adamw"))
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"]
+    decay, no_decay = opt.param_groups
+    assert len(decay["params"]) == 2 * len(BLOCK_MATRICES) and no_decay["weight_decay"] == 0.0
+
+
+def test_muon_lowers_the_loss(python_bytes):
+    model = tiny_gpt()
+    losses = train_steps(model, build_optimizer(model, optim_config()), python_bytes, 15)
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_param_groups_carry_the_lr_the_loop_sets_to_both_optimizers(python_bytes):
+    model = tiny_gpt()
+    opt = build_optimizer(model, optim_config())
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    train_steps(model, opt, python_bytes, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # lr 0 moved nothing
+
+
+def test_state_dict_round_trip_continues_bit_identically(python_bytes, tmp_path):
+    model = tiny_gpt()
+    opt = build_optimizer(model, optim_config())
+    train_steps(model, opt, python_bytes, 3)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "state.pt")
+
+    resumed = tiny_gpt()
+    resumed_opt = build_optimizer(resumed, optim_config())
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["optimizer"])
+    train_steps(model, opt, python_bytes, 3)
+    train_steps(resumed, resumed_opt, python_bytes, 3)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_reset_moments_zeroes_muons_momentum_with_exp_avg_only(python_bytes):
+    model = tiny_gpt()
+    opt = build_optimizer(model, optim_config())
+    train_steps(model, opt, python_bytes, 2)
+    muon_states, adamw_states = list(opt.muon.state.values()), list(opt.adamw.state.values())
+    reset_moments(opt, ["exp_avg_sq"])
+    assert all(s["momentum_buffer"].abs().sum() > 0 for s in muon_states)
+    assert all(not s["exp_avg_sq"].any() and s["exp_avg"].abs().sum() > 0 for s in adamw_states)
+    reset_moments(opt, ["exp_avg"])
+    assert all(not s["momentum_buffer"].any() for s in muon_states)
+    assert all(not s["exp_avg"].any() and s["step"] == 2 for s in adamw_states)  # AdamW keeps its step count
+    train_steps(model, opt, python_bytes, 1)
+    assert all(s["momentum_buffer"].abs().sum() > 0 for s in muon_states)  # and it builds up again
+
+
+def test_reset_moments_on_plain_adamw(python_bytes):
+    model = tiny_gpt()
+    opt = build_optimizer(model, optim_config("adamw"))
+    train_steps(model, opt, python_bytes, 1)
+    reset_moments(opt, ["exp_avg", "exp_avg_sq"])
+    assert all(not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in opt.state.values())
+
+
+def test_grad_scaler_unscales_steps_and_skips_non_finite_updates(python_bytes):
+    # GradScaler runs only for fp16 on CUDA in keel; its logic is the same on the CPU.
+    def scaled_step(model, opt, scaler, corrupt=False):
+        _, loss = model(python_bytes[:, :-1], python_bytes[:, 1:])
+        scaler.scale(loss).backward()
+        if corrupt:
+            model.blocks[0].mlp.up_proj.weight.grad[0, 0] = float("inf")
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    plain, scaled = tiny_gpt(), tiny_gpt()
+    train_steps(plain, build_optimizer(plain, optim_config()), python_bytes, 1)
+    opt, scaler = build_optimizer(scaled, optim_config()), torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled_step(scaled, opt, scaler)
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(a, b)  # a power-of-two scale divides out exactly
+    before = [p.detach().clone() for p in scaled.parameters()]
+    scaled_step(scaled, opt, scaler, corrupt=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, scaled.parameters()))  # neither part stepped
+    assert scaler.get_scale() == 2.0**9

@@ -60,6 +60,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+# Up to this context, CPU training is faster with the scores as a plain matrix than with SDPA's CPU
+# flash kernel (measured on a 2-core AVX-512 CPU in bf16, forward+backward: 2x at T=128,
+# equal at T=256 alone but faster inside the model, flash ahead from T=512; see README, Speed).
+MATMUL_ATTENTION_MAX_CONTEXT = 256
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(hs)) v over q, k, v (B, nh, T, hs), scores materialised, softmax in float32.
+
+    k and v have as many heads as q here (the caller repeats shared key/value heads).
+    """
+    B, n_head, T, head_dim = q.shape
+    causal = torch.full((T, T), float("-inf"), device=q.device).triu(1).to(q.dtype)  # (T, T), -inf above the diagonal
+    # baddbmm adds the mask inside the matmul instead of in a second pass over the scores; under
+    # torch.compile it also stays a matmul rather than being rewritten into the flash kernel.
+    scores = torch.baddbmm(causal.expand(B * n_head, T, T), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                           alpha=1.0 / math.sqrt(head_dim))  # (B*nh, T, T)
+    weights = scores.float().softmax(dim=-1).to(v.dtype)  # float32 softmax: bf16 sums of T terms lose too much
+    return (weights @ v.flatten(0, 1)).view(B, n_head, T, head_dim)
+
+
 class KVCache:
     """Keys and values of one attention layer, preallocated for incremental decoding."""
 
@@ -96,6 +117,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.d_model, bias=False)
+        self.kernel = config.attention
         # QK-norm bounds the attention logits, which otherwise grow and saturate the softmax at high lr.
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
@@ -112,13 +134,22 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_norm(k.float()), cos, sin).to(v.dtype)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, S, hs), S = cached positions including these T
-        # One new token attends to everything cached, so the mask is needed only when T > 1.
-        # enable_gqa lets SDPA share each k/v head among n_head/n_kv_head query heads without copying
-        # them. On CPU (torch 2.13, bf16) attention alone ran ~13% faster than with repeat_interleave;
-        # the whole forward+backward was the same within noise.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+        if cache is None and self._use_matmul(x.device, T):
+            if self.n_kv_head != self.n_head:  # give every query head its own copy of its shared k/v head
+                k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
+            y = matmul_attention(q, k, v)  # (B, nh, T, hs)
+        else:
+            # One new token attends to everything cached, so the mask is needed only when T > 1.
+            # enable_gqa lets SDPA share each k/v head among n_head/n_kv_head query heads without copying
+            # them. On CPU (torch 2.13, bf16) attention alone ran ~13% faster than with repeat_interleave.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.o_proj(y)
+
+    def _use_matmul(self, device: torch.device, T: int) -> bool:
+        if self.kernel == "auto":
+            return device.type == "cpu" and T <= MATMUL_ATTENTION_MAX_CONTEXT
+        return self.kernel == "matmul"
 
 
 class MLP(nn.Module):

@@ -33,8 +33,8 @@ def has_checkpoints(run_dir: Path) -> bool:
 def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
     """Resolve the config against its data, refuse an incompatible resume, write config + tokenizer.
 
-    Returns the resolved config (name and vocab size filled in). Only the model shape must match
-    an existing run: changing e.g. train.max_steps to extend a run is allowed.
+    Returns the resolved config (name and vocab size filled in). Only the model shape and the optimizer must
+    match an existing run: changing e.g. train.max_steps to extend a run is allowed.
     """
     data = open_data(Path(config.data.path))
     model = config.model
@@ -50,15 +50,21 @@ def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
 
     if (run_dir / CONFIG_FILE).exists() and has_checkpoints(run_dir):
         previous = load_run_config(run_dir)
+        # The attention kernel computes the same function, so it may change; the shape may not.
         changed = [
             f"model.{key} {old!r} -> {new!r}"
             for key, old in dataclasses.asdict(previous.model).items()
-            if (new := getattr(resolved.model, key)) != old
+            if key != "attention" and (new := getattr(resolved.model, key)) != old
         ]
         if changed:
             raise UserError(
                 f"{run_dir} holds checkpoints of a model with a different shape ({', '.join(changed)}); "
                 "use a new --run-dir or restore the run's model settings."
+            )
+        if resolved.optim.optimizer != previous.optim.optimizer:  # its saved state would not fit
+            raise UserError(
+                f"{run_dir} was trained with optim.optimizer={previous.optim.optimizer}, not {resolved.optim.optimizer}; "
+                "resume it with the same optimizer or use a new --run-dir."
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{CONFIG_FILE}.tmp"

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from keel.config import RunConfig
+from keel.config import RunConfig, TrainConfig
 from keel.data import eval_batches, get_batch, open_data
 from keel.models.gpt import GPT
+from keel.models.memory import apply_activation_checkpointing
 from keel.runs.registry import Registry
 from keel.runs.rundir import LOGBOOK_FILE
 from keel.supervisor.logbook import Logbook
@@ -31,7 +32,7 @@ from keel.supervisor.policy import Action, Supervisor
 from keel.supervisor.watchdog import HEARTBEAT_FILE
 from keel.train import checkpoint as ckpt
 from keel.train.faults import Faults
-from keel.train.optim import build_optimizer, lr_at
+from keel.train.optim import build_optimizer, lr_at, reset_moments
 from keel.train.precision import autocast, grad_scaler, pick_device, pick_dtype
 
 
@@ -111,7 +112,11 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = GPT(config.model).to(self.device)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.forward = self.model  # the same module compiled or not: parameters, hooks and checkpoints are shared
+        if should_compile(t, _latest_step(self.run_dir) or 0):
+            self.forward = torch.compile(self.model)
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scaler = grad_scaler(self.device, self.dtype)
         self.state = LoopState(grad_clip=config.optim.grad_clip)
@@ -205,10 +210,7 @@ class Trainer:
         elif action.kind == "set_clip":
             self.state.grad_clip = action.params["value"]
         elif action.kind == "reset_optimizer":
-            for param_state in self.optimizer.state.values():
-                for name in action.params["moments"]:
-                    if name in param_state:
-                        param_state[name].zero_()
+            reset_moments(self.optimizer, action.params["moments"])
         elif action.kind == "rollback":
             trouble_cursor, keep = self.state.cursor, (self.state.lr_scale, self.state.grad_clip)
             supervisor_state = self.supervisor.state_dict()
@@ -226,7 +228,7 @@ class Trainer:
     def _reinitialise(self) -> None:
         torch.manual_seed(self.config.train.seed)
         self.model.init_weights()
-        self.optimizer.state.clear()
+        self.optimizer = build_optimizer(self.model, self.config.optim)  # fresh state, as at step 0
         self.state = LoopState(grad_clip=self.config.optim.grad_clip)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -365,6 +367,18 @@ class Trainer:
                                  best_val_loss=self.state.best_val_loss,
                                  tokens_per_s=self._tokens_per_s())
         self.pending_metrics.clear()
+
+
+# Compiling the model takes ~40 s on a 2-core CPU (~4 s from the warm cache) and made a step ~9%
+# faster, so it pays for itself after a few hundred steps.
+COMPILE_MIN_STEPS = 500
+
+
+def should_compile(train: TrainConfig, start_step: int) -> bool:
+    """train.compile, with auto deciding by the steps still to run."""
+    if train.compile == "auto":
+        return train.max_steps - start_step >= COMPILE_MIN_STEPS
+    return bool(train.compile)
 
 
 def _mean_square(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""The trainer's build-time choices: compilation and activation checkpointing."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from keel import config as config_lib
+from keel.runs.rundir import init_run_dir
+from keel.train.loop import COMPILE_MIN_STEPS, Trainer, should_compile, train
+
+from conftest import TINY
+
+
+def run(data: Path, run_dir: Path, *extra: str):
+    config = init_run_dir(config_lib.load(None, [f"data.path={data}", *TINY, *extra]), run_dir)
+    return train(config, run_dir, registry=None, progress=False)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    latest = max(run_dir.glob("checkpoints/step_*"))
+    return load_file(latest / "model.safetensors")
+
+
+def test_compile_auto_waits_for_a_run_long_enough_to_repay_it():
+    train_config = config_lib.load(None).train
+    assert train_config.compile == "auto"
+    train_config.max_steps = COMPILE_MIN_STEPS
+    assert should_compile(train_config, start_step=0)
+    assert not should_compile(train_config, start_step=1)  # a resume near the end is not worth compiling for
+    train_config.max_steps = 20
+    assert not should_compile(train_config, 0)
+    train_config.compile = True
+    assert should_compile(train_config, 0)
+    train_config.compile = False
+    train_config.max_steps = 10 * COMPILE_MIN_STEPS
+    assert not should_compile(train_config, 0)
+
+
+def test_activation_checkpointing_trains_the_same_model(tiny_data, tmp_path):
+    plain = run(tiny_data, tmp_path / "plain", "train.max_steps=12")
+    recomputed = run(tiny_data, tmp_path / "recomputed", "train.max_steps=12", "train.activation_checkpointing=true")
+    assert recomputed.steps == plain.steps == 12
+    assert recomputed.final_loss == plain.final_loss
+    for name, weight in final_weights(tmp_path / "plain").items():
+        torch.testing.assert_close(final_weights(tmp_path / "recomputed")[name], weight, atol=0, rtol=0, msg=name)
+
+
+def test_activation_checkpointing_keeps_far_fewer_activations(tiny_data, tmp_path):
+    saved_bytes = {}
+    for setting in ("false", "true"):
+        config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, "model.n_layer=4",
+                                        f"train.activation_checkpointing={setting}"])
+        trainer = Trainer(init_run_dir(config, tmp_path / setting), tmp_path / setting, registry=None, progress=False)
+        x, y = trainer._batch(0)
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            trainer.forward(x, y)
+        saved_bytes[setting] = total
+    # what is kept for backward: everything in every block, or only each block's input (+ the head)
+    assert saved_bytes["true"] < 0.5 * saved_bytes["false"]
+
+
+def test_compiled_step_matches_eager_and_still_feeds_the_supervisor(tiny_data, tmp_path):
+    records = {}
+    for setting in ("false", "true"):
+        config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, f"train.compile={setting}"])
+        trainer = Trainer(init_run_dir(config, tmp_path / setting), tmp_path / setting, registry=None, progress=False)
+        assert (trainer.forward is trainer.model) == (setting == "false")
+        records[setting] = trainer.step()
+    eager, compiled = records["false"], records["true"]
+    assert compiled.loss == pytest.approx(eager.loss, rel=1e-4)
+    assert compiled.grad_norm == pytest.approx(eager.grad_norm, rel=1e-3)
+    # the activation monitor reads a forward hook, which must survive compilation
+    assert compiled.act_norm == pytest.approx(eager.act_norm, rel=1e-4) and eager.act_norm > 0
