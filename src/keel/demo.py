@@ -13,7 +13,7 @@ from keel.errors import UserError
 from keel.inference import evaluate_run, load_run, sample
 from keel.runs.rundir import init_run_dir
 from keel.train.launch import launch
-from keel.train.loop import train
+from keel.train.loop import Trainer, should_compile
 
 PROMPTS = ["import os\n\n\ndef ", "class Parser:\n    def __init__(self", "    for i in range("]
 
@@ -30,18 +30,43 @@ def ensure_data(data_dir: Path, vocab_size: int = 8192) -> None:
           f"{splits['train']['tokens']:,} / {splits['val']['tokens']:,} tokens in {data_dir}")
 
 
-def steps_for_budget(config: config_lib.RunConfig, minutes: float) -> int:
-    """Time a few real training steps and size the run (and so its lr schedule) to the budget."""
+# The first steps of a process are slow (allocation, and compilation when it is on): not timed.
+WARMUP_STEPS = 3
+
+
+class _Calibration(Trainer):
+    """The real training loop, its phase timers restarted once the warm-up steps are done."""
+
+    def step(self):
+        if self.state.cursor == WARMUP_STEPS:
+            self.timer.seconds.clear()
+        return super().step()
+
+
+def _seconds_per_step(config: config_lib.RunConfig, compiled: bool) -> float:
     probe = dataclasses.replace(config, name="demo-calibration", train=dataclasses.replace(
-        config.train, max_steps=8, eval_every=10_000, checkpoint_every=10_000))
+        config.train, max_steps=WARMUP_STEPS + 5, eval_every=10_000, checkpoint_every=10_000, compile=compiled))
     with tempfile.TemporaryDirectory() as tmp:
-        probe = init_run_dir(probe, Path(tmp))
-        result = train(probe, Path(tmp), registry=None, progress=False)
+        result = _Calibration(init_run_dir(probe, Path(tmp)), Path(tmp), registry=None, progress=False).run()
     # Only the step itself: the probe's closing evaluation and checkpoint say nothing about step time.
     step_phases = ("data", "forward_backward", "optimizer", "logging")
-    seconds_per_step = sum(result.timings.get(phase, 0.0) for phase in step_phases) / result.steps
-    # Evaluation, checkpoints and start-up take about a tenth of a run at the demo's settings.
-    return max(20, int(0.9 * 60 * minutes / seconds_per_step))
+    return sum(result.timings.get(phase, 0.0) for phase in step_phases) / (result.steps - WARMUP_STEPS)
+
+
+def steps_for_budget(config: config_lib.RunConfig, minutes: float) -> int:
+    """Time a few real training steps and size the run (and so its lr schedule) to the budget.
+
+    The probe runs the way the real run will: compiled when train.compile=auto will compile a run
+    of the resulting length (its compilation also warms the cache the real run then reads).
+    """
+    def fit(compiled: bool) -> int:
+        # Evaluation, checkpoints and start-up take about a tenth of a run at the demo's settings.
+        return max(20, int(0.9 * 60 * minutes / _seconds_per_step(config, compiled)))
+
+    steps = fit(compiled=config.train.compile in (True, "auto"))
+    if config.train.compile == "auto" and not should_compile(dataclasses.replace(config.train, max_steps=steps), 0):
+        steps = fit(compiled=False)  # too short a run to compile after all
+    return steps
 
 
 def run_demo(minutes: float, data_dir: Path = Path("data/python-stdlib"), runs_dir: Path = Path("runs")) -> Path:

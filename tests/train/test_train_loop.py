@@ -79,5 +79,6 @@ def test_compiled_step_matches_eager_and_still_feeds_the_supervisor(tiny_data, t
     eager, compiled = records["false"], records["true"]
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-4)
     assert compiled.grad_norm == pytest.approx(eager.grad_norm, rel=1e-3)
-    # the activation monitor reads a forward hook, which must survive compilation
+    # the activation and logit monitors read forward hooks, which must survive compilation
     assert compiled.act_norm == pytest.approx(eager.act_norm, rel=1e-4) and eager.act_norm > 0
+    assert compiled.logit_norm == pytest.approx(eager.logit_norm, rel=1e-4) and eager.logit_norm > 0
