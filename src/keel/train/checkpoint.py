@@ -15,7 +15,6 @@ checkpoints for a run (rank 0 under torchrun).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from keel.data.shards import sha256_file
 from keel.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -75,7 +75,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
             raise AssertionError(f"train_state must hold only tensors, dicts, lists, tuples and plain Python scalars (no numpy values or objects): {err}") from None
         meta = {**meta, "step": step, "keel_version": _keel_version(), "saved_at": time.time()}
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        manifest = {"files": {name: {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size} for name in CHECKSUMMED}}
+        manifest = {"files": {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size} for name in CHECKSUMMED}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for name in (*CHECKSUMMED, MANIFEST):
             _fsync(tmp / name)
@@ -129,7 +129,7 @@ def verify_checkpoint(path: Path) -> str | None:
                 return f"{name} truncated ({size} of {expected} bytes)"
             if size != expected:
                 return f"{name} size mismatch ({size} bytes, manifest says {expected})"
-            if _sha256(file) != entry["sha256"]:
+            if sha256_file(file) != entry["sha256"]:
                 return f"{name} sha256 mismatch"
     except FileNotFoundError:
         return f"{MANIFEST} missing"
@@ -228,14 +228,6 @@ def _val_loss(path: Path) -> float | None:
     if isinstance(loss, (int, float)) and math.isfinite(loss):
         return float(loss)
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
