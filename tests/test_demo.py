@@ -24,11 +24,11 @@ def test_calibration_compiles_only_when_the_run_will(monkeypatch):
 
     monkeypatch.setattr(demo, "_seconds_per_step", fake_seconds)
     config = config_lib.load(None)
-    long_minutes = 2 * COMPILE_MIN_STEPS * 0.1 / (0.9 * 60)
+    long_minutes = 2 * COMPILE_MIN_STEPS * 0.1 / (demo.STEP_SHARE * 60)
     assert demo.steps_for_budget(config, long_minutes) == int(2 * COMPILE_MIN_STEPS) and probes == [True]
     probes.clear()
     # compiled, it would fit 300 steps: too few to compile, so the run is eager and timed eager
-    assert demo.steps_for_budget(config, 300 * 0.1 / (0.9 * 60)) == 150 and probes == [True, False]
+    assert demo.steps_for_budget(config, 300 * 0.1 / (demo.STEP_SHARE * 60)) == 150 and probes == [True, False]
     probes.clear()
     eager = config_lib.load(None, ["train.compile=false"])
-    assert demo.steps_for_budget(eager, 1.0) == int(0.9 * 60 / 0.2) and probes == [False]
+    assert demo.steps_for_budget(eager, 1.0) == int(demo.STEP_SHARE * 60 / 0.2) and probes == [False]
