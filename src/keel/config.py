@@ -43,7 +43,7 @@ class ModelConfig:
     vocab_size: int = opt(0, "Vocabulary size; 0 takes it from the data's tokenizer.")
     mlp_hidden: int = opt(0, "Hidden width of the SwiGLU MLP; 0 picks 8/3 d_model rounded up to a multiple of 64.")
     qk_norm: bool = opt(False, "RMSNorm on queries and keys before attention (stabilises large learning rates).")
-    attention: str = opt("auto", "Attention kernel: sdpa (PyTorch's fused scaled_dot_product_attention) | matmul (scores as a plain T x T matrix) | auto (matmul for training on a CPU at context <= 256, where it is faster, else sdpa).")
+    attention: str = opt("auto", "Attention kernel: sdpa (PyTorch's fused scaled_dot_product_attention) | matmul (scores as a plain T x T matrix) | auto (matmul on a CPU up to context 512, where it is faster, else sdpa).")
     tie_embeddings: bool = opt(True, "Share the input embedding and output projection weights.")
     rope_theta: float = opt(10000.0, "Base of the rotary position embedding frequencies.")
     norm_eps: float = opt(1e-5, "Epsilon of RMSNorm.")
