@@ -1,4 +1,5 @@
 import math
+import multiprocessing
 import subprocess
 import sys
 import textwrap
@@ -107,6 +108,25 @@ def test_two_processes_write_concurrently(tmp_path, monkeypatch):
             assert len(reg.metrics(name)["loss"]) == 300
             assert len(reg.events(name)) == 30
             assert reg.get_run(name)["status"] == "finished" and reg.get_run(name)["step"] == 290
+
+
+def _open_together(path, barrier) -> str | None:
+    barrier.wait()  # both processes create the same new registry file at the same moment
+    try:
+        Registry(path).close()
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def test_a_new_registry_opened_by_two_processes_at_once_never_reports_locked(tmp_path):
+    # Switching a fresh file to WAL is where SQLite says "database is locked" without waiting.
+    context = multiprocessing.get_context("fork")
+    with context.Pool(2) as pool, context.Manager() as manager:
+        for attempt in range(15):
+            barrier = manager.Barrier(2)
+            path = tmp_path / f"{attempt}" / "registry.sqlite"
+            assert pool.starmap(_open_together, [(path, barrier)] * 2) == [None, None]
 
 
 def test_runs_table_is_aligned_and_readable(registry, tmp_path):

@@ -85,7 +85,7 @@ class Registry:
             self._db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
-            self._db.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal()
             self._db.execute("PRAGMA synchronous = NORMAL")  # durable at each checkpoint of the WAL; safe in WAL mode
             with self._write() as db:  # executescript would commit early; run the statements in one transaction
                 for statement in _SCHEMA.split(";"):
@@ -96,6 +96,20 @@ class Registry:
                 f"the run registry {self.path} cannot be opened ({err}); if it is corrupt, move it aside "
                 "(keel starts a fresh one and run directories are untouched), or set KEEL_HOME to a writable directory."
             ) from None
+
+    def _enable_wal(self) -> None:
+        # Switching a new file to WAL needs an exclusive lock, and SQLite reports "database is
+        # locked" at once rather than waiting out busy_timeout when another process (a trainer and
+        # its watchdog starting together) holds it; wait here instead.
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def close(self) -> None:
         self._db.close()
