@@ -36,7 +36,7 @@ from keel.config import load
 from keel.data import get_batch, open_data, prepare
 from keel.models.gpt import mlp_hidden_size
 from keel.train.loop import Trainer, should_compile
-from keel.train.precision import cpu_has_bf16
+from keel.train.precision import cpu_has_bf16, pick_device
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _peers import Shape, gemm_gflops, llama_peer, nanogpt_peer, train_peer  # noqa: E402
@@ -80,7 +80,7 @@ def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
     if config.train.compile == "auto":
         # Decide as for a run of the default length, not for this short measurement (the compilation
         # itself falls into the warm-up steps).
-        config.train.compile = should_compile(load(None).train, start_step=0)
+        config.train.compile = should_compile(load(None).train, 0, pick_device(config.train.device))
 
     class Clocked(Trainer):
         """keel's own loop, with the clock and phase timers restarted after the warm-up steps.

@@ -13,7 +13,8 @@ from keel.errors import UserError
 from keel.inference import evaluate_run, load_run, sample
 from keel.runs.rundir import init_run_dir
 from keel.train.launch import launch
-from keel.train.loop import Trainer, should_compile
+from keel.train.loop import Trainer, can_compile, should_compile
+from keel.train.precision import pick_device
 
 PROMPTS = ["import os\n\n\ndef ", "class Parser:\n    def __init__(self", "    for i in range("]
 
@@ -66,8 +67,9 @@ def steps_for_budget(config: config_lib.RunConfig, minutes: float) -> int:
     def fit(compiled: bool) -> int:
         return max(20, int(STEP_SHARE * 60 * minutes / _seconds_per_step(config, compiled)))
 
-    steps = fit(compiled=config.train.compile in (True, "auto"))
-    if config.train.compile == "auto" and not should_compile(dataclasses.replace(config.train, max_steps=steps), 0):
+    device = pick_device(config.train.device)
+    steps = fit(compiled=config.train.compile is True or (config.train.compile == "auto" and can_compile(device)))
+    if config.train.compile == "auto" and not should_compile(dataclasses.replace(config.train, max_steps=steps), 0, device):
         steps = fit(compiled=False)  # too short a run to compile after all
     return steps
 

@@ -7,7 +7,7 @@ import torch
 
 from keel import config as config_lib
 from keel.runs.rundir import init_run_dir
-from keel.train.loop import COMPILE_MIN_STEPS, Trainer, should_compile, train
+from keel.train.loop import COMPILE_MIN_STEPS, Trainer, can_compile, should_compile, train
 
 from conftest import TINY
 
@@ -25,18 +25,29 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_compile_auto_waits_for_a_run_long_enough_to_repay_it():
+    cpu = torch.device("cpu")
     train_config = config_lib.load(None).train
     assert train_config.compile == "auto"
     train_config.max_steps = COMPILE_MIN_STEPS
-    assert should_compile(train_config, start_step=0)
-    assert not should_compile(train_config, start_step=1)  # a resume near the end is not worth compiling for
+    assert should_compile(train_config, 0, cpu)
+    assert not should_compile(train_config, 1, cpu)  # a resume near the end is not worth compiling for
     train_config.max_steps = 20
-    assert not should_compile(train_config, 0)
+    assert not should_compile(train_config, 0, cpu)
     train_config.compile = True
-    assert should_compile(train_config, 0)
+    assert should_compile(train_config, 0, cpu)
     train_config.compile = False
     train_config.max_steps = 10 * COMPILE_MIN_STEPS
-    assert not should_compile(train_config, 0)
+    assert not should_compile(train_config, 0, cpu)
+
+
+def test_compile_auto_stays_eager_on_a_cpu_without_a_cxx_compiler(monkeypatch):
+    train_config = config_lib.load(None, [f"train.max_steps={2 * COMPILE_MIN_STEPS}"]).train
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "")  # no g++, c++ or clang++ to be found
+    assert not should_compile(train_config, 0, torch.device("cpu"))
+    assert should_compile(train_config, 0, torch.device("cuda"))  # Triton, not a C++ compiler
+    train_config.compile = True  # asked for explicitly: the user gets torch's own error
+    assert should_compile(train_config, 0, torch.device("cpu"))
 
 
 def test_activation_checkpointing_trains_the_same_model(tiny_data, tmp_path):
@@ -69,6 +80,7 @@ def test_activation_checkpointing_keeps_far_fewer_activations(tiny_data, tmp_pat
     assert saved_bytes["true"] < 0.5 * saved_bytes["false"]
 
 
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler on a CPU")
 def test_compiled_step_matches_eager_and_still_feeds_the_supervisor(tiny_data, tmp_path):
     records = {}
     for setting in ("false", "true"):

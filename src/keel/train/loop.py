@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -115,7 +116,7 @@ class Trainer:
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         self.forward = self.model  # the same module compiled or not: parameters, hooks and checkpoints are shared
-        if should_compile(t, _latest_step(self.run_dir) or 0):
+        if should_compile(t, _latest_step(self.run_dir) or 0, self.device):
             self.forward = torch.compile(self.model)
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scaler = grad_scaler(self.device, self.dtype)
@@ -282,7 +283,8 @@ class Trainer:
             self.save()  # step 0: rollbacks always have somewhere to go
         self.logbook.write(self.state.step, "info", "run_start",
                            f"trainer {'resumed' if resumed else 'started'} at step {self.state.step} "
-                           f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')} (process segment {self.segment})",
+                           f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')}"
+                           f"{', compiled' if self.forward is not self.model else ''} (process segment {self.segment})",
                            {"segment": self.segment, "tokens": self.state.tokens})
         self.start_time = time.perf_counter()
         status, diagnosis, record, val_loss = "finished", "", None, None
@@ -381,11 +383,18 @@ class Trainer:
 COMPILE_MIN_STEPS = 500
 
 
-def should_compile(train: TrainConfig, start_step: int) -> bool:
-    """train.compile, with auto deciding by the steps still to run."""
+def should_compile(train: TrainConfig, start_step: int, device: torch.device) -> bool:
+    """train.compile, with auto deciding by the steps still to run and by what the machine has."""
     if train.compile == "auto":
-        return train.max_steps - start_step >= COMPILE_MIN_STEPS
+        return train.max_steps - start_step >= COMPILE_MIN_STEPS and can_compile(device)
     return bool(train.compile)
+
+
+def can_compile(device: torch.device) -> bool:
+    """torch.compile generates C++ for CPUs, so it needs a compiler there; CUDA builds bring Triton."""
+    if device.type != "cpu":
+        return True
+    return any(shutil.which(name) for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name)
 
 
 def _mean_square(x: torch.Tensor) -> torch.Tensor:
