@@ -23,7 +23,7 @@ def test_calibration_compiles_only_when_the_run_will(monkeypatch):
         return 0.1 if compiled else 0.2
 
     monkeypatch.setattr(demo, "_seconds_per_step", fake_seconds)
-    monkeypatch.setattr(demo, "can_compile", lambda device: True)
+    monkeypatch.setattr("keel.train.loop.can_compile", lambda device: True)
     config = config_lib.load(None)
     long_minutes = 2 * COMPILE_MIN_STEPS * 0.1 / (demo.STEP_SHARE * 60)
     assert demo.steps_for_budget(config, long_minutes) == int(2 * COMPILE_MIN_STEPS) and probes == [True]

@@ -13,7 +13,7 @@ from keel.errors import UserError
 from keel.inference import evaluate_run, load_run, sample
 from keel.runs.rundir import init_run_dir
 from keel.train.launch import launch
-from keel.train.loop import Trainer, can_compile, should_compile
+from keel.train.loop import COMPILE_MIN_STEPS, Trainer, should_compile
 from keel.train.precision import pick_device
 
 PROMPTS = ["import os\n\n\ndef ", "class Parser:\n    def __init__(self", "    for i in range("]
@@ -67,9 +67,12 @@ def steps_for_budget(config: config_lib.RunConfig, minutes: float) -> int:
     def fit(compiled: bool) -> int:
         return max(20, int(STEP_SHARE * 60 * minutes / _seconds_per_step(config, compiled)))
 
-    device = pick_device(config.train.device)
-    steps = fit(compiled=config.train.compile is True or (config.train.compile == "auto" and can_compile(device)))
-    if config.train.compile == "auto" and not should_compile(dataclasses.replace(config.train, max_steps=steps), 0, device):
+    def compiles(max_steps: int) -> bool:
+        return should_compile(dataclasses.replace(config.train, max_steps=max_steps), 0, pick_device(config.train.device))
+
+    compiled = compiles(COMPILE_MIN_STEPS)  # first guess: the run will be long enough
+    steps = fit(compiled)
+    if compiled and not compiles(steps):
         steps = fit(compiled=False)  # too short a run to compile after all
     return steps
 
