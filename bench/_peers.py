@@ -203,7 +203,7 @@ def train_peer(
     """Train for warmup + steps steps; tokens/s and the phase split cover only the last `steps`."""
     model.train()
     timings = dict.fromkeys(("data", "forward_backward", "optimizer", "logging"), 0.0)
-    tokens, loss = 0, None
+    tokens, loss, step_seconds = 0, None, []
     for step in range(warmup + steps):
         if step == warmup:  # the clock starts after warm-up
             timings = dict.fromkeys(timings, 0.0)
@@ -225,7 +225,10 @@ def train_peer(
             loss.item()  # what a progress line costs: one host read of the loss
         t4 = time.perf_counter()
         tokens += x.numel()
+        if step >= warmup:
+            step_seconds.append(t4 - t0)
         for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             timings[key] += seconds
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "steps": steps, "final_loss": loss.item(), "timings": timings}
+    return {"tokens_per_s": tokens / seconds, "tokens_per_step": x.numel(), "step_seconds": step_seconds, "seconds": seconds,
+            "steps": steps, "final_loss": loss.item(), "timings": timings}

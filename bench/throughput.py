@@ -3,9 +3,10 @@
 For each model size it trains keel (its defaults: the dtype, optimizer and attention keel picks
 by itself), a plain PyTorch loop over Hugging Face LlamaForCausalLM with the same architecture
 in bf16 autocast, and a nanoGPT-style float32 loop (bench/_peers.py), all on the same token
-batches from the Python standard library. It prints tokens/s, model FLOP utilisation against the
-2048x2048 GEMM peak measured in the same run, peak memory, the split of step time between data,
-forward/backward, optimizer and logging, and the keel/peer ratios.
+batches from the Python standard library. It prints tokens/s (from the median step time, and the
+mean), model FLOP utilisation against the 2048x2048 GEMM peak measured in the same run, peak
+memory, the split of step time between data, forward/backward, optimizer and logging, and the
+keel/peer ratios.
 
 Each measurement runs in a fresh subprocess of this script, because a process's peak RSS
 cannot be reset. Warm-up steps are excluded from tokens/s and from the time split.
@@ -24,6 +25,7 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,10 +90,14 @@ def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
         The batch cursor counts the steps taken so far, so it names the first timed step.
         """
 
+        step_starts: list[float] = []
+
         def step(self):
             if self.state.cursor == warmup:
                 self.timer.seconds.clear()
                 self.clock_start = time.perf_counter()
+            if self.state.cursor >= warmup:
+                self.step_starts.append(time.perf_counter())
             return super().step()
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -102,8 +108,11 @@ def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
         sys.exit(f"keel stopped before its last step ({result.status} {result.diagnosis}), so its figures would be wrong")
     timings = result.timings
     seconds -= timings.get("eval", 0.0) + timings.get("checkpoint", 0.0)
-    tokens = steps * config.train.batch_size * config.train.grad_accum * config.model.context_length
-    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "final_loss": result.final_loss,
+    tokens_per_step = config.train.batch_size * config.train.grad_accum * config.model.context_length
+    starts = trainer.step_starts  # whole iterations: from one step's start to the next one's
+    step_seconds = [b - a for a, b in zip(starts, starts[1:])] or [seconds]
+    return {"tokens_per_s": tokens_per_step * steps / seconds, "tokens_per_step": tokens_per_step,
+            "step_seconds": step_seconds, "seconds": seconds, "final_loss": result.final_loss,
             "timings": {k: timings.get(k, 0.0) for k in PHASES}, "dtype": str(trainer.dtype).removeprefix("torch."),
             "flops_per_token": trainer.model.flops_per_token(), "params": trainer.model.num_params(),
             "compiled": trainer.forward is not trainer.model}
@@ -205,7 +214,7 @@ def main() -> None:
 
     started = time.perf_counter()
     results: dict[tuple[str, str], dict] = {}
-    header = (f"{'size':<6} {'impl':<8} {'shape L/d/h/T/B':<17} {'params':>7} {'dtype':<8} {'tok/s':>7} {'MFU':>6} "
+    header = (f"{'size':<6} {'impl':<8} {'shape L/d/h/T/B':<17} {'params':>7} {'dtype':<8} {'tok/s':>7} {'mean':>7} {'MFU':>6} "
               f"{'RSS MiB':>8} {'data':>6} {'fwd/bwd':>7} {'optim':>6} {'log':>6} {'other':>6} {'loss':>6}")
     print(header)
     print("-" * len(header))
@@ -215,14 +224,17 @@ def main() -> None:
             job = {"impl": impl, "size": size, "shape": dataclasses.asdict(shape), "sets": sets,
                    "warmup": warmup, "steps": steps}
             r = results[size, impl] = run_job(job)
-            mfu = r["flops_per_token"] * r["tokens_per_s"] / (peak[r["dtype"]] * 1e9)
+            r["typical_tokens_per_s"] = r["tokens_per_step"] / statistics.median(r["step_seconds"])
+            mfu = r["flops_per_token"] * r["typical_tokens_per_s"] / (peak[r["dtype"]] * 1e9)
             split = [r["timings"][k] for k in PHASES]
             name = impl + ("+c" if r["compiled"] else "")
             print(f"{size:<6} {name:<8} {f'{shape.n_layer}/{shape.d_model}/{shape.n_head}/{shape.context_length}/{shape.batch_size}':<17} "
-                  f"{r['params'] / 1e6:6.1f}M {r['dtype']:<8} {r['tokens_per_s']:7.0f} {100 * mfu:5.1f}% "
+                  f"{r['params'] / 1e6:6.1f}M {r['dtype']:<8} {r['typical_tokens_per_s']:7.0f} {r['tokens_per_s']:7.0f} {100 * mfu:5.1f}% "
                   f"{r['peak_rss_mib']:8.0f} " + " ".join(f"{percent(s, r['seconds']):>6}" for s in split)
                   + f" {percent(r['seconds'] - sum(split), r['seconds']):>6} {r['final_loss']:6.3f}", flush=True)
-    print("\nMFU = flops_per_token x tokens/s / GEMM peak of the dtype the run computes in; "
+    print("\ntok/s = tokens per step / median step time, and 'mean' = tokens / total time: other processes on a shared "
+          "machine only ever slow steps down, so the median step is the one to compare (the GEMM peak is also the best "
+          "stretch, not the mean).\nMFU = flops_per_token x tok/s / GEMM peak of the dtype the run computes in; "
           "'other' is step time outside the four phases (supervisor, lr schedule, bookkeeping).")
 
     if "keel" in impls:
@@ -230,8 +242,9 @@ def main() -> None:
               ">= 70% of the bf16 GEMM peak, data+logging < 3% of step time)")
         for size in sizes:
             keel = results[size, "keel"]
-            ratios = [f"{keel['tokens_per_s'] / results[size, peer]['tokens_per_s']:.2f}x {peer}" for peer in impls if peer != "keel"]
-            mfu_bf16 = keel["flops_per_token"] * keel["tokens_per_s"] / (peak["bfloat16"] * 1e9)
+            ratios = [f"{keel['typical_tokens_per_s'] / results[size, peer]['typical_tokens_per_s']:.2f}x {peer}"
+                      for peer in impls if peer != "keel"]
+            mfu_bf16 = keel["flops_per_token"] * keel["typical_tokens_per_s"] / (peak["bfloat16"] * 1e9)
             data_log = sum(keel["timings"][k] for k in ("data", "logging")) / keel["seconds"]
             print(f"  {size:<6} tokens/s {', '.join(ratios) or '(no peer run)'}; {100 * mfu_bf16:.1f}% of the bf16 peak; "
                   f"data+logging {100 * data_log:.1f}%")

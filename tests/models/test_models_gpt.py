@@ -9,7 +9,8 @@ import torch
 
 from keel.config import ModelConfig
 from keel.errors import UserError
-from keel.models.gpt import GPT, IGNORE_INDEX, KVCache, cross_entropy, mlp_hidden_size, sample_next_token
+from keel.models import gpt
+from keel.models.gpt import GPT, IGNORE_INDEX, KVCache, linear_cross_entropy, mlp_hidden_size, sample_next_token
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -31,34 +32,80 @@ def greedy_by_recompute(model: GPT, idx: torch.Tensor, num_new: int) -> torch.Te
     return idx
 
 
+def reference_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    kept = targets != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(logits[kept].float(), targets[kept])
+
+
+@pytest.mark.parametrize("rows", [None, 7])  # one chunk; 7-row chunks, the last one short
+def test_loss_head_equals_cross_entropy_of_the_logits_in_value_and_gradients(monkeypatch, rows):
+    if rows:
+        monkeypatch.setattr(gpt, "loss_chunk_rows", lambda vocab_size, d_model: rows)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 17, 64, requires_grad=True)
+    weight = (0.3 * torch.randn(256, 64)).requires_grad_()
+    targets = torch.randint(0, 256, (3, 17))
+    targets[0, :5] = IGNORE_INDEX
+    head = linear_cross_entropy(hidden, weight, targets)
+    head.loss.backward()
+    logits = hidden @ weight.t()
+    torch.testing.assert_close(head.loss, reference_loss(logits, targets))
+    torch.testing.assert_close(head.logit_mean_square, logits.square().mean())
+    (expected_hidden, expected_weight) = torch.autograd.grad(reference_loss(logits, targets), (hidden, weight))
+    torch.testing.assert_close(hidden.grad, expected_hidden, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, expected_weight, atol=1e-6, rtol=1e-5)
+    assert not hidden.grad[0, :5].any()  # masked positions get no gradient
+
+    # in bf16 autocast the logits are bf16 and everything reduced from them float32
+    with torch.autocast("cpu", torch.bfloat16):
+        fast = linear_cross_entropy(hidden, weight, targets)
+        expected = reference_loss(torch.nn.functional.linear(hidden, weight), targets)
+    assert fast.loss.dtype == torch.float32
+    torch.testing.assert_close(fast.loss, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_loss_head_never_keeps_the_logits_for_backward():
+    torch.manual_seed(0)
+    hidden = torch.randn(512, 64, requires_grad=True)
+    weight = torch.randn(256, 64, requires_grad=True)
+    targets = torch.randint(0, 256, (512,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        linear_cross_entropy(hidden, weight, targets).loss.backward()
+    # the two gradients, (512, 64) and (256, 64), and the count of targets; the logits would be 512 * 256
+    assert sorted(saved) == [1, 256 * 64, 512 * 64]
+    with torch.no_grad():  # evaluation takes no gradients at all
+        assert linear_cross_entropy(hidden, weight, targets).loss.grad_fn is None
+
+
 def test_loss_ignores_masked_targets():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 11)
+    hidden, weight = torch.randn(2, 5, 16), torch.randn(11, 16)
     targets = torch.randint(0, 11, (2, 5))
     targets[0, :3] = IGNORE_INDEX
-    kept = targets != IGNORE_INDEX
-    expected = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
-    torch.testing.assert_close(cross_entropy(logits, targets), expected)
+    expected = linear_cross_entropy(hidden, weight, targets).loss
     # whatever the model predicts at masked positions does not matter
-    changed = logits.clone()
+    changed = hidden.clone()
     changed[0, :3] = 100.0
-    torch.testing.assert_close(cross_entropy(changed, targets), expected)
-    # a fully masked batch is 0, not nan
-    assert cross_entropy(logits, torch.full_like(targets, IGNORE_INDEX)).item() == 0.0
-    # bf16 logits still give a float32 loss
-    assert cross_entropy(logits.bfloat16(), targets).dtype == torch.float32
+    torch.testing.assert_close(linear_cross_entropy(changed, weight, targets).loss, expected)
+    # a fully masked batch is 0 with zero gradients, not nan
+    hidden.requires_grad_()
+    masked = linear_cross_entropy(hidden, weight, torch.full_like(targets, IGNORE_INDEX)).loss
+    masked.backward()
+    assert masked.item() == 0.0 and not hidden.grad.any()
 
 
-def test_forward_returns_logits_and_the_shared_loss():
+def test_forward_returns_logits_or_the_loss_of_those_logits():
     torch.manual_seed(0)
     model = GPT(tiny())
     batch = python_bytes(3, 17)
     idx, targets = batch[:, :-1], batch[:, 1:].clone()
     targets[:, :4] = IGNORE_INDEX
-    logits, loss = model(idx, targets)
-    assert logits.shape == (3, 16, 256)
-    torch.testing.assert_close(loss, cross_entropy(logits, targets))
-    assert model(idx)[1] is None
+    logits, no_loss = model(idx)
+    assert logits.shape == (3, 16, 256) and no_loss is None
+    no_logits, loss = model(idx, targets)
+    assert no_logits is None
+    torch.testing.assert_close(loss, reference_loss(logits, targets))
     # a fresh model predicts roughly uniformly
     assert abs(loss.item() - math.log(256)) < 0.3
 
