@@ -4,9 +4,9 @@ For each model size it trains keel (its defaults: the dtype, optimizer and atten
 by itself), a plain PyTorch loop over Hugging Face LlamaForCausalLM with the same architecture
 in bf16 autocast, and a nanoGPT-style float32 loop (bench/_peers.py), all on the same token
 batches from the Python standard library. It prints tokens/s (from the median step time, and the
-mean), model FLOP utilisation against the 2048x2048 GEMM peak measured in the same run, peak
-memory, the split of step time between data, forward/backward, optimizer and logging, and the
-keel/peer ratios.
+mean), model FLOP utilisation against the 2048x2048 GEMM peak of its dtype measured in the same
+process just before it trains, peak memory, the split of step time between data,
+forward/backward, optimizer and logging, and the keel/peer ratios.
 
 Each measurement runs in a fresh subprocess of this script, because a process's peak RSS
 cannot be reset. Warm-up steps are excluded from tokens/s and from the time split.
@@ -141,11 +141,16 @@ def measure_peer(impl: str, shape: Shape, sets: list[str], warmup: int, steps: i
 def worker(job: dict) -> None:
     """Run one measurement and print it as the last line of stdout, with the process's peak RSS."""
     shape = Shape(**job["shape"])
+    # The machine's speed drifts by tens of percent over minutes when it is shared, so each run is
+    # compared with the GEMM peak measured in its own process, just before it trains.
+    peak = {str(dtype).removeprefix("torch."): gemm_gflops(dtype, seconds=job["gemm_seconds"])
+            for dtype in (torch.float32, torch.bfloat16)}
     if job["impl"] == "keel":
         result = measure_keel(job["sets"], job["warmup"], job["steps"])
     else:
         result = measure_peer(job["impl"], shape, job["sets"], job["warmup"], job["steps"])
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    result["gemm_peak"] = peak
     print(json.dumps(result))
 
 
@@ -207,14 +212,11 @@ def main() -> None:
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
     print("machine:", machine())
     prepare_data()
-    peak = {"float32": gemm_gflops(torch.float32, seconds=plan["gemm_seconds"]),
-            "bfloat16": gemm_gflops(torch.bfloat16, seconds=plan["gemm_seconds"])}
-    print(f"GEMM 2048x2048 peak: float32 {peak['float32']:.0f} GFLOP/s, bfloat16 {peak['bfloat16']:.0f} GFLOP/s")
     print(f"{warmup} warm-up + {steps} timed steps per run; each run in its own process\n")
 
     started = time.perf_counter()
     results: dict[tuple[str, str], dict] = {}
-    header = (f"{'size':<6} {'impl':<8} {'shape L/d/h/T/B':<17} {'params':>7} {'dtype':<8} {'tok/s':>7} {'mean':>7} {'MFU':>6} "
+    header = (f"{'size':<6} {'impl':<8} {'shape L/d/h/T/B':<17} {'params':>7} {'dtype':<8} {'tok/s':>7} {'mean':>7} {'MFU':>6} {'peak':>5} "
               f"{'RSS MiB':>8} {'data':>6} {'fwd/bwd':>7} {'optim':>6} {'log':>6} {'other':>6} {'loss':>6}")
     print(header)
     print("-" * len(header))
@@ -222,19 +224,21 @@ def main() -> None:
         shape, sets = keel_shape(size, args.quick, args.overrides)
         for impl in impls:
             job = {"impl": impl, "size": size, "shape": dataclasses.asdict(shape), "sets": sets,
-                   "warmup": warmup, "steps": steps}
+                   "warmup": warmup, "steps": steps, "gemm_seconds": plan["gemm_seconds"]}
             r = results[size, impl] = run_job(job)
             r["typical_tokens_per_s"] = r["tokens_per_step"] / statistics.median(r["step_seconds"])
-            mfu = r["flops_per_token"] * r["typical_tokens_per_s"] / (peak[r["dtype"]] * 1e9)
+            peak = r["gemm_peak"][r["dtype"]]
+            mfu = r["flops_per_token"] * r["typical_tokens_per_s"] / (peak * 1e9)
             split = [r["timings"][k] for k in PHASES]
             name = impl + ("+c" if r["compiled"] else "")
             print(f"{size:<6} {name:<8} {f'{shape.n_layer}/{shape.d_model}/{shape.n_head}/{shape.context_length}/{shape.batch_size}':<17} "
-                  f"{r['params'] / 1e6:6.1f}M {r['dtype']:<8} {r['typical_tokens_per_s']:7.0f} {r['tokens_per_s']:7.0f} {100 * mfu:5.1f}% "
+                  f"{r['params'] / 1e6:6.1f}M {r['dtype']:<8} {r['typical_tokens_per_s']:7.0f} {r['tokens_per_s']:7.0f} {100 * mfu:5.1f}% {peak:5.0f} "
                   f"{r['peak_rss_mib']:8.0f} " + " ".join(f"{percent(s, r['seconds']):>6}" for s in split)
                   + f" {percent(r['seconds'] - sum(split), r['seconds']):>6} {r['final_loss']:6.3f}", flush=True)
     print("\ntok/s = tokens per step / median step time, and 'mean' = tokens / total time: other processes on a shared "
           "machine only ever slow steps down, so the median step is the one to compare (the GEMM peak is also the best "
-          "stretch, not the mean).\nMFU = flops_per_token x tok/s / GEMM peak of the dtype the run computes in; "
+          "stretch, not the mean).\nMFU = flops_per_token x tok/s / peak, the best GFLOP/s of a 2048x2048 GEMM in the dtype the "
+          "run computes in, measured in the run's own process just before it trains; "
           "'other' is step time outside the four phases (supervisor, lr schedule, bookkeeping).")
 
     if "keel" in impls:
@@ -244,7 +248,7 @@ def main() -> None:
             keel = results[size, "keel"]
             ratios = [f"{keel['typical_tokens_per_s'] / results[size, peer]['typical_tokens_per_s']:.2f}x {peer}"
                       for peer in impls if peer != "keel"]
-            mfu_bf16 = keel["flops_per_token"] * keel["typical_tokens_per_s"] / (peak["bfloat16"] * 1e9)
+            mfu_bf16 = keel["flops_per_token"] * keel["typical_tokens_per_s"] / (keel["gemm_peak"]["bfloat16"] * 1e9)
             data_log = sum(keel["timings"][k] for k in ("data", "logging")) / keel["seconds"]
             print(f"  {size:<6} tokens/s {', '.join(ratios) or '(no peer run)'}; {100 * mfu_bf16:.1f}% of the bf16 peak; "
                   f"data+logging {100 * data_log:.1f}%")
