@@ -23,8 +23,8 @@ from keel.errors import UserError
 IGNORE_INDEX = -100  # target value of positions that carry no loss (prompt tokens in SFT, padding)
 
 
-# Logits computed at a time by the loss: 4M float32 values (16 MB) stay in cache while the loss and
-# its gradient are taken from them, and the (N, V) logits never exist whole.
+# Logits the loss computes at a time: 4M (16 MB in float32) bound its memory, while the (N, V)
+# logits never exist whole.
 LOSS_CHUNK_LOGITS = 1 << 22
 
 
@@ -57,8 +57,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy and summed squared logits, a chunk of rows at a time.
 
-    The gradients are taken in the forward pass, chunk by chunk, while the chunk's logits are still
-    in cache: neither the logits, their float32 copy nor their gradient is ever held whole (for a
+    The gradients are taken in the forward pass, chunk by chunk, straight after the chunk's logits:
+    neither the logits, their float32 copy nor their gradient is ever held whole (for a
     (8 x 1024) x 32k batch that is 3 GB less), and backward only scales the two saved gradients.
     """
 
@@ -291,7 +291,7 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (B, T) -> (None, mean loss).
 
         The loss is taken straight from the last hidden states (`linear_cross_entropy`): training and

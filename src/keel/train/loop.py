@@ -137,7 +137,7 @@ class Trainer:
         # The monitors' activation and logit sizes, summed over micro-batches by forward hooks: under
         # torch.compile the hooks are traced into the graph and fused with the passes that already
         # read these tensors. The logits' mean square comes from the loss, which reduces each chunk
-        # of logits while it is in cache.
+        # of logits as it computes them.
         self.act_sq = torch.zeros((), device=self.device)
         self.logit_sq = torch.zeros((), device=self.device)
         self.model.norm_f.register_forward_hook(self._record_activation)
