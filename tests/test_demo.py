@@ -1,8 +1,10 @@
 """The demo sizes its run to the time budget, timing steps the way the real run will take them."""
 
+import time
+
 from keel import config as config_lib
 from keel import demo
-from keel.train.loop import COMPILE_MIN_STEPS
+from keel.train.loop import COMPILE_MIN_STEPS, Trainer
 
 from conftest import TINY
 
@@ -13,6 +15,20 @@ def test_calibration_times_real_steps(tiny_data):
     assert 0 < seconds < 5
     assert demo.steps_for_budget(config, minutes=1e-4) == 20  # the floor
     assert demo.steps_for_budget(config, minutes=5) > 20
+
+
+def test_calibration_ignores_a_step_something_else_slowed_down(tiny_data, monkeypatch):
+    config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, "train.compile=false"])
+    real_step = Trainer.step
+
+    def step(trainer):
+        if trainer.state.cursor == demo.WARMUP_STEPS + 2:
+            time.sleep(3.0)  # a neighbour takes the CPU for one step
+        return real_step(trainer)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    # the mean of the five timed intervals would be over 0.6 s
+    assert demo._seconds_per_step(config, compiled=False) < 0.5
 
 
 def test_calibration_compiles_only_when_the_run_will(monkeypatch):

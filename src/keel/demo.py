@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,9 @@ def ensure_data(data_dir: Path, vocab_size: int = 8192) -> None:
 
 # The first steps of a process are slow (allocation, and compilation when it is on): not timed.
 WARMUP_STEPS = 3
+# Timed steps after them: the median of their five whole-step intervals ignores a step that
+# something else on the machine slowed down.
+TIMED_STEPS = 6
 # Share of the budget planned for training steps. The rest goes to evaluations, checkpoints,
 # start-up (reading the compile cache) and a machine that runs slower than while it was timed:
 # at 0.9, an 8-minute demo hit its time limit at step 1021 of 1120, before the lr decay ended.
@@ -40,22 +44,25 @@ STEP_SHARE = 0.8
 
 
 class _Calibration(Trainer):
-    """The real training loop, its phase timers restarted once the warm-up steps are done."""
+    """The real training loop, noting when each step after the warm-up begins."""
 
     def step(self):
-        if self.state.cursor == WARMUP_STEPS:
-            self.timer.seconds.clear()
+        if self.state.cursor >= WARMUP_STEPS:
+            self.step_starts.append(time.perf_counter())
         return super().step()
 
 
 def _seconds_per_step(config: config_lib.RunConfig, compiled: bool) -> float:
     probe = dataclasses.replace(config, name="demo-calibration", train=dataclasses.replace(
-        config.train, max_steps=WARMUP_STEPS + 5, eval_every=10_000, checkpoint_every=10_000, compile=compiled))
+        config.train, max_steps=WARMUP_STEPS + TIMED_STEPS, eval_every=10_000, checkpoint_every=10_000,
+        compile=compiled))
     with tempfile.TemporaryDirectory() as tmp:
-        result = _Calibration(init_run_dir(probe, Path(tmp)), Path(tmp), registry=None, progress=False).run()
-    # Only the step itself: the probe's closing evaluation and checkpoint say nothing about step time.
-    step_phases = ("data", "forward_backward", "optimizer", "logging")
-    return sum(result.timings.get(phase, 0.0) for phase in step_phases) / (result.steps - WARMUP_STEPS)
+        trainer = _Calibration(init_run_dir(probe, Path(tmp)), Path(tmp), registry=None, progress=False)
+        trainer.step_starts = []
+        trainer.run()
+    # From one step's start to the next: the whole iteration, never the probe's closing evaluation.
+    starts = trainer.step_starts
+    return statistics.median(b - a for a, b in zip(starts, starts[1:]))
 
 
 def steps_for_budget(config: config_lib.RunConfig, minutes: float) -> int:
