@@ -37,7 +37,7 @@ import torch
 from keel.config import load
 from keel.data import get_batch, open_data, prepare
 from keel.models.gpt import mlp_hidden_size
-from keel.train.loop import Trainer, should_compile
+from keel.train.loop import TimedTrainer, should_compile
 from keel.train.precision import cpu_has_bf16, pick_device
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -84,33 +84,16 @@ def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
         # itself falls into the warm-up steps).
         config.train.compile = should_compile(load(None).train, 0, pick_device(config.train.device))
 
-    class Clocked(Trainer):
-        """keel's own loop, with the clock and phase timers restarted after the warm-up steps.
-
-        The batch cursor counts the steps taken so far, so it names the first timed step.
-        """
-
-        step_starts: list[float] = []
-
-        def step(self):
-            if self.state.cursor == warmup:
-                self.timer.seconds.clear()
-                self.clock_start = time.perf_counter()
-            if self.state.cursor >= warmup:
-                self.step_starts.append(time.perf_counter())
-            return super().step()
-
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Clocked(config, Path(run_dir), registry=None, progress=False)
+        trainer = TimedTrainer(config, Path(run_dir), registry=None, progress=False, warmup=warmup)
         result = trainer.run()
-        seconds = time.perf_counter() - trainer.clock_start
+        seconds = time.perf_counter() - trainer.step_starts[0]
     if result.status != "finished":
         sys.exit(f"keel stopped before its last step ({result.status} {result.diagnosis}), so its figures would be wrong")
     timings = result.timings
     seconds -= timings.get("eval", 0.0) + timings.get("checkpoint", 0.0)
     tokens_per_step = config.train.batch_size * config.train.grad_accum * config.model.context_length
-    starts = trainer.step_starts  # whole iterations: from one step's start to the next one's
-    step_seconds = [b - a for a, b in zip(starts, starts[1:])] or [seconds]
+    step_seconds = trainer.step_seconds() or [seconds]
     return {"tokens_per_s": tokens_per_step * steps / seconds, "tokens_per_step": tokens_per_step,
             "step_seconds": step_seconds, "seconds": seconds, "final_loss": result.final_loss,
             "timings": {k: timings.get(k, 0.0) for k in PHASES}, "dtype": str(trainer.dtype).removeprefix("torch."),

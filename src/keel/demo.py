@@ -14,7 +14,7 @@ from keel.errors import UserError
 from keel.inference import evaluate_run, load_run, sample
 from keel.runs.rundir import init_run_dir
 from keel.train.launch import launch
-from keel.train.loop import COMPILE_MIN_STEPS, Trainer, should_compile
+from keel.train.loop import COMPILE_MIN_STEPS, TimedTrainer, should_compile
 from keel.train.precision import pick_device
 
 PROMPTS = ["import os\n\n\ndef ", "class Parser:\n    def __init__(self", "    for i in range("]
@@ -43,26 +43,16 @@ TIMED_STEPS = 6
 STEP_SHARE = 0.8
 
 
-class _Calibration(Trainer):
-    """The real training loop, noting when each step after the warm-up begins."""
-
-    def step(self):
-        if self.state.cursor >= WARMUP_STEPS:
-            self.step_starts.append(time.perf_counter())
-        return super().step()
-
-
 def _seconds_per_step(config: config_lib.RunConfig, compiled: bool) -> float:
     probe = dataclasses.replace(config, name="demo-calibration", train=dataclasses.replace(
         config.train, max_steps=WARMUP_STEPS + TIMED_STEPS, eval_every=10_000, checkpoint_every=10_000,
         compile=compiled))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = _Calibration(init_run_dir(probe, Path(tmp)), Path(tmp), registry=None, progress=False)
-        trainer.step_starts = []
+        trainer = TimedTrainer(init_run_dir(probe, Path(tmp)), Path(tmp), registry=None, progress=False,
+                               warmup=WARMUP_STEPS)
         trainer.run()
-    # From one step's start to the next: the whole iteration, never the probe's closing evaluation.
-    starts = trainer.step_starts
-    return statistics.median(b - a for a, b in zip(starts, starts[1:]))
+    # Whole iterations between step starts: never the probe's closing evaluation.
+    return statistics.median(trainer.step_seconds())
 
 
 def steps_for_budget(config: config_lib.RunConfig, minutes: float) -> int:

@@ -380,6 +380,30 @@ class Trainer:
         self.pending_metrics.clear()
 
 
+class TimedTrainer(Trainer):
+    """The real training loop, timed from step `warmup` on: the phase timers restart there and the
+    start of every later step is noted, for the step-time measurements of the demo and bench/.
+
+    The batch cursor counts the steps taken so far, so it names the first timed step.
+    """
+
+    def __init__(self, *args, warmup: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.warmup = warmup
+        self.step_starts: list[float] = []
+
+    def step(self) -> StepRecord:
+        if self.state.cursor == self.warmup:
+            self.timer.seconds.clear()
+        if self.state.cursor >= self.warmup:
+            self.step_starts.append(time.perf_counter())
+        return super().step()
+
+    def step_seconds(self) -> list[float]:
+        """Whole iterations: from one timed step's start to the next one's."""
+        return [b - a for a, b in zip(self.step_starts, self.step_starts[1:])]
+
+
 # Compiling the model takes ~40 s on a 2-core CPU (~4 s from the warm cache) and made a step ~9%
 # faster, so it pays for itself after a few hundred steps.
 COMPILE_MIN_STEPS = 500
