@@ -19,14 +19,14 @@ def test_calibration_times_real_steps(tiny_data):
 
 def test_calibration_ignores_a_step_something_else_slowed_down(tiny_data, monkeypatch):
     config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, "train.compile=false"])
-    real_step = Trainer.step
+    real_launch = Trainer.launch
 
-    def step(trainer):
-        if trainer.state.cursor == demo.WARMUP_STEPS + 2:
+    def launch(trainer, cursor):
+        if cursor == demo.WARMUP_STEPS + 2:
             time.sleep(3.0)  # a neighbour takes the CPU for one step
-        return real_step(trainer)
+        return real_launch(trainer, cursor)
 
-    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "launch", launch)
     # the mean of the five timed intervals would be over 0.6 s
     assert demo._seconds_per_step(config, compiled=False) < 0.5
 

@@ -14,6 +14,7 @@ from keel.errors import UserError
 from keel.supervisor.logbook import Logbook, read_logbook
 from keel.supervisor.monitors import StepRecord
 from keel.supervisor.policy import Supervisor, SupervisorConfig
+from keel.train.loop import skip_update
 
 TOKENS_PER_STEP = 4096
 
@@ -58,7 +59,13 @@ class Loop:
             if self.step >= max_steps:
                 return "finished"
             record = self.record()
+            limits = torch.tensor(self.supervisor.skip_limits(), dtype=torch.float64)
+            dropped = skip_update(torch.tensor(record.loss, dtype=torch.float64),
+                                  torch.tensor(record.grad_norm, dtype=torch.float64), limits)
             actions = self.supervisor.observe(record)
+            # keel's loop queues the update before the supervisor reads the record: the device's verdict
+            # from the limits must be the supervisor's, in every scenario below
+            assert bool(dropped) == any(a.kind == "skip_update" for a in actions), (record, actions)
             self.actions += [(record.step, a.kind) for a in actions]
             skip = any(a.kind in ("skip_update", "rollback") for a in actions)
             self._scaler_update(record)
@@ -393,3 +400,23 @@ def test_observe_keeps_bounded_state_so_each_step_costs_the_same(tmp_path):
                 supervisor.checkpoint_is_good(step)
         sizes.append(len(pickle.dumps(supervisor.state_dict())))
     assert sizes[1] <= sizes[0] * 1.05
+
+
+@pytest.mark.parametrize("monitor", ["loss_spike", "grad_spike"])
+def test_the_device_skips_exactly_at_the_supervisors_thresholds(tmp_path, monitor):
+    supervisor = supervise(tmp_path)
+    loop = Loop(supervisor)
+    loop.run(max_steps=300)
+    spike = getattr(supervisor, monitor)
+    mean, std, ratio_limit = spike.limits()
+    assert std > 0 and math.isfinite(ratio_limit)
+    sigma_limit = mean + supervisor.config.spike_sigma * std
+    typical = {"loss": supervisor.loss_spike.level, "grad_norm": supervisor.grad_spike.level}
+    field = "loss" if monitor == "loss_spike" else "grad_norm"
+    for threshold in (sigma_limit, ratio_limit):
+        for value in (math.nextafter(threshold, 0), threshold, math.nextafter(threshold, math.inf)):
+            limits = torch.tensor(supervisor.skip_limits(), dtype=torch.float64)
+            values = typical | {field: value}
+            dropped = skip_update(torch.tensor(values["loss"], dtype=torch.float64),
+                                  torch.tensor(values["grad_norm"], dtype=torch.float64), limits)
+            assert bool(dropped) == (spike.check(value, 300) is not None), (threshold, value)

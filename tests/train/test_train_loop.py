@@ -1,4 +1,4 @@
-"""The trainer's build-time choices: compilation and activation checkpointing."""
+"""The trainer: its build-time choices (compilation, activation checkpointing) and the order of a step."""
 
 from pathlib import Path
 
@@ -88,7 +88,7 @@ def test_compiled_step_matches_eager_and_still_feeds_the_supervisor(tiny_data, t
         config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, f"train.compile={setting}"])
         trainer = Trainer(init_run_dir(config, tmp_path / setting), tmp_path / setting, registry=None, progress=False)
         assert (trainer.forward is trainer.model) == (setting == "false")
-        records[setting] = trainer.step()
+        records[setting], _ = trainer.read(trainer.finish(trainer.launch(0)))
     eager, compiled = records["false"], records["true"]
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-4)
     assert compiled.grad_norm == pytest.approx(eager.grad_norm, rel=1e-3)
@@ -100,3 +100,68 @@ def test_compiled_step_matches_eager_and_still_feeds_the_supervisor(tiny_data, t
     with torch.no_grad(), autocast(trainer.device, trainer.dtype):
         logits, _ = trainer.model(x)
     assert eager.logit_norm == pytest.approx(logits.float().square().mean().sqrt().item(), rel=1e-3)
+
+
+def test_a_steps_numbers_are_read_only_after_the_next_step_is_queued(tiny_data, tmp_path, monkeypatch):
+    """On a GPU, reading a step's loss before queueing more work would leave the device idle while the
+    host judges it: the loop reads step k only after queueing step k + 1's forward/backward."""
+    events = []
+    real_launch, real_read = Trainer.launch, Trainer.read
+
+    def launch(trainer, cursor):
+        events.append(f"launch {cursor}")
+        return real_launch(trainer, cursor)
+
+    def read(trainer, pending):
+        events.append(f"read {pending.step}")
+        return real_read(trainer, pending)
+
+    monkeypatch.setattr(Trainer, "launch", launch)
+    monkeypatch.setattr(Trainer, "read", read)
+    result = run(tiny_data, tmp_path / "run", "train.max_steps=4", "train.eval_every=2")
+    assert result.status == "finished" and result.steps == 4
+    # no forward/backward is queued past the last step
+    assert events == ["launch 0", "launch 1", "read 0", "launch 2", "read 1", "launch 3", "read 2", "read 3"]
+
+
+def test_evaluation_between_a_steps_forward_and_its_record_leaves_the_statistics_alone(tiny_data, tmp_path):
+    config = config_lib.load(None, [f"data.path={tiny_data}", *TINY])
+    trainer = Trainer(init_run_dir(config, tmp_path), tmp_path, registry=None, progress=False)
+    launched = trainer.launch(0)
+    act_sq, logit_sq = trainer.act_sq.clone(), trainer.logit_sq.clone()
+    assert act_sq > 0 and logit_sq > 0
+    trainer._val_loss()  # the loop evaluates after queueing the next step, before its statistics are taken
+    assert torch.equal(trainer.act_sq, act_sq) and torch.equal(trainer.logit_sq, logit_sq)
+    record, dropped = trainer.read(trainer.finish(launched))
+    assert record.act_norm == pytest.approx(act_sq.sqrt().item()) and not dropped
+
+
+def test_a_rollback_throws_away_the_step_queued_on_the_old_weights(tiny_data, tmp_path, monkeypatch):
+    """The rollback is decided while the next step's forward/backward is already queued; that step's
+    gradients belong to the replaced weights and must not reach the restored ones."""
+    from keel.supervisor.policy import Action, Supervisor
+
+    real_observe, real_read = Supervisor.observe, Trainer.read
+    records = []
+
+    def observe(supervisor, record):
+        actions = real_observe(supervisor, record)
+        if record.step == 5 and not supervisor.repairs_used:
+            supervisor.repairs_used += 1
+            # skip no batch: the queued step trained on the very batch the loop goes on with
+            actions.append(Action("rollback", "test", {"before_step": 5, "skip_batches": 0}))
+        return actions
+
+    def read(trainer, pending):
+        record, dropped = real_read(trainer, pending)
+        records.append(record)
+        return record, dropped
+
+    monkeypatch.setattr(Supervisor, "observe", observe)
+    monkeypatch.setattr(Trainer, "read", read)
+    assert run(tiny_data, tmp_path / "run", "train.max_steps=8").status == "finished"
+    after_rollback = [r for r in records if r.step == 0][1]  # back at step 0's weights, on batch 6
+    fresh = Trainer(init_run_dir(config_lib.load(None, [f"data.path={tiny_data}", *TINY]), tmp_path / "fresh"),
+                    tmp_path / "fresh", registry=None, progress=False)
+    expected, _ = fresh.read(fresh.finish(fresh.launch(6)))
+    assert after_rollback.grad_norm == expected.grad_norm and after_rollback.loss == expected.loss

@@ -7,7 +7,7 @@ import torch
 from keel import config as config_lib
 from keel.config import ModelConfig
 from keel.models.gpt import GPT
-from keel.train.optim import MUON_MOMENTUM, build_optimizer, lr_at, reset_moments
+from keel.train.optim import MUON_MOMENTUM, build_optimizer, lr_at, reset_moments, step_unless
 
 
 def test_schedules_warm_up_then_end_at_the_floor():
@@ -143,15 +143,48 @@ def test_reset_moments_on_plain_adamw(python_bytes):
     assert all(not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in opt.state.values())
 
 
+def optimizer_state(opt) -> list[torch.Tensor]:
+    parts = getattr(opt, "optimizers", (opt,))
+    return [t.clone() for part in parts for state in part.state.values() for t in state.values()]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_step_the_device_drops_leaves_weights_and_optimizer_untouched(python_bytes, optimizer):
+    dropped, stepped = tiny_gpt(), tiny_gpt()
+    opts = {id(m): build_optimizer(m, optim_config(optimizer)) for m in (dropped, stepped)}
+    for model in (dropped, stepped):
+        train_steps(model, opts[id(model)], python_bytes, 2)
+    for model, skip in ((dropped, 1.0), (stepped, 0.0)):
+        opt = opts[id(model)]
+        weights, state = [p.detach().clone() for p in model.parameters()], optimizer_state(opt)
+        _, loss = model(python_bytes[:, :-1], python_bytes[:, 1:])
+        loss.backward()
+        step_unless(opt, torch.tensor(skip))
+        opt.zero_grad(set_to_none=True)
+        changed = [not torch.equal(a, b) for a, b in zip(weights, model.parameters())]
+        changed_state = [not torch.equal(a, b) for a, b in zip(state, optimizer_state(opt))]
+        if skip:  # weights, moments and AdamW's step counts as they were
+            assert not any(changed) and not any(changed_state)
+        else:
+            assert all(changed) and all(changed_state)
+    assert not hasattr(opts[id(dropped)], "found_inf")
+    # ... and the next step after a dropped one is the same as if it had never been tried
+    train_steps(dropped, opts[id(dropped)], python_bytes, 1)
+    for a, b in zip(dropped.parameters(), stepped.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_grad_scaler_unscales_steps_and_skips_non_finite_updates(python_bytes):
-    # GradScaler runs only for fp16 on CUDA in keel; its logic is the same on the CPU.
+    # GradScaler runs only for fp16 on CUDA in keel; its logic is the same on the CPU. As in keel's loop
+    # without the supervisor, the skip is decided on the device from the gradient norm.
     def scaled_step(model, opt, scaler, corrupt=False):
         _, loss = model(python_bytes[:, :-1], python_bytes[:, 1:])
         scaler.scale(loss).backward()
         if corrupt:
             model.blocks[0].mlp.up_proj.weight.grad[0, 0] = float("inf")
         scaler.unscale_(opt)
-        scaler.step(opt)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        step_unless(opt, (~torch.isfinite(norm)).float())
         scaler.update()
         opt.zero_grad(set_to_none=True)
 

@@ -1,7 +1,7 @@
 """Monitors: turn the per-step record stream into signals.
 
 Each monitor is a small object with its own state, fed plain Python floats once per step; the loop
-has already paid for the one device sync that produced the record. Every update is O(1) amortised:
+reads a step's record after it has queued the next step, so reading it stalls no device. Every update is O(1) amortised:
 windows are fixed-size, means are running sums, the throughput median keeps a sorted copy of its
 fixed window. The thresholds are arguments; their defaults, and where they come from, live in
 `SupervisorConfig` (policy.py).
@@ -243,6 +243,15 @@ class SpikeMonitor(Monitor):
     def add(self, value: float) -> None:
         self.window.add(value)
         self.ewm.add(value)
+
+    def limits(self) -> tuple[float, float, float]:
+        """(mean, std, ratio_limit): `check` flags a value v exactly when std > 0 and (v - mean) / std > sigma,
+        or v > ratio_limit. std is 0 while the window is cold, ratio_limit inf while the EWM is."""
+        mean = std = 0.0
+        if len(self.window) >= self.warmup:
+            mean, std = self.window.mean, self.window.std
+        warm_ewm = self.ewm.count >= self.ewm_warmup and self.ewm.mean > 0
+        return mean, std, self.ratio * self.ewm.mean if warm_ewm else math.inf
 
     @property
     def level(self) -> float:

@@ -25,7 +25,9 @@ makes the rung that worked the first one tried in the next incident, so a rollba
 not retried before an lr cut next time.
 
 How the loop applies actions (in list order):
-- skip_update: drop the gradients, no optimizer step, the step counter stays, the data cursor advances;
+- skip_update: drop the gradients, no optimizer step, the step counter stays, the data cursor advances
+  (the loop queues each update before the record reaches observe(); the device drops it by itself,
+  from `skip_limits()`, exactly when observe() asks for skip_update);
 - rollback: load the newest good checkpoint with step < before_step (the initial weights count as
   a good checkpoint of step 0), move the data cursor to (cursor at the trouble + skip_batches),
   keep the *current* lr multiplier and clip value (repairs stay in force) and this live
@@ -193,6 +195,17 @@ class Supervisor:
                     if math.isfinite(value):
                         signals.append(monitor.observe(value, record.step))
         return [s for s in signals if s is not None]
+
+    def skip_limits(self) -> list[float]:
+        """What `observe` will judge the next record's update by, for the device to apply it alone:
+        [loss mean, std, ratio limit, grad-norm mean, std, ratio limit, spike_sigma, skip_spikes].
+
+        The next update is skipped exactly when its loss or grad norm is non-finite, or when skip_spikes
+        is 1 and either value spikes by SpikeMonitor.limits() (see `keel.train.loop.skip_update`).
+        Rollbacks also drop the update, but they restore the weights and the optimizer anyway.
+        """
+        return [*self.loss_spike.limits(), *self.grad_spike.limits(), self.config.spike_sigma,
+                float(self.config.skip_spikes)]
 
     # -- incidents ------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Test-only fault injection, off unless KEEL_FAULTS is set.
 
 `KEEL_FAULTS="nan@120,spike@150,hang@200"` makes the trainer process
-- `nan@S`: turn the loss of step S into NaN (so its gradients are NaN too), once per process;
-- `spike@S`: multiply the loss of step S (and so its gradients) by 100, once per process;
+- `nan@S`: turn the loss of the step that trains on batch S into NaN (so its gradients are NaN
+  too), once per process; batch S is step S's until an update is skipped or rolled back;
+- `spike@S`: multiply the loss of the step on batch S (and so its gradients) by 100, once per process;
 - `hang@S`: stop making progress (sleep forever) after step S, only in the first process of a
   run (KEEL_RESTART unset or 0), so the watchdog's restart can get past it.
 `keel chaos` and the tests use it to prove the supervisor and watchdog repair these faults.
@@ -35,12 +36,14 @@ class Faults:
     def from_env(cls) -> "Faults":
         return cls(os.environ.get("KEEL_FAULTS", ""), int(os.environ.get("KEEL_RESTART", "0")))
 
-    def corrupt_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        if step in self.nan_steps:
-            self.nan_steps.discard(step)
+    def corrupt_loss(self, loss: torch.Tensor, batch: int) -> torch.Tensor:
+        # By batch, not step: the loop queues a step's forward before it knows whether the one
+        # before was skipped, i.e. before it knows the step's number.
+        if batch in self.nan_steps:
+            self.nan_steps.discard(batch)
             return loss * float("nan")
-        if step in self.spike_steps:
-            self.spike_steps.discard(step)
+        if batch in self.spike_steps:
+            self.spike_steps.discard(batch)
             return loss * 100.0
         return loss
 

@@ -1,9 +1,15 @@
 """The training loop.
 
-One optimizer step = `grad_accum` micro-batches -> one StepRecord for the supervisor -> its
-actions applied -> the update (unless skipped). Everything a resume needs (weights, optimizer,
-LoopState, supervisor state, grad scaler) goes into each checkpoint, and the batch at cursor c
-is a pure function of (data, seed, c), so a resumed run repeats the uninterrupted one exactly.
+One optimizer step = `grad_accum` micro-batches -> clipping -> the update, which the device drops
+by itself when the supervisor would skip it (`skip_update`) -> one StepRecord for the supervisor
+-> its actions applied. The host reads a step's numbers only after it has queued the next step's
+forward/backward, so on a GPU the device always has work queued and never waits for the host:
+there is no per-step synchronisation that drains the queue. The supervisor still judges every
+step, one step behind the device; a rollback throws the queued step's gradients away.
+
+Everything a resume needs (weights, optimizer, LoopState, supervisor state, grad scaler) goes into
+each checkpoint, and the batch at cursor c is a pure function of (data, seed, c), so a resumed run
+repeats the uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -33,9 +39,8 @@ from keel.supervisor.policy import Action, Supervisor
 from keel.supervisor.watchdog import HEARTBEAT_FILE
 from keel.train import checkpoint as ckpt
 from keel.train.faults import Faults
-from keel.train.optim import build_optimizer, lr_at, reset_moments
+from keel.train.optim import build_optimizer, lr_at, reset_moments, step_unless
 from keel.train.precision import autocast, grad_scaler, pick_device, pick_dtype
-
 
 
 @dataclass
@@ -48,6 +53,27 @@ class LoopState:
     lr_scale: float = 1.0  # multiplier the supervisor applies on top of the schedule
     grad_clip: float = 0.0  # current clip value (the supervisor may tighten it)
     best_val_loss: float | None = None
+
+
+@dataclass
+class Launched:
+    """A step whose forward/backward is queued: its gradients are (or will be) in the parameters."""
+
+    cursor: int  # the batch it trains on
+    loss_sum: torch.Tensor  # summed over the micro-batches, on the device
+    seconds: float  # host time spent queueing it
+
+
+@dataclass
+class Pending:
+    """A step whose update is queued and whose numbers are on their way to the host."""
+
+    step: int
+    lr: float
+    tokens: int
+    values: torch.Tensor  # loss, grad norm, logit RMS, act RMS, skipped[, loss scale]; valid on the host once `ready` passed
+    ready: torch.cuda.Event | None  # None: `values` is already on the host
+    seconds: float  # host time spent queueing the step
 
 
 @dataclass
@@ -146,11 +172,13 @@ class Trainer:
     # -- small pieces -----------------------------------------------------------------------
 
     def _record_activation(self, module, inputs, output) -> None:
+        if not module.training:  # evaluation runs between a step's forward and its statistics
+            return
         hidden = inputs[0].detach()  # (B, T, C) output of the last block
         self.act_sq += _mean_square(hidden)
 
     def _record_logits(self, module, inputs, output) -> None:
-        if isinstance(output, HeadLoss):  # called with targets: the head reduced the logits it never kept
+        if module.training and isinstance(output, HeadLoss):  # called with targets: the head reduced the logits it never kept
             self.logit_sq += output.logit_mean_square.detach()
 
     def _mirror_event(self, entry: dict) -> None:
@@ -244,38 +272,79 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def step(self) -> StepRecord:
-        """Forward/backward one optimizer step's batches; the update waits for the supervisor."""
+    def launch(self, cursor: int) -> Launched:
+        """Queue the forward/backward of the step that trains on batch `cursor`."""
         t = self.config.train
         start = time.perf_counter()
-        lr = self._set_lr()
         loss_sum = torch.zeros((), device=self.device)
         self.act_sq.zero_()
         self.logit_sq.zero_()
         for micro in range(t.grad_accum):
             with self.timer("data"):
-                x, y = self._batch(self.state.cursor * t.grad_accum + micro)
+                x, y = self._batch(cursor * t.grad_accum + micro)
             with self.timer("forward_backward"):
                 with autocast(self.device, self.dtype):
                     _, loss = self.forward(x, y)
-                loss = self.faults.corrupt_loss(loss, self.state.step)
+                loss = self.faults.corrupt_loss(loss, cursor)
                 self.scaler.scale(loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
+        return Launched(cursor, loss_sum, time.perf_counter() - start)
+
+    def finish(self, launched: Launched) -> Pending:
+        """Clip and queue the update, which the device drops when the supervisor would; send the numbers home.
+
+        Call once every earlier step is read and judged: the lr, the clip value and the skip limits
+        are the ones the supervisor's judgement left.
+        """
+        t = self.config.train
+        start = time.perf_counter()
+        lr = self._set_lr()
         with self.timer("optimizer"):
             self.scaler.unscale_(self.optimizer)
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if self.state.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.state.grad_clip, grad_norm)
-            # One deliberate device sync per step: the supervisor must see the numbers before the
-            # update is applied (on a CPU this costs nothing).
-            values = torch.stack([loss_sum / t.grad_accum, grad_norm, (self.logit_sq / t.grad_accum).sqrt(),
-                                  (self.act_sq / t.grad_accum).sqrt()]).tolist()
+            loss = launched.loss_sum / t.grad_accum
+            skip = self._skip_flag(loss, grad_norm)
+            numbers = [loss, grad_norm, (self.logit_sq / t.grad_accum).sqrt(), (self.act_sq / t.grad_accum).sqrt(),
+                       skip if skip is not None else torch.zeros((), device=self.device)]
+            if self.scaler.is_enabled():  # the scale this step used, before update() moves it (no sync)
+                numbers.append(self.scaler._get_scale_async().float().reshape(()))
+            values = torch.stack(numbers)
+            step_unless(self.optimizer, skip)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            ready = None
+            if values.device.type == "cuda":  # pinned memory, so the copy is queued rather than waited for
+                values = torch.empty(values.shape, pin_memory=True).copy_(values, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                values = values.cpu()
         tokens = self.state.tokens + t.grad_accum * t.batch_size * self.config.model.context_length
-        record = StepRecord(step=self.state.step, loss=values[0], grad_norm=values[1], lr=lr, tokens=tokens,
-                            step_seconds=time.perf_counter() - start, act_norm=values[3], logit_norm=values[2],
-                            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None)
-        return record
+        return Pending(self.state.step, lr, tokens, values, ready, launched.seconds + time.perf_counter() - start)
+
+    def _skip_flag(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor | None:
+        if self.supervisor is not None:
+            limits = torch.tensor(self.supervisor.skip_limits(), dtype=torch.float64)
+            if self.device.type == "cuda":  # pinned, so the copy does not wait for the device either
+                limits = limits.pin_memory()
+            return skip_update(loss, grad_norm, limits.to(self.device, non_blocking=True))
+        if self.scaler.is_enabled():  # fp16 without the supervisor: only the scaler's overflow skip
+            return (~torch.isfinite(grad_norm)).float()
+        return None  # a bare loop: every update is applied, NaN included
+
+    def read(self, pending: Pending) -> tuple[StepRecord, bool]:
+        """Wait for a step's numbers: its StepRecord, and whether the device dropped its update."""
+        start = time.perf_counter()
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        v = pending.values.tolist()
+        record = StepRecord(step=pending.step, loss=v[0], grad_norm=v[1], lr=pending.lr, tokens=pending.tokens,
+                            step_seconds=pending.seconds + time.perf_counter() - start, act_norm=v[3],
+                            logit_norm=v[2], loss_scale=v[5] if len(v) > 5 else None)
+        return record, v[4] > 0
 
     def run(self) -> TrainResult:
         t = self.config.train
@@ -293,52 +362,66 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         last_beat = 0.0
+        pending: Pending | None = None
         with _stop_on_signals(self):
-            while self.state.step < t.max_steps:
-                record = self.step()
-                actions = self.supervisor.observe(record) if self.supervisor else []
-                # Without the supervisor this is a bare loop: every update is applied, NaN included.
-                skip = any(a.kind in ("skip_update", "rollback") for a in actions)
-                with self.timer("optimizer"):
+            while True:
+                # Queue the next step's forward/backward before reading the pending step's numbers, so the
+                # device has work while the host waits; not when the pending step may be the last one.
+                launched = None
+                if pending is None and self.state.step < t.max_steps:
+                    launched = self.launch(self.state.cursor)
+                elif pending is not None and self.state.step + 1 < t.max_steps:
+                    launched = self.launch(self.state.cursor + 1)
+                if pending is not None:
+                    record, dropped = self.read(pending)
+                    pending = None
+                    actions = self.supervisor.observe(record) if self.supervisor else []
+                    # The device dropped the update exactly when observe() asks for skip_update; a rollback
+                    # restores weights and optimizer from a checkpoint, so the update it came after is gone too.
+                    rolled_back = any(a.kind == "rollback" for a in actions)
+                    skip = dropped or rolled_back
+                    self.state.cursor += 1
                     if not skip:
-                        self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                self.state.cursor += 1
-                if not skip:
-                    self.state.step += 1
-                    self.state.tokens = record.tokens
-                    self.steps_applied += 1
-                self.pending_metrics.append((record.step, _metrics(record, skip)))
-                stop_reason = next((d for a in actions if (d := self.apply(a))), None)
-                self.faults.maybe_hang(self.state.step)
-                if stop_reason:
-                    status, diagnosis = "stopped_by_supervisor", stop_reason
-                    break
-                step = self.state.step
-                if not skip and (step % t.eval_every == 0 or step == t.max_steps):
-                    with self.timer("eval"):
-                        write_heartbeat(self.run_dir, step)
-                        val_loss = self._val_loss()
-                    self.pending_metrics.append((step, {"val_loss": val_loss}))
-                    if self.state.best_val_loss is None or val_loss < self.state.best_val_loss:
-                        self.state.best_val_loss = val_loss
-                if not skip and (step % t.checkpoint_every == 0 or step == t.max_steps):
-                    with self.timer("checkpoint"):
-                        self.save(val_loss if step % t.eval_every == 0 or step == t.max_steps else None)
-                with self.timer("logging"):
-                    if len(self.pending_metrics) >= t.log_every:
-                        self.flush_metrics()
-                    if time.time() - last_beat > 0.25:
-                        write_heartbeat(self.run_dir, step)
-                        last_beat = time.time()
-                    bar.update(step - bar.n)
-                    if self.state.cursor % t.log_every == 0:
-                        bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.lr:.2e}",
-                                        tok_s=f"{self._tokens_per_s():.0f}", refresh=False)
-                status = self._limit_reached() or status
-                if self.stop_signal or status != "finished":
-                    status = "stopped" if self.stop_signal else status
+                        self.state.step += 1
+                        self.state.tokens = record.tokens
+                        self.steps_applied += 1
+                    self.pending_metrics.append((record.step, _metrics(record, skip)))
+                    stop_reason = next((d for a in actions if (d := self.apply(a))), None)
+                    if rolled_back and launched is not None:  # taken on the weights the rollback replaced
+                        self.optimizer.zero_grad(set_to_none=True)
+                        launched = None
+                    self.faults.maybe_hang(self.state.step)
+                    if stop_reason:
+                        status, diagnosis = "stopped_by_supervisor", stop_reason
+                        break
+                    step = self.state.step
+                    if not skip and (step % t.eval_every == 0 or step == t.max_steps):
+                        with self.timer("eval"):
+                            write_heartbeat(self.run_dir, step)
+                            val_loss = self._val_loss()
+                        self.pending_metrics.append((step, {"val_loss": val_loss}))
+                        if self.state.best_val_loss is None or val_loss < self.state.best_val_loss:
+                            self.state.best_val_loss = val_loss
+                    if not skip and (step % t.checkpoint_every == 0 or step == t.max_steps):
+                        with self.timer("checkpoint"):
+                            self.save(val_loss if step % t.eval_every == 0 or step == t.max_steps else None)
+                    with self.timer("logging"):
+                        if len(self.pending_metrics) >= t.log_every:
+                            self.flush_metrics()
+                        if time.time() - last_beat > 0.25:
+                            write_heartbeat(self.run_dir, step)
+                            last_beat = time.time()
+                        bar.update(step - bar.n)
+                        if self.state.cursor % t.log_every == 0:
+                            bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.lr:.2e}",
+                                            tok_s=f"{self._tokens_per_s():.0f}", refresh=False)
+                    status = self._limit_reached() or status
+                    if self.stop_signal or status != "finished":
+                        status = "stopped" if self.stop_signal else status
+                        break
+                if launched is not None:
+                    pending = self.finish(launched)
+                elif self.state.step >= t.max_steps:
                     break
         bar.close()
         if _latest_step(self.run_dir) != self.state.step:
@@ -392,12 +475,12 @@ class TimedTrainer(Trainer):
         self.warmup = warmup
         self.step_starts: list[float] = []
 
-    def step(self) -> StepRecord:
-        if self.state.cursor == self.warmup:
+    def launch(self, cursor: int) -> Launched:
+        if cursor == self.warmup:
             self.timer.seconds.clear()
-        if self.state.cursor >= self.warmup:
+        if cursor >= self.warmup:
             self.step_starts.append(time.perf_counter())
-        return super().step()
+        return super().launch(cursor)
 
     def step_seconds(self) -> list[float]:
         """Whole iterations: from one timed step's start to the next one's."""
@@ -421,6 +504,19 @@ def can_compile(device: torch.device) -> bool:
     if device.type != "cpu":
         return True
     return any(shutil.which(name) for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name)
+
+
+def skip_update(loss: torch.Tensor, grad_norm: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """1.0 when the supervisor will skip this update, else 0.0, decided on the device.
+
+    limits is Supervisor.skip_limits() as a float64 tensor; the tests are SpikeMonitor.check's, in
+    the same float64 arithmetic, so the device and the supervisor never disagree.
+    """
+    values = torch.stack((loss, grad_norm)).double()
+    mean, std, ratio_limit = limits[:6].view(2, 3).unbind(1)
+    sigma, skip_spikes = limits[6], limits[7]
+    spike = ((std > 0) & ((values - mean) / std > sigma)) | (values > ratio_limit)
+    return (~torch.isfinite(values).all() | (spike.any() & (skip_spikes > 0))).float()
 
 
 def _mean_square(x: torch.Tensor) -> torch.Tensor:

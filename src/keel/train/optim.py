@@ -95,6 +95,27 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW 
     return MuonAdamW(muon, adamw)
 
 
+def step_unless(optimizer: torch.optim.Optimizer | MuonAdamW, skip: torch.Tensor | None) -> None:
+    """optimizer.step(), dropped when `skip` (a 0-d float32 tensor on the parameters' device) is 1.
+
+    Fused AdamW reads the flag inside its kernel and leaves weights, moments and step counts as they
+    were (the mechanism GradScaler uses for fp16 overflows), so the host never waits for the verdict.
+    Muon has no such flag: its part of MuonAdamW waits for the verdict, one device sync per step.
+    """
+    if skip is None:
+        optimizer.step()
+        return
+    for part in getattr(optimizer, "optimizers", (optimizer,)):
+        if part.defaults.get("fused"):
+            part.found_inf = skip
+            try:
+                part.step()
+            finally:
+                del part.found_inf
+        elif not bool(skip):
+            part.step()
+
+
 def reset_moments(optimizer: torch.optim.Optimizer | MuonAdamW, names: Sequence[str]) -> None:
     """Zero the named AdamW moments (exp_avg, exp_avg_sq) of every parameter, in place.
 
