@@ -222,15 +222,13 @@ class SpikeMonitor(Monitor):
         self.ewm = Ewm(ewm_span)
 
     def check(self, value: float, step: int) -> Signal | None:
-        by_sigma = by_ratio = False
+        mean, std, ratio_limit = self.limits()
         evidence: dict[str, float] = {"value": value}
-        if len(self.window) >= self.warmup:
-            mean, std = self.window.mean, self.window.std
-            sigmas = (value - mean) / std if std > 0 else 0.0
-            by_sigma = sigmas > self.sigma
-            evidence.update(mean=mean, std=std, sigmas=sigmas)
-        if self.ewm.count >= self.ewm_warmup and self.ewm.mean > 0:
-            by_ratio = value > self.ratio * self.ewm.mean
+        by_sigma = std > 0 and (value - mean) / std > self.sigma
+        if std > 0:
+            evidence.update(mean=mean, std=std, sigmas=(value - mean) / std)
+        by_ratio = value > ratio_limit
+        if math.isfinite(ratio_limit):
             evidence.update(ewm=self.ewm.mean, ratio=value / self.ewm.mean)
         if not (by_sigma or by_ratio):
             return None

@@ -21,13 +21,13 @@ from keel.errors import UserError
 
 class Faults:
     def __init__(self, spec: str = "", segment: int = 0):
-        self.nan_steps: set[int] = set()
-        self.spike_steps: set[int] = set()
+        self.nan_batches: set[int] = set()
+        self.spike_batches: set[int] = set()
         self.hang_steps: set[int] = set()
         self.segment = segment
         for item in filter(None, (part.strip() for part in spec.split(","))):
             kind, _, step = item.partition("@")
-            steps = {"nan": self.nan_steps, "spike": self.spike_steps, "hang": self.hang_steps}
+            steps = {"nan": self.nan_batches, "spike": self.spike_batches, "hang": self.hang_steps}
             if kind not in steps or not step.isdigit():
                 raise UserError(f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP or hang@STEP; fix or unset KEEL_FAULTS.")
             steps[kind].add(int(step))
@@ -39,11 +39,11 @@ class Faults:
     def corrupt_loss(self, loss: torch.Tensor, batch: int) -> torch.Tensor:
         # By batch, not step: the loop queues a step's forward before it knows whether the one
         # before was skipped, i.e. before it knows the step's number.
-        if batch in self.nan_steps:
-            self.nan_steps.discard(batch)
+        if batch in self.nan_batches:
+            self.nan_batches.discard(batch)
             return loss * float("nan")
-        if batch in self.spike_steps:
-            self.spike_steps.discard(batch)
+        if batch in self.spike_batches:
+            self.spike_batches.discard(batch)
             return loss * 100.0
         return loss
 

@@ -59,7 +59,6 @@ class LoopState:
 class Launched:
     """A step whose forward/backward is queued: its gradients are (or will be) in the parameters."""
 
-    cursor: int  # the batch it trains on
     loss_sum: torch.Tensor  # summed over the micro-batches, on the device
     seconds: float  # host time spent queueing it
 
@@ -288,7 +287,7 @@ class Trainer:
                 loss = self.faults.corrupt_loss(loss, cursor)
                 self.scaler.scale(loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
-        return Launched(cursor, loss_sum, time.perf_counter() - start)
+        return Launched(loss_sum, time.perf_counter() - start)
 
     def finish(self, launched: Launched) -> Pending:
         """Clip and queue the update, which the device drops when the supervisor would; send the numbers home.
