@@ -73,17 +73,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = None  # float32 (V, C), summed over the chunks
         rows = loss_chunk_rows(*weight.shape)
+        columns = torch.arange(weight.shape[0], device=hidden.device)  # (V,)
         for start in range(0, h.shape[0], rows):
             x, t = h[start : start + rows], targets[start : start + rows]
-            logits = x @ w.t()  # (rows, V)
-            square_sum = square_sum + torch.linalg.vector_norm(logits, dtype=torch.float32).square()
-            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            logits = (x @ w.t()).float()  # (rows, V)
+            # Per-row reductions first: compiled, the squares, the row max and the sum of exponentials
+            # share the passes over the logits (a whole-chunk sum would be a pass of its own).
+            square_sum = square_sum + torch.linalg.vector_norm(logits, dim=-1).square().sum()
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1)
             counted = t != IGNORE_INDEX
             t = torch.where(counted, t, 0)[:, None]
-            loss_sum = loss_sum - torch.where(counted, log_probs.gather(1, t).squeeze(1), 0.0).sum()
+            loss_sum = loss_sum - torch.where(counted, (logits.gather(1, t) - log_norm).squeeze(1), 0.0).sum()
             if with_grad:
-                # d loss_sum / d logits = softmax - one_hot(target); ignored rows are zeroed on the narrow side
-                grad = log_probs.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=log_probs.dtype)).to(dtype)
+                # d loss_sum / d logits = softmax - one_hot(target), written once in the autocast dtype;
+                # ignored rows are zeroed on the narrow side
+                probs = logits.sub_(log_norm).exp_()  # in place: the logits are not needed any more
+                grad = torch.where(columns == t, probs - 1, probs).to(dtype)
                 keep = counted[:, None].to(dtype)
                 grad_hidden[start : start + rows] = (grad @ w) * keep
                 chunk_grad = (grad.t() @ (x * keep)).float()
