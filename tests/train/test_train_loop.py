@@ -1,5 +1,8 @@
 """The trainer: its build-time choices (compilation, activation checkpointing) and the order of a step."""
 
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,6 +82,38 @@ def test_activation_checkpointing_keeps_far_fewer_activations(tiny_data, tmp_pat
         saved_bytes[setting] = total
     # what is kept for backward: everything in every block, or only each block's input (+ the head)
     assert saved_bytes["true"] < 0.5 * saved_bytes["false"]
+
+
+# Like a training step's activations, 4 blocks of 48 MiB are allocated and then freed, six times; it
+# prints the pages the last time faulted in. With `trainer`, a CPU Trainer is built first.
+REUSE_PROBE = """
+import resource, sys, torch
+from pathlib import Path
+if sys.argv[1] == "trainer":
+    from keel import config
+    from keel.runs.rundir import init_run_dir
+    from keel.train.loop import Trainer
+    run_dir = Path(sys.argv[2])
+    Trainer(init_run_dir(config.load(None, sys.argv[3:]), run_dir), run_dir, registry=None, progress=False)
+for step in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(12 << 20) for _ in range(4)]
+    del blocks
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_a_cpu_trainer_reuses_freed_memory_instead_of_faulting_it_in_again(tiny_data, tmp_path):
+    def faults(*args: str) -> int:
+        probe = subprocess.run([sys.executable, "-c", REUSE_PROBE, *args], capture_output=True, text=True)
+        assert probe.returncode == 0, probe.stderr
+        return int(probe.stdout.split()[-1])
+
+    pages = 4 * (48 << 20) // 4096
+    # glibc's default maps blocks above 32 MiB afresh and unmaps them on free: faulted in every time
+    assert faults("plain") > pages // 2
+    assert faults("trainer", str(tmp_path / "run"), f"data.path={tiny_data}", *TINY, "train.device=cpu") < pages // 20
 
 
 @pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler on a CPU")

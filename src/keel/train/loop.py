@@ -40,7 +40,7 @@ from keel.supervisor.watchdog import HEARTBEAT_FILE
 from keel.train import checkpoint as ckpt
 from keel.train.faults import Faults
 from keel.train.optim import build_optimizer, lr_at, reset_moments, step_unless
-from keel.train.precision import autocast, grad_scaler, pick_device, pick_dtype
+from keel.train.precision import autocast, grad_scaler, keep_freed_memory, pick_device, pick_dtype
 
 
 @dataclass
@@ -129,6 +129,8 @@ class Trainer:
         t = config.train
         self.device = pick_device(t.device)
         self.dtype = pick_dtype(t.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         data = open_data(Path(config.data.path))
         self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
         self.train_name, self.val_name = data.split_name("train"), data.split_name("val")

@@ -1,8 +1,11 @@
-"""Device and numeric precision, chosen at run time from what the hardware supports."""
+"""Device and numeric precision, chosen at run time from what the hardware supports, and how the host
+allocates memory for a CPU run."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
 
 import torch
 
@@ -48,3 +51,24 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
     """Loss scaling is needed only for fp16, whose narrow exponent underflows small gradients."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory tensors free for reuse instead of returning it to the OS.
+
+    A CPU training step allocates and frees the same activations every step. By default glibc serves
+    large blocks with fresh mmaps and unmaps them on free, so every step faults all of them in again:
+    66k page faults (258 MiB) per step for bench/throughput.py's mid model, 15-20% of its step time.
+    With no mmaps and no trimming, freed blocks stay in the heap and the next step reuses them; the
+    process keeps its peak heap until it exits (as jemalloc or tcmalloc set up for PyTorch do).
+    Returns whether the setting took: only on Linux with glibc, elsewhere nothing changes.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    # mallopt returns 1 on success; trimming only gives back free memory at the top of the heap.
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
