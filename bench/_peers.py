@@ -43,6 +43,31 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, window:
     return best
 
 
+class GemmProbe:
+    """The n x n GEMM rate in `dtype` right now: the best of `repeats` matmuls (~65 ms in bf16 at 2048).
+
+    Called just before each timed training step, it pairs every step with what the hardware did at
+    that moment, so a slow stretch of a shared machine slows both sides of the ratio.
+    """
+
+    def __init__(self, dtype: torch.dtype, n: int = 2048, repeats: int = 3):
+        generator = torch.Generator().manual_seed(0)
+        self.a = torch.randn(n, n, generator=generator).to(dtype)
+        self.b = torch.randn(n, n, generator=generator).to(dtype)
+        self.flops, self.repeats = 2 * n**3, repeats
+        self.rates: list[float] = []  # GFLOP/s, one per call
+        self.seconds = 0.0  # spent probing, to be left out of the training time
+
+    def __call__(self) -> None:
+        start, best = time.perf_counter(), float("inf")
+        for _ in range(self.repeats):
+            t0 = time.perf_counter()
+            self.a @ self.b
+            best = min(best, time.perf_counter() - t0)
+        self.rates.append(self.flops / best / 1e9)
+        self.seconds += time.perf_counter() - start
+
+
 @dataclass
 class Shape:
     """The architecture and batch shared by keel and both peers."""
@@ -199,8 +224,12 @@ def train_peer(
     warmup: int,
     log_every: int = 10,
     grad_clip: float = 1.0,
+    probe: GemmProbe | None = None,
 ) -> dict[str, object]:
-    """Train for warmup + steps steps; tokens/s and the phase split cover only the last `steps`."""
+    """Train for warmup + steps steps; tokens/s and the phase split cover only the last `steps`.
+
+    `probe`, if given, is called before each timed step, off the clock.
+    """
     model.train()
     timings = dict.fromkeys(("data", "forward_backward", "optimizer", "logging"), 0.0)
     tokens, loss, step_seconds = 0, None, []
@@ -208,6 +237,8 @@ def train_peer(
         if step == warmup:  # the clock starts after warm-up
             timings = dict.fromkeys(timings, 0.0)
             tokens, start = 0, time.perf_counter()
+        if probe is not None and step >= warmup:
+            probe()
         t0 = time.perf_counter()
         x, y = next_batch(step)  # (B, T) each
         t1 = time.perf_counter()
@@ -229,6 +260,6 @@ def train_peer(
             step_seconds.append(t4 - t0)
         for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             timings[key] += seconds
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - (probe.seconds if probe is not None else 0.0)
     return {"tokens_per_s": tokens / seconds, "tokens_per_step": x.numel(), "step_seconds": step_seconds, "seconds": seconds,
             "steps": steps, "final_loss": loss.item(), "timings": timings}

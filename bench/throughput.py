@@ -5,7 +5,8 @@ by itself), a plain PyTorch loop over Hugging Face LlamaForCausalLM with the sam
 in bf16 autocast, and a nanoGPT-style float32 loop (bench/_peers.py), all on the same token
 batches from the Python standard library. It prints tokens/s (from the median step time, and the
 mean), model FLOP utilisation against the 2048x2048 GEMM peak of its dtype measured in the same
-process just before and just after it trains (the better of the two), peak memory, the split of step time between data,
+process just before and just after it trains (the better of the two) and against a GEMM probe run
+just before each step ("paired"), peak memory, the split of step time between data,
 forward/backward, optimizer and logging, and the keel/peer ratios.
 
 Each measurement runs in a fresh subprocess of this script, because a process's peak RSS
@@ -38,10 +39,10 @@ from keel.config import load
 from keel.data import get_batch, open_data, prepare
 from keel.models.gpt import mlp_hidden_size
 from keel.train.loop import TimedTrainer, should_compile
-from keel.train.precision import cpu_has_bf16, pick_device
+from keel.train.precision import cpu_has_bf16, pick_device, pick_dtype
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _peers import Shape, gemm_gflops, llama_peer, nanogpt_peer, train_peer  # noqa: E402
+from _peers import GemmProbe, Shape, gemm_gflops, llama_peer, nanogpt_peer, train_peer  # noqa: E402
 
 CACHE = Path(__file__).parent / ".cache"
 DATA_DIR = CACHE / "python-stdlib-8192"
@@ -75,6 +76,25 @@ def keel_shape(size: str, quick: bool, overrides: list[str]) -> tuple[Shape, lis
 # one measurement, in its own process
 
 
+class ProbedTrainer(TimedTrainer):
+    """TimedTrainer that runs a GEMM probe before each timed step and leaves it out of the step times."""
+
+    def __init__(self, *args, probe: GemmProbe, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.probe, self.probe_spans = probe, []
+
+    def launch(self, cursor: int):
+        if cursor >= self.warmup:
+            before = self.probe.seconds
+            self.probe()
+            self.probe_spans.append(self.probe.seconds - before)
+        return super().launch(cursor)
+
+    def step_seconds(self) -> list[float]:
+        # The interval from step k's start to step k+1's holds the probe run before step k+1.
+        return [seconds - span for seconds, span in zip(super().step_seconds(), self.probe_spans[1:])]
+
+
 def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
     # Evaluation and checkpoints happen only at the end and are not counted; the rest is keel's defaults.
     config = load(None, sets + [f"train.max_steps={warmup + steps}", f"train.eval_every={warmup + steps}",
@@ -85,9 +105,10 @@ def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
         config.train.compile = should_compile(load(None).train, 0, pick_device(config.train.device))
 
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = TimedTrainer(config, Path(run_dir), registry=None, progress=False, warmup=warmup)
+        probe = GemmProbe(pick_dtype(config.train.dtype, pick_device(config.train.device)))
+        trainer = ProbedTrainer(config, Path(run_dir), registry=None, progress=False, warmup=warmup, probe=probe)
         result = trainer.run()
-        seconds = time.perf_counter() - trainer.step_starts[0]
+        seconds = time.perf_counter() - trainer.step_starts[0] - sum(trainer.probe_spans[1:])
     if result.status != "finished":
         sys.exit(f"keel stopped before its last step ({result.status} {result.diagnosis}), so its figures would be wrong")
     timings = result.timings
@@ -98,7 +119,7 @@ def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
             "step_seconds": step_seconds, "seconds": seconds, "final_loss": result.final_loss,
             "timings": {k: timings.get(k, 0.0) for k in PHASES}, "dtype": str(trainer.dtype).removeprefix("torch."),
             "flops_per_token": trainer.model.flops_per_token(), "params": trainer.model.num_params(),
-            "compiled": trainer.forward is not trainer.model}
+            "compiled": trainer.forward is not trainer.model, "probe_gflops": probe.rates}
 
 
 def measure_peer(impl: str, shape: Shape, sets: list[str], warmup: int, steps: int) -> dict[str, object]:
@@ -115,10 +136,11 @@ def measure_peer(impl: str, shape: Shape, sets: list[str], warmup: int, steps: i
         # keel's sampler with keel's seed: every implementation sees the same batches.
         return get_batch(tokens, shape.context_length, shape.batch_size, config.train.seed, index)
 
-    result = train_peer(model, optimizer, autocast_dtype, next_batch, steps, warmup)
+    probe = GemmProbe(autocast_dtype or torch.float32)
+    result = train_peer(model, optimizer, autocast_dtype, next_batch, steps, warmup, probe=probe)
     dtype = str(autocast_dtype or torch.float32).removeprefix("torch.")
     return result | {"dtype": dtype, "flops_per_token": flops, "params": sum(p.numel() for p in model.parameters()),
-                     "compiled": False}
+                     "compiled": False, "probe_gflops": probe.rates}
 
 
 def worker(job: dict) -> None:
@@ -167,6 +189,13 @@ def prepare_data() -> None:
         prepare(["builtin:python-stdlib"], DATA_DIR, vocab_size=VOCAB_SIZE, progress=False)
 
 
+def paired_mfu(r: dict) -> float:
+    """The median over timed steps of each step's FLOP rate over the GEMM probe taken just before it."""
+    flops_per_step = r["flops_per_token"] * r["tokens_per_step"]
+    return statistics.median(flops_per_step / seconds / (gflops * 1e9)
+                             for seconds, gflops in zip(r["step_seconds"], r["probe_gflops"]))
+
+
 def percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:5.1f}%"
 
@@ -203,7 +232,7 @@ def main() -> None:
 
     started = time.perf_counter()
     results: dict[tuple[str, str], dict] = {}
-    header = (f"{'size':<6} {'impl':<8} {'shape L/d/h/T/B':<17} {'params':>7} {'dtype':<8} {'tok/s':>7} {'mean':>7} {'MFU':>6} {'peak':>5} "
+    header = (f"{'size':<6} {'impl':<8} {'shape L/d/h/T/B':<17} {'params':>7} {'dtype':<8} {'tok/s':>7} {'mean':>7} {'MFU':>6} {'peak':>5} {'paired':>6} "
               f"{'RSS MiB':>8} {'data':>6} {'fwd/bwd':>7} {'optim':>6} {'log':>6} {'other':>6} {'loss':>6}")
     print(header)
     print("-" * len(header))
@@ -219,13 +248,15 @@ def main() -> None:
             split = [r["timings"][k] for k in PHASES]
             name = impl + ("+c" if r["compiled"] else "")
             print(f"{size:<6} {name:<8} {f'{shape.n_layer}/{shape.d_model}/{shape.n_head}/{shape.context_length}/{shape.batch_size}':<17} "
-                  f"{r['params'] / 1e6:6.1f}M {r['dtype']:<8} {r['typical_tokens_per_s']:7.0f} {r['tokens_per_s']:7.0f} {100 * mfu:5.1f}% {peak:5.0f} "
+                  f"{r['params'] / 1e6:6.1f}M {r['dtype']:<8} {r['typical_tokens_per_s']:7.0f} {r['tokens_per_s']:7.0f} {100 * mfu:5.1f}% {peak:5.0f} {100 * paired_mfu(r):5.1f}% "
                   f"{r['peak_rss_mib']:8.0f} " + " ".join(f"{percent(s, r['seconds']):>6}" for s in split)
                   + f" {percent(r['seconds'] - sum(split), r['seconds']):>6} {r['final_loss']:6.3f}", flush=True)
     print("\ntok/s = tokens per step / median step time, and 'mean' = tokens / total time: other processes on a shared "
           "machine only ever slow steps down, so the median step is the one to compare (the GEMM peak is also the best "
           "stretch, not the mean).\nMFU = flops_per_token x tok/s / peak, the best GFLOP/s of a 2048x2048 GEMM in the dtype the "
           "run computes in, measured in the run's own process just before and just after it trains (the better of the two); "
+          "'paired' = the median over timed steps of each step's FLOP rate over a GEMM probe (best of three 2048x2048 "
+          "matmuls) run just before that step, off the clock, so that a slow stretch of the machine slows both; "
           "'other' is step time outside the four phases (supervisor, lr schedule, bookkeeping).")
 
     if "keel" in impls:
@@ -237,7 +268,8 @@ def main() -> None:
                       for peer in impls if peer != "keel"]
             mfu_bf16 = keel["flops_per_token"] * keel["typical_tokens_per_s"] / (keel["gemm_peak"]["bfloat16"] * 1e9)
             data_log = sum(keel["timings"][k] for k in ("data", "logging")) / keel["seconds"]
-            print(f"  {size:<6} tokens/s {', '.join(ratios) or '(no peer run)'}; {100 * mfu_bf16:.1f}% of the bf16 peak; "
+            paired = f" ({100 * paired_mfu(keel):.1f}% paired)" if keel["dtype"] == "bfloat16" else ""
+            print(f"  {size:<6} tokens/s {', '.join(ratios) or '(no peer run)'}; {100 * mfu_bf16:.1f}% of the bf16 peak{paired}; "
                   f"data+logging {100 * data_log:.1f}%")
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
