@@ -3,8 +3,8 @@
 Two trainers run one after the other (never together: the machine has 2 cores), each for the
 same wall-clock budget on the same train files, and are evaluated on the whole val split:
 
-- keel with its default recipe (`keel.config.load(None, ...)`), max_steps sized to the budget
-  by `keel.demo.steps_for_budget` so the lr schedule ends with it, plus any `--set` overrides;
+- keel with its default recipe (`keel.config.load(None, ...)`) and no step limit: train.max_minutes
+  ends the run and plans its lr schedule to end with the budget; plus any `--set` overrides;
 - a nanoGPT-style float32 byte-level model of the same size (bench/_charpeer.py).
 
 Bits per byte divides the total nats on the val split by its UTF-8 bytes, so byte-level and BPE
@@ -23,7 +23,6 @@ import os
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,20 +33,15 @@ from throughput import DATA_DIR, machine, prepare_data  # noqa: E402
 
 def run_keel(minutes: float, overrides: list[str]) -> dict:
     from keel import config as config_lib
-    from keel.demo import steps_for_budget
     from keel.inference import evaluate_run, load_run
     from keel.models.gpt import GPT
     from keel.runs.rundir import init_run_dir
     from keel.train.loop import train
 
-    sets = [f"data.path={DATA_DIR}", "name=quality"] + overrides
-    base = config_lib.load(None, sets)
-    calibrate_start = time.perf_counter()
-    # A max_steps given with --set fixes the schedule, so recipes compare at equal steps on a noisy machine.
-    fixed = any(item.startswith("train.max_steps=") for item in overrides)
-    max_steps = base.train.max_steps if fixed else steps_for_budget(base, minutes)
-    calibration = time.perf_counter() - calibrate_start
-    config = config_lib.load(None, sets + [f"train.max_steps={max_steps}", f"train.max_minutes={minutes}"])
+    # A max_steps given with --set fixes the schedule (the budget still caps it), so recipes compare
+    # at equal steps on a noisy machine.
+    config = config_lib.load(None, [f"data.path={DATA_DIR}", "name=quality", "train.max_steps=0",
+                                    f"train.max_minutes={minutes}"] + overrides)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "quality"
         config = init_run_dir(config, run_dir)
@@ -55,8 +49,8 @@ def run_keel(minutes: float, overrides: list[str]) -> dict:
         evaluation = evaluate_run(load_run(run_dir), DATA_DIR)
     m = config.model
     return {"bits_per_byte": evaluation.bits_per_byte, "val_loss": evaluation.loss, "steps": result.steps,
-            "max_steps": max_steps, "tokens": result.tokens, "seconds": result.seconds, "status": result.status,
-            "final_loss": result.final_loss, "calibration_s": calibration, "params": GPT(m).num_params(),
+            "tokens": result.tokens, "seconds": result.seconds, "status": result.status,
+            "final_loss": result.final_loss, "params": GPT(m).num_params(),
             "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/{m.n_kv_head}kv/T{m.context_length}/B{config.train.batch_size}",
             "recipe": f"lr {config.optim.lr:g} {config.optim.schedule}" + (" qk_norm" if m.qk_norm else "")}
 
@@ -68,9 +62,9 @@ def run_peer(minutes: float) -> dict:
     m, t = (c := config_lib.load(None, [f"data.path={DATA_DIR}"])).model, c.train
     shape = Shape(m.n_layer, m.d_model, m.n_head, m.n_head, 4 * m.d_model, PEER_VOCAB_SIZE, m.context_length, t.batch_size)
     r = train_and_evaluate(DATA_DIR, minutes, shape)
-    return {"bits_per_byte": r.bits_per_byte, "val_loss": r.val_loss, "steps": r.steps, "max_steps": r.steps,
+    return {"bits_per_byte": r.bits_per_byte, "val_loss": r.val_loss, "steps": r.steps,
             "tokens": r.tokens, "seconds": r.seconds, "status": "time_limit", "final_loss": r.final_loss,
-            "calibration_s": 0.0, "params": r.params,
+            "params": r.params,
             "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/T{m.context_length}/B{t.batch_size}",
             "recipe": "lr 0.001 cosine, fp32, bytes"}
 
@@ -99,15 +93,15 @@ def main() -> None:
             results[name] = run()
             results[name]["load"] = os.getloadavg()[0]
 
-    header = (f"{'trainer':<8} {'shape':<27} {'recipe':<26} {'params':>7} {'steps':>11} {'tokens':>10} "
+    header = (f"{'trainer':<8} {'shape':<27} {'recipe':<26} {'params':>7} {'steps':>6} {'tokens':>10} "
               f"{'train s':>7} {'tok/s':>6} {'load':>4} {'loss':>6} {'val nats':>8} {'bits/byte':>9}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
-        print(f"{name:<8} {r['shape']:<27} {r['recipe']:<26} {r['params'] / 1e6:6.2f}M {r['steps']:>5}/{r['max_steps']:<5} "
+        print(f"{name:<8} {r['shape']:<27} {r['recipe']:<26} {r['params'] / 1e6:6.2f}M {r['steps']:>6} "
               f"{r['tokens']:>10,} {r['seconds']:7.0f} {r['tokens'] / r['seconds']:6.0f} {r['load']:4.1f} {r['final_loss']:6.3f} {r['val_loss']:8.3f} {r['bits_per_byte']:9.3f}")
     if "keel" in results:
         k = results["keel"]
-        print(f"\nkeel stopped by {k['status']}; step-time calibration took {k['calibration_s']:.0f} s outside the budget")
+        print(f"\nkeel stopped by {k['status']}")
     print("load = 1-minute load average when the run ended (2 cores: above ~2 means other work shared them)")
     if len(results) == 2:
         ratio = results["keel"]["bits_per_byte"] / results["peer"]["bits_per_byte"]

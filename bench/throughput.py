@@ -38,7 +38,7 @@ import torch
 from keel.config import load
 from keel.data import get_batch, open_data, prepare
 from keel.models.gpt import mlp_hidden_size
-from keel.train.loop import TimedTrainer, should_compile
+from keel.train.loop import Trainer, should_compile
 from keel.train.precision import cpu_has_bf16, pick_device, pick_dtype
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -76,23 +76,33 @@ def keel_shape(size: str, quick: bool, overrides: list[str]) -> tuple[Shape, lis
 # one measurement, in its own process
 
 
-class ProbedTrainer(TimedTrainer):
-    """TimedTrainer that runs a GEMM probe before each timed step and leaves it out of the step times."""
+class ProbedTrainer(Trainer):
+    """The real training loop, timed from step `warmup` on, with a GEMM probe run before each timed step.
 
-    def __init__(self, *args, probe: GemmProbe, **kwargs):
+    The phase timers restart at step `warmup` and the start of every later step is noted; the
+    probes are left out of the step times. The batch cursor counts the steps taken so far, so it
+    names the first timed step.
+    """
+
+    def __init__(self, *args, warmup: int, probe: GemmProbe, **kwargs):
         super().__init__(*args, **kwargs)
-        self.probe, self.probe_spans = probe, []
+        self.warmup, self.probe = warmup, probe
+        self.step_starts: list[float] = []
+        self.probe_spans: list[float] = []
 
     def launch(self, cursor: int):
+        if cursor == self.warmup:
+            self.timer.seconds.clear()
         if cursor >= self.warmup:
             before = self.probe.seconds
             self.probe()
             self.probe_spans.append(self.probe.seconds - before)
+            self.step_starts.append(time.perf_counter())
         return super().launch(cursor)
 
     def step_seconds(self) -> list[float]:
-        # The interval from step k's start to step k+1's holds the probe run before step k+1.
-        return [seconds - span for seconds, span in zip(super().step_seconds(), self.probe_spans[1:])]
+        """Whole iterations, from one timed step's start to the next one's, less the probe run between them."""
+        return [b - a - span for a, b, span in zip(self.step_starts, self.step_starts[1:], self.probe_spans[1:])]
 
 
 def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:

@@ -30,6 +30,8 @@ def test_file_round_trip(tmp_path):
         (["train.dtype=float8"], "train.dtype must be"),
         (["optim.schedule=linear"], "optim.schedule must be"),
         (["optim.lr"], "is not KEY=VALUE"),
+        (["train.max_steps=0"], "set train.max_steps or train.max_minutes"),
+        (["train.max_steps=-5"], "train.max_steps, train.max_tokens and train.max_minutes must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, words):

@@ -57,7 +57,7 @@ class OptimConfig:
     lr: float = opt(1e-3, "Peak learning rate.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
     schedule: str = opt("wsd", "Learning-rate schedule after warmup: cosine | wsd (warmup-stable-decay) | constant.")
-    decay_fraction: float = opt(0.3, "Fraction of max_steps spent decaying at the end of the wsd schedule.")
+    decay_fraction: float = opt(0.3, "Fraction of the run spent decaying at the end of the wsd schedule.")
     warmup_steps: int = opt(50, "Steps of linear warmup from 0 to the peak learning rate.")
     weight_decay: float = opt(0.1, "Decoupled weight decay on matrices; norms, biases and embeddings get none.")
     beta1: float = opt(0.9, "AdamW beta1.")
@@ -72,9 +72,9 @@ class TrainConfig:
 
     batch_size: int = opt(8, "Sequences per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
-    max_steps: int = opt(1000, "Stop after this many optimizer steps (also the length of the lr schedule).")
+    max_steps: int = opt(1000, "Stop after this many optimizer steps; 0 means no step limit (train.max_minutes then ends the run). The lr schedule spans the run: max_steps, or the steps max_minutes buys at the rate measured so far, whichever is fewer.")
     max_tokens: int = opt(0, "Stop after this many training tokens; 0 means no limit.")
-    max_minutes: float = opt(0.0, "Stop after this many minutes of training in this process; 0 means no limit.")
+    max_minutes: float = opt(0.0, "Stop after this many minutes of training, counted across restarts, with the lr schedule planned to end then; 0 means no limit.")
     eval_every: int = opt(200, "Evaluate on the validation split every this many steps (and at the end).")
     eval_batches: int = opt(20, "Validation batches per evaluation.")
     checkpoint_every: int = opt(200, "Write a checkpoint every this many steps (and at the end).")
@@ -83,7 +83,7 @@ class TrainConfig:
     seed: int = opt(1337, "Seed for initialisation and for the data order.")
     device: str = opt("auto", "auto | cpu | cuda (auto takes cuda when available).")
     dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it, else fp16 on CUDA, else fp32).")
-    compile: bool | str = opt("auto", "true | false | auto: torch.compile the model (auto: when the run has at least 500 steps to go, enough to repay the compilation).")
+    compile: bool | str = opt("auto", "true | false | auto: torch.compile the model (auto: when the run has at least 500 steps and, under train.max_minutes, 4 minutes to go, enough to repay the compilation).")
     activation_checkpointing: bool = opt(False, "Recompute each block's activations in the backward pass: far less memory for about a third more compute.")
 
 
@@ -140,7 +140,7 @@ class SupervisorConfig:
     skip_spikes: bool = opt(True, "Rung 1: drop the update of a spiking step (non-finite updates are always dropped).")
     repair_after_skips: int = opt(3, "Loss spikes or non-finite steps within one incident before a repair (rung 2+) is tried.")
     rollback: bool = opt(True, "Rung 2 (and part of 3 and 4): roll back to the last good checkpoint before the trouble and skip batches.")
-    skip_fraction: float = opt(0.002, "Batches skipped after a rollback, as a fraction of max_steps (PaLM: 200-500 of 255k).")
+    skip_fraction: float = opt(0.002, "Batches skipped after a rollback, as a fraction of the run's planned steps (PaLM: 200-500 of 255k).")
     skip_min: int = opt(10, "At least this many batches are skipped after a rollback.")
     skip_max: int = opt(500, "At most this many batches are skipped after a rollback (PaLM's largest skip).")
     lower_lr: bool = opt(True, "Rung 3: lower the learning rate and tighten clipping for the rest of the run.")
@@ -365,9 +365,11 @@ def validate(config: RunConfig) -> None:
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be within [0, 1).")
     need(o.eps > 0, f"optim.eps must be positive, got {o.eps}.")
     need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns clipping off), got {o.grad_clip}.")
-    for key in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every"):
+    for key in ("batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every"):
         need(getattr(t, key) > 0, f"train.{key} must be a positive integer, got {getattr(t, key)}.")
-    need(t.max_tokens >= 0 and t.max_minutes >= 0, "train.max_tokens and train.max_minutes must be >= 0 (0 means no limit).")
+    need(t.max_steps >= 0 and t.max_tokens >= 0 and t.max_minutes >= 0,
+         "train.max_steps, train.max_tokens and train.max_minutes must be >= 0 (0 means no limit).")
+    need(t.max_steps > 0 or t.max_minutes > 0, "set train.max_steps or train.max_minutes: the lr schedule needs the length of the run.")
     need(t.compile in (True, False, "auto"), f"train.compile must be true, false or auto, got {t.compile!r}.")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"train.device must be auto, cpu or cuda, got {t.device!r}.")
     from keel.supervisor.policy import validate_config as validate_supervisor  # the rules live with the policy

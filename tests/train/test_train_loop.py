@@ -10,7 +10,7 @@ import torch
 
 from keel import config as config_lib
 from keel.runs.rundir import init_run_dir
-from keel.train.loop import COMPILE_MIN_STEPS, Trainer, can_compile, should_compile, train
+from keel.train.loop import COMPILE_MIN_MINUTES, COMPILE_MIN_STEPS, Trainer, can_compile, should_compile, train
 from keel.train.precision import autocast
 
 from conftest import TINY
@@ -37,10 +37,14 @@ def test_compile_auto_waits_for_a_run_long_enough_to_repay_it():
     assert not should_compile(train_config, 1, cpu)  # a resume near the end is not worth compiling for
     train_config.max_steps = 20
     assert not should_compile(train_config, 0, cpu)
+    train_config.max_steps, train_config.max_minutes = 0, COMPILE_MIN_MINUTES  # a time budget long enough
+    assert should_compile(train_config, 0, cpu)
+    train_config.max_minutes = COMPILE_MIN_MINUTES / 2
+    assert not should_compile(train_config, 0, cpu)
     train_config.compile = True
     assert should_compile(train_config, 0, cpu)
     train_config.compile = False
-    train_config.max_steps = 10 * COMPILE_MIN_STEPS
+    train_config.max_steps, train_config.max_minutes = 10 * COMPILE_MIN_STEPS, 0
     assert not should_compile(train_config, 0, cpu)
 
 

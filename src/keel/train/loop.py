@@ -9,13 +9,14 @@ step, one step behind the device; a rollback throws the queued step's gradients 
 
 Everything a resume needs (weights, optimizer, LoopState, supervisor state, grad scaler) goes into
 each checkpoint, and the batch at cursor c is a pure function of (data, seed, c), so a resumed run
-repeats the uninterrupted one exactly.
+repeats the uninterrupted one exactly, unless train.max_minutes plans the lr schedule by the clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -53,6 +54,7 @@ class LoopState:
     lr_scale: float = 1.0  # multiplier the supervisor applies on top of the schedule
     grad_clip: float = 0.0  # current clip value (the supervisor may tighten it)
     best_val_loss: float | None = None
+    train_seconds: float = 0.0  # training time up to this state, summed over the process segments
 
 
 @dataclass
@@ -161,6 +163,7 @@ class Trainer:
         self.stop_signal: str | None = None
         self.steps_applied = 0  # optimizer steps applied by this process (rollbacks do not undo the work)
         self.start_time = time.perf_counter()
+        self.clock_base = 0.0  # training seconds of the segments before this process, from its checkpoint
         # The monitors' activation and logit sizes, summed over micro-batches by forward hooks: under
         # torch.compile the hooks are traced into the graph and fused with the passes that already
         # read these tensors. The logits' mean square comes from the loss, which reduces each chunk
@@ -191,8 +194,32 @@ class Trainer:
         x, y = get_batch(self.train_tokens, c.context_length, t.batch_size, t.seed, micro_index, split_name=self.train_name)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def train_seconds(self) -> float:
+        """Training time so far, earlier process segments included (time a crash lost after the last
+        checkpoint is not counted: those steps are trained again)."""
+        return self.clock_base + time.perf_counter() - self.start_time
+
+    def planned_steps(self) -> float:
+        """The run's length in optimizer steps as planned now: train.max_steps, or the steps
+        train.max_minutes buys at the average rate so far (start-up, compilation, evaluations and
+        checkpoints included), whichever is fewer.
+
+        Planned this way a wsd decay starts when (1 - decay_fraction) of the time budget is spent and
+        reaches its floor as the budget ends, however fast the machine runs meanwhile.
+        """
+        t = self.config.train
+        steps = t.max_steps or math.inf
+        if t.max_minutes:
+            step = self.state.step
+            affordable = step * 60 * t.max_minutes / max(self.train_seconds(), 1e-9)
+            steps = min(steps, max(affordable, step + 1))
+        return steps
+
     def _set_lr(self) -> float:
-        lr = lr_at(self.state.step, self.config.optim, self.config.train.max_steps) * self.state.lr_scale
+        planned = self.planned_steps()
+        if self.supervisor is not None:
+            self.supervisor.max_steps = planned  # its post-rollback skip is a share of the run
+        lr = lr_at(self.state.step, self.config.optim, planned) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -207,6 +234,7 @@ class Trainer:
     def save(self, val_loss: float | None = None) -> None:
         write_heartbeat(self.run_dir, self.state.step)
         self.flush_metrics()  # every step up to a checkpoint is in the registry before it exists
+        self.state.train_seconds = self.train_seconds()
         train_state = {
             "loop": dataclasses.asdict(self.state),
             "optimizer": self.optimizer.state_dict(),
@@ -358,20 +386,22 @@ class Trainer:
                            f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')}"
                            f"{', compiled' if self.forward is not self.model else ''} (process segment {self.segment})",
                            {"segment": self.segment, "tokens": self.state.tokens})
-        self.start_time = time.perf_counter()
-        status, diagnosis, record, val_loss = "finished", "", None, None
-        bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not self.progress, unit="step",
+        self.start_time, self.clock_base = time.perf_counter(), self.state.train_seconds
+        step_limit = t.max_steps or math.inf
+        # A resumed run whose time or token budget is already spent trains no further.
+        status, diagnosis, record, val_loss = self._limit_reached() or "finished", "", None, None
+        bar = tqdm(total=t.max_steps or None, initial=self.state.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         last_beat = 0.0
         pending: Pending | None = None
         with _stop_on_signals(self):
-            while True:
+            while status == "finished":
                 # Queue the next step's forward/backward before reading the pending step's numbers, so the
                 # device has work while the host waits; not when the pending step may be the last one.
                 launched = None
-                if pending is None and self.state.step < t.max_steps:
+                if pending is None and self.state.step < step_limit:
                     launched = self.launch(self.state.cursor)
-                elif pending is not None and self.state.step + 1 < t.max_steps:
+                elif pending is not None and self.state.step + 1 < step_limit:
                     launched = self.launch(self.state.cursor + 1)
                 if pending is not None:
                     record, dropped = self.read(pending)
@@ -396,16 +426,18 @@ class Trainer:
                         status, diagnosis = "stopped_by_supervisor", stop_reason
                         break
                     step = self.state.step
-                    if not skip and (step % t.eval_every == 0 or step == t.max_steps):
+                    limit = self._limit_reached()
+                    last = step >= step_limit or limit is not None  # evaluated and saved, whatever the intervals
+                    if not skip and (step % t.eval_every == 0 or last):
                         with self.timer("eval"):
                             write_heartbeat(self.run_dir, step)
                             val_loss = self._val_loss()
                         self.pending_metrics.append((step, {"val_loss": val_loss}))
                         if self.state.best_val_loss is None or val_loss < self.state.best_val_loss:
                             self.state.best_val_loss = val_loss
-                    if not skip and (step % t.checkpoint_every == 0 or step == t.max_steps):
+                    if not skip and (step % t.checkpoint_every == 0 or last):
                         with self.timer("checkpoint"):
-                            self.save(val_loss if step % t.eval_every == 0 or step == t.max_steps else None)
+                            self.save(val_loss if step % t.eval_every == 0 or last else None)
                     with self.timer("logging"):
                         if len(self.pending_metrics) >= t.log_every:
                             self.flush_metrics()
@@ -414,15 +446,18 @@ class Trainer:
                             last_beat = time.time()
                         bar.update(step - bar.n)
                         if self.state.cursor % t.log_every == 0:
-                            bar.set_postfix(loss=f"{record.loss:.3f}", lr=f"{record.lr:.2e}",
-                                            tok_s=f"{self._tokens_per_s():.0f}", refresh=False)
-                    status = self._limit_reached() or status
+                            postfix = {"loss": f"{record.loss:.3f}", "lr": f"{record.lr:.2e}",
+                                       "tok_s": f"{self._tokens_per_s():.0f}"}
+                            if t.max_minutes:
+                                postfix["left"] = f"{max(0.0, t.max_minutes - self.train_seconds() / 60):.1f}min"
+                            bar.set_postfix(postfix, refresh=False)
+                    status = limit or status
                     if self.stop_signal or status != "finished":
                         status = "stopped" if self.stop_signal else status
                         break
                 if launched is not None:
                     pending = self.finish(launched)
-                elif self.state.step >= t.max_steps:
+                elif self.state.step >= step_limit:
                     break
         bar.close()
         if _latest_step(self.run_dir) != self.state.step:
@@ -449,7 +484,7 @@ class Trainer:
         t = self.config.train
         if t.max_tokens and self.state.tokens >= t.max_tokens:
             return "token_limit"
-        if t.max_minutes and time.perf_counter() - self.start_time >= 60 * t.max_minutes:
+        if t.max_minutes and self.train_seconds() >= 60 * t.max_minutes:
             return "time_limit"
         return None
 
@@ -464,39 +499,18 @@ class Trainer:
         self.pending_metrics.clear()
 
 
-class TimedTrainer(Trainer):
-    """The real training loop, timed from step `warmup` on: the phase timers restart there and the
-    start of every later step is noted, for the step-time measurements of the demo and bench/.
-
-    The batch cursor counts the steps taken so far, so it names the first timed step.
-    """
-
-    def __init__(self, *args, warmup: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.warmup = warmup
-        self.step_starts: list[float] = []
-
-    def launch(self, cursor: int) -> Launched:
-        if cursor == self.warmup:
-            self.timer.seconds.clear()
-        if cursor >= self.warmup:
-            self.step_starts.append(time.perf_counter())
-        return super().launch(cursor)
-
-    def step_seconds(self) -> list[float]:
-        """Whole iterations: from one timed step's start to the next one's."""
-        return [b - a for a, b in zip(self.step_starts, self.step_starts[1:])]
-
-
-# Compiling the model takes ~40 s on a 2-core CPU (~4 s from the warm cache) and made a step ~9%
-# faster, so it pays for itself after a few hundred steps.
+# Compiling the model takes ~40 s on a 2-core CPU (~4 s from the warm cache) and makes a step about a
+# fifth faster (README), so it pays for itself after a few hundred steps, or a few minutes.
 COMPILE_MIN_STEPS = 500
+COMPILE_MIN_MINUTES = 4.0
 
 
 def should_compile(train: TrainConfig, start_step: int, device: torch.device) -> bool:
-    """train.compile, with auto deciding by the steps still to run and by what the machine has."""
+    """train.compile, with auto deciding by the length of the run still to go and by what the machine has."""
     if train.compile == "auto":
-        return train.max_steps - start_step >= COMPILE_MIN_STEPS and can_compile(device)
+        steps_enough = not train.max_steps or train.max_steps - start_step >= COMPILE_MIN_STEPS
+        time_enough = not train.max_minutes or train.max_minutes >= COMPILE_MIN_MINUTES
+        return steps_enough and time_enough and can_compile(device)
     return bool(train.compile)
 
 

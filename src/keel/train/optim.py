@@ -129,8 +129,9 @@ def reset_moments(optimizer: torch.optim.Optimizer | MuonAdamW, names: Sequence[
                 param_state[key].zero_()
 
 
-def lr_at(step: int, config: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen shape."""
+def lr_at(step: int, config: OptimConfig, max_steps: float) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen shape over a
+    run of `max_steps` steps (a time-budgeted run passes the length it plans now, not an integer)."""
     peak, floor = config.lr, config.lr * config.min_lr_ratio
     if step < config.warmup_steps:
         return peak * (step + 1) / config.warmup_steps
