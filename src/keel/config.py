@@ -1,6 +1,6 @@
 """The run config: typed sections, loaded from YAML plus dotted `--set` overrides, validated.
 
-Every field carries a one-line help string; `keel config` and the README's reference are made
+Every field carries a one-line help string; `keel config` and docs/config.md are made
 from them. Unknown keys are an error that suggests the nearest valid key.
 """
 
@@ -19,9 +19,13 @@ import yaml
 from keel.errors import UserError
 
 
-def opt(default: Any, help: str) -> Any:
-    """A config field with its help text."""
-    return field(default=default, metadata={"help": help})
+def opt(default: Any, help: str, key: str = "") -> Any:
+    """A config field with its help text; `key` names it in files when its name is a Python keyword."""
+    return field(default=default, metadata={"help": help, "key": key})
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key") or f.name
 
 
 @dataclass
@@ -29,6 +33,37 @@ class DataConfig:
     """Where the training tokens come from."""
 
     path: str = opt("data/python-stdlib", "DATA_DIR written by `keel prepare` (tokenizer.json, shards, manifest.json).")
+
+
+@dataclass
+class TaskConfig:
+    """What the run trains for: the task supplies the batches, the loss and the evaluation."""
+
+    kind: str = opt("pretrain", "pretrain (next-token prediction on text) | sft (supervised fine-tuning on examples) | dpo (preference pairs; needs init.from).")
+
+
+@dataclass
+class InitConfig:
+    """Where the weights of step 0 come from."""
+
+    from_: str = opt("", "RUN_DIR whose best checkpoint (lowest val loss) and tokenizer start this run; empty starts from random weights. The model shape is taken from that run.", key="from")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (task.kind=sft)."""
+
+    loss_on: str = opt("completion", "completion (completion tokens / assistant turns and their end token) | all (every token of each example).")
+
+
+@dataclass
+class DPOConfig:
+    """Preference optimisation (task.kind=dpo); the reference model is the init.from run."""
+
+    loss: str = opt("sigmoid", "sigmoid (DPO) | ipo | hinge; each takes the soft target p_chosen of every pair (1 when the pair has none).")
+    beta: float = opt(0.1, "Strength of the pull towards the reference: the implied reward is beta * log(policy / reference).")
+    soft_labels: bool = opt(True, "Use each pair's p_chosen / votes as its target; false treats every pair as p_chosen = 1 (hard labels).")
+    displacement_patience: int = opt(50, "Steps the chosen log-prob must keep falling while the margin grows before the likelihood-displacement signal.")
 
 
 @dataclass
@@ -177,19 +212,32 @@ class RunConfig:
     """A whole run."""
 
     name: str = opt("", "Run name; empty takes the run directory's name.")
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _to_dict(self)
+
+
+def _to_dict(section: Any) -> dict[str, Any]:
+    """Like dataclasses.asdict, with every field under its key (`init.from`, not `init.from_`)."""
+    return {_key(f): (_to_dict(v) if dataclasses.is_dataclass(v := getattr(section, f.name)) else v)
+            for f in dataclasses.fields(section)}
 
 
 # ---------------------------------------------------------------------------------------------
 # loading
+
+
+TASK_KINDS = ("pretrain", "sft", "dpo")
 
 
 def _is_section(tp: Any) -> bool:
@@ -197,8 +245,13 @@ def _is_section(tp: Any) -> bool:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
+    """Type of each field, by its key."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {_key(f): hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _field_names(cls: type) -> dict[str, str]:
+    return {_key(f): f.name for f in dataclasses.fields(cls)}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -266,7 +319,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
                 key = f"{key}.{name}"
             raise _unknown_key(key)
         tp = types_[name]
-        kwargs[name] = _build(tp, value or {}, key + ".") if _is_section(tp) else _coerce(value, tp, key)
+        value = _build(tp, value or {}, key + ".") if _is_section(tp) else _coerce(value, tp, key)
+        kwargs[_field_names(cls)[name]] = value
     return cls(**kwargs)
 
 
@@ -381,6 +435,14 @@ def validate(config: RunConfig) -> None:
     need(w.hang_timeout_s > 0, f"watchdog.hang_timeout_s must be positive, got {w.hang_timeout_s}.")
     need(0 <= w.backoff_s <= w.backoff_max_s, "watchdog.backoff_s must be within [0, watchdog.backoff_max_s].")
     need(t.dtype in ("auto", "float32", "bfloat16", "float16"), f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}.")
+    need(config.task.kind in TASK_KINDS, f"task.kind must be one of {', '.join(TASK_KINDS)}, got {config.task.kind!r}.")
+    need(config.sft.loss_on in ("completion", "all"), f"sft.loss_on must be completion or all, got {config.sft.loss_on!r}.")
+    d = config.dpo
+    need(d.loss in ("sigmoid", "ipo", "hinge"), f"dpo.loss must be sigmoid, ipo or hinge, got {d.loss!r}.")
+    need(d.beta > 0, f"dpo.beta must be positive, got {d.beta}.")
+    need(d.displacement_patience > 0, f"dpo.displacement_patience must be a positive integer, got {d.displacement_patience}.")
+    need(config.task.kind != "dpo" or bool(config.init.from_),
+         "task.kind=dpo needs a reference model: set init.from=RUN_DIR to the run (usually the SFT run) it starts from.")
 
 
 def _divisor_near(n: int, target: int) -> int:
@@ -388,18 +450,26 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda d: (abs(d - target), d))
 
 
-def reference() -> list[tuple[str, Any, str]]:
-    """(dotted key, default, help) for every field, for `keel config` and the README."""
+def reference(sections: bool = False) -> list[Any]:
+    """(dotted key, default, help) for every field, for `keel config`.
+
+    With sections=True, the same rows grouped by section as (section key, the section's docstring,
+    its rows), the top level ("") first: `keel config --markdown` makes docs/config.md from them.
+    """
     rows = []
+    groups: dict[str, tuple[str, list[tuple[str, Any, str]]]] = {}
 
     def walk(cls: type, prefix: str) -> None:
         default = cls()
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph, on one line
+        own = groups.setdefault(prefix.rstrip("."), (doc, []))[1]
         for f in dataclasses.fields(cls):
-            tp = _field_types(cls)[f.name]
+            tp = _field_types(cls)[_key(f)]
             if _is_section(tp):
-                walk(tp, f"{prefix}{f.name}.")
+                walk(tp, f"{prefix}{_key(f)}.")
             else:
-                rows.append((prefix + f.name, getattr(default, f.name), f.metadata.get("help", "")))
+                rows.append((prefix + _key(f), getattr(default, f.name), f.metadata.get("help", "")))
+                own.append(rows[-1])
 
     walk(RunConfig, "")
-    return rows
+    return [(name, doc, own) for name, (doc, own) in groups.items()] if sections else rows

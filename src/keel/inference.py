@@ -15,7 +15,7 @@ from keel.errors import UserError
 from keel.models.gpt import GPT
 from keel.runs.rundir import TOKENIZER_FILE, load_run_config
 from keel.train import checkpoint as ckpt
-from keel.train.loop import evaluate
+from keel.tasks.lm import mean_token_loss
 from keel.train.precision import pick_device, pick_dtype
 
 
@@ -83,7 +83,8 @@ def evaluate_run(run: LoadedRun, data_dir: Path | None = None, max_batches: int 
     tokens = data.tokens("val")
     context, batch = run.config.model.context_length, run.config.train.batch_size
     num_batches = max_batches or max(1, (len(tokens) - 1) // (context * batch))
-    loss = evaluate(run.model, eval_batches(tokens, context, batch, num_batches, split_name=data.split_name("val")), run.device, run.dtype)
+    batches = eval_batches(tokens, context, batch, num_batches, split_name=data.split_name("val"))
+    loss = mean_token_loss(run.model, ({"inputs": x, "targets": y} for x, y in batches), run.device, run.dtype)
     split = data.manifest["splits"]["val"]
     bytes_per_token = split["bytes"] / split["tokens"]
     return EvalResult(loss, math.exp(loss), loss / math.log(2) / bytes_per_token,

@@ -9,8 +9,9 @@ import torch
 
 from keel.config import ModelConfig
 from keel.errors import UserError
-from keel.models import gpt
-from keel.models.gpt import GPT, IGNORE_INDEX, KVCache, linear_cross_entropy, mlp_hidden_size, sample_next_token
+from keel.models.gpt import GPT, KVCache, mlp_hidden_size, sample_next_token
+from keel.tasks import lm
+from keel.tasks.lm import IGNORE_INDEX, linear_cross_entropy, token_loss
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -27,9 +28,13 @@ def python_bytes(num_rows: int, length: int) -> torch.Tensor:
 
 def greedy_by_recompute(model: GPT, idx: torch.Tensor, num_new: int) -> torch.Tensor:
     for _ in range(num_new):
-        logits, _ = model(idx)
+        logits = model(idx)
         idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
     return idx
+
+
+def loss_of(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return token_loss(model, {"inputs": idx, "targets": targets}).loss
 
 
 def reference_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -40,7 +45,7 @@ def reference_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("rows", [None, 7])  # one chunk; 7-row chunks, the last one short
 def test_loss_head_equals_cross_entropy_of_the_logits_in_value_and_gradients(monkeypatch, rows):
     if rows:
-        monkeypatch.setattr(gpt, "loss_chunk_rows", lambda vocab_size, d_model: rows)
+        monkeypatch.setattr(lm, "loss_chunk_rows", lambda vocab_size, d_model: rows)
     torch.manual_seed(0)
     hidden = torch.randn(3, 17, 64, requires_grad=True)
     weight = (0.3 * torch.randn(256, 64)).requires_grad_()
@@ -95,16 +100,15 @@ def test_loss_ignores_masked_targets():
     assert masked.item() == 0.0 and not hidden.grad.any()
 
 
-def test_forward_returns_logits_or_the_loss_of_those_logits():
+def test_the_loss_of_the_trunk_and_chunked_head_equals_that_of_the_logits():
     torch.manual_seed(0)
     model = GPT(tiny())
     batch = python_bytes(3, 17)
     idx, targets = batch[:, :-1], batch[:, 1:].clone()
     targets[:, :4] = IGNORE_INDEX
-    logits, no_loss = model(idx)
-    assert logits.shape == (3, 16, 256) and no_loss is None
-    no_logits, loss = model(idx, targets)
-    assert no_logits is None
+    logits = model(idx)
+    assert logits.shape == (3, 16, 256)
+    loss = loss_of(model, idx, targets)
     torch.testing.assert_close(loss, reference_loss(logits, targets))
     # a fresh model predicts roughly uniformly
     assert abs(loss.item() - math.log(256)) < 0.3
@@ -204,9 +208,9 @@ def test_kv_cache_greedy_equals_recomputing_everything(overrides):
     # and the cached logits of every step equal those of one full forward pass
     caches = [KVCache(37) for _ in model.blocks]
     with torch.no_grad():
-        steps = [model(cached[:, :7], kv_caches=caches)[0]]
-        steps += [model(cached[:, t : t + 1], kv_caches=caches)[0] for t in range(7, 37)]
-        full, _ = model(cached)
+        steps = [model(cached[:, :7], kv_caches=caches)]
+        steps += [model(cached[:, t : t + 1], kv_caches=caches) for t in range(7, 37)]
+        full = model(cached)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-4, rtol=1e-4)  # logits are ~10 here
 
 
@@ -217,11 +221,11 @@ def test_matmul_attention_equals_sdpa_in_loss_and_gradients(n_kv_head):
     for kernel in ("sdpa", "matmul"):
         torch.manual_seed(0)
         model = GPT(tiny(attention=kernel, n_kv_head=n_kv_head, qk_norm=True))
-        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss = loss_of(model, batch[:, :-1], batch[:, 1:])
         loss.backward()
         results[kernel] = (loss.detach(), {name: p.grad for name, p in model.named_parameters()})
         with torch.autocast("cpu", torch.bfloat16):  # and in the dtype training on this CPU uses
-            results[kernel + "_bf16"] = model(batch[:, :-1], batch[:, 1:])[1].detach()
+            results[kernel + "_bf16"] = loss_of(model, batch[:, :-1], batch[:, 1:]).detach()
     (sdpa_loss, sdpa_grads), (matmul_loss, matmul_grads) = results["sdpa"], results["matmul"]
     torch.testing.assert_close(matmul_loss, sdpa_loss, atol=1e-6, rtol=1e-6)
     for name, grad in sdpa_grads.items():
@@ -236,7 +240,7 @@ def test_matmul_attention_is_causal():
     changed = batch.clone()
     changed[0, 30:] = 0  # a different future must not change the logits of the past
     with torch.no_grad():
-        torch.testing.assert_close(model(batch)[0][:, :30], model(changed)[0][:, :30])
+        torch.testing.assert_close(model(batch)[:, :30], model(changed)[:, :30])
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():
@@ -307,7 +311,7 @@ def test_tiny_model_overfits_one_batch_of_python_source():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
     for _ in range(50):
-        _, loss = model(idx, targets)
+        loss = loss_of(model, idx, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -4,6 +4,7 @@ import torch
 from keel.config import ModelConfig
 from keel.errors import UserError
 from keel.models.gpt import GPT
+from keel.tasks.lm import token_loss
 from keel.models.hf import from_llama_state_dict, llama_config, to_llama_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -36,11 +37,11 @@ def test_logits_equal_hugging_face_llama(tie, n_kv_head):
 
     idx = torch.randint(0, 97, (3, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, _ = model(idx)
+        ours = model(idx)
         theirs = llama(idx).logits
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
         # and the loss: Hugging Face shifts labels inside, keel's targets come shifted
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss = token_loss(model, {"inputs": idx[:, :-1], "targets": idx[:, 1:]}).loss
         torch.testing.assert_close(loss, llama(idx, labels=idx).loss)
 
 

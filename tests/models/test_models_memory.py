@@ -8,6 +8,7 @@ import torch
 from keel.config import ModelConfig
 from keel.models.gpt import GPT
 from keel.models.memory import apply_activation_checkpointing
+from keel.tasks.lm import token_loss
 
 
 def test_activation_checkpointing_keeps_loss_and_gradients():
@@ -19,7 +20,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     batch = torch.tensor(list(data), dtype=torch.long).view(4, 33)
 
     for m in (model, checkpointed):
-        _, loss = m(batch[:, :-1], batch[:, 1:])
+        loss = token_loss(m, {"inputs": batch[:, :-1], "targets": batch[:, 1:]}).loss
         loss.backward()
         m.loss = loss.detach()
     assert torch.equal(model.loss, checkpointed.loss)
@@ -30,7 +31,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     # it really recomputes: the blocks run again during backward
     calls = []
     checkpointed.blocks[0].attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
-    checkpointed(batch[:, :-1], batch[:, 1:])[1].backward()
+    token_loss(checkpointed, {"inputs": batch[:, :-1], "targets": batch[:, 1:]}).loss.backward()
     assert len(calls) == 2
 
     with pytest.raises(AssertionError, match="already"):

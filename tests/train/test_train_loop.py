@@ -73,7 +73,7 @@ def test_activation_checkpointing_keeps_far_fewer_activations(tiny_data, tmp_pat
         config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, "model.n_layer=4",
                                         f"train.activation_checkpointing={setting}"])
         trainer = Trainer(init_run_dir(config, tmp_path / setting), tmp_path / setting, registry=None, progress=False)
-        x, y = trainer._batch(0)
+        tensors = trainer.task.batch(0).tensors
         total = 0
 
         def pack(tensor):
@@ -82,7 +82,7 @@ def test_activation_checkpointing_keeps_far_fewer_activations(tiny_data, tmp_pat
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            trainer.forward(x, y)
+            trainer.loss_fn(trainer.model, tensors)
         saved_bytes[setting] = total
     # what is kept for backward: everything in every block, or only each block's input (+ the head)
     assert saved_bytes["true"] < 0.5 * saved_bytes["false"]
@@ -126,18 +126,18 @@ def test_compiled_step_matches_eager_and_still_feeds_the_supervisor(tiny_data, t
     for setting in ("false", "true"):
         config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, f"train.compile={setting}"])
         trainer = Trainer(init_run_dir(config, tmp_path / setting), tmp_path / setting, registry=None, progress=False)
-        assert (trainer.forward is trainer.model) == (setting == "false")
+        assert trainer.compiled == (setting == "true")
         records[setting], _ = trainer.read(trainer.finish(trainer.launch(0)))
     eager, compiled = records["false"], records["true"]
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-4)
     assert compiled.grad_norm == pytest.approx(eager.grad_norm, rel=1e-3)
-    # the activation and logit monitors read forward hooks, which must survive compilation
+    # the activation and logit statistics are part of the compiled loss
     assert compiled.act_norm == pytest.approx(eager.act_norm, rel=1e-4) and eager.act_norm > 0
     assert compiled.logit_norm == pytest.approx(eager.logit_norm, rel=1e-4)
     # ... and the loss head, which never keeps the logits, reports their true size
-    x, _ = trainer._batch(0)
+    x = trainer.task.batch(0).tensors["inputs"]
     with torch.no_grad(), autocast(trainer.device, trainer.dtype):
-        logits, _ = trainer.model(x)
+        logits = trainer.model(x)
     assert eager.logit_norm == pytest.approx(logits.float().square().mean().sqrt().item(), rel=1e-3)
 
 
@@ -167,10 +167,9 @@ def test_evaluation_between_a_steps_forward_and_its_record_leaves_the_statistics
     config = config_lib.load(None, [f"data.path={tiny_data}", *TINY])
     trainer = Trainer(init_run_dir(config, tmp_path), tmp_path, registry=None, progress=False)
     launched = trainer.launch(0)
-    act_sq, logit_sq = trainer.act_sq.clone(), trainer.logit_sq.clone()
-    assert act_sq > 0 and logit_sq > 0
-    trainer._val_loss()  # the loop evaluates after queueing the next step, before its statistics are taken
-    assert torch.equal(trainer.act_sq, act_sq) and torch.equal(trainer.logit_sq, logit_sq)
+    act_sq = launched.metrics["act_mean_square"].clone()
+    assert act_sq > 0 and launched.metrics["logit_mean_square"] > 0
+    trainer._evaluate()  # the loop evaluates after queueing the next step, before its statistics are taken
     record, dropped = trainer.read(trainer.finish(launched))
     assert record.act_norm == pytest.approx(act_sq.sqrt().item()) and not dropped
 

@@ -7,6 +7,7 @@ import torch
 from keel import config as config_lib
 from keel.config import ModelConfig
 from keel.models.gpt import GPT
+from keel.tasks.lm import token_loss
 from keel.train.optim import MUON_MOMENTUM, build_optimizer, lr_at, reset_moments, step_unless
 
 
@@ -55,7 +56,7 @@ def python_bytes() -> torch.Tensor:
 def train_steps(model: GPT, optimizer, batch: torch.Tensor, num_steps: int) -> list[float]:
     losses = []
     for _ in range(num_steps):
-        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss = token_loss(model, {"inputs": batch[:, :-1], "targets": batch[:, 1:]}).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -157,7 +158,7 @@ def test_a_step_the_device_drops_leaves_weights_and_optimizer_untouched(python_b
     for model, skip in ((dropped, 1.0), (stepped, 0.0)):
         opt = opts[id(model)]
         weights, state = [p.detach().clone() for p in model.parameters()], optimizer_state(opt)
-        _, loss = model(python_bytes[:, :-1], python_bytes[:, 1:])
+        loss = token_loss(model, {"inputs": python_bytes[:, :-1], "targets": python_bytes[:, 1:]}).loss
         loss.backward()
         step_unless(opt, torch.tensor(skip))
         opt.zero_grad(set_to_none=True)
@@ -178,7 +179,7 @@ def test_grad_scaler_unscales_steps_and_skips_non_finite_updates(python_bytes):
     # GradScaler runs only for fp16 on CUDA in keel; its logic is the same on the CPU. As in keel's loop
     # without the supervisor, the skip is decided on the device from the gradient norm.
     def scaled_step(model, opt, scaler, corrupt=False):
-        _, loss = model(python_bytes[:, :-1], python_bytes[:, 1:])
+        loss = token_loss(model, {"inputs": python_bytes[:, :-1], "targets": python_bytes[:, 1:]}).loss
         scaler.scale(loss).backward()
         if corrupt:
             model.blocks[0].mlp.up_proj.weight.grad[0, 0] = float("inf")

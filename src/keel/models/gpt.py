@@ -11,7 +11,6 @@ Device, precision, compilation and activation checkpointing are applied from out
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,90 +18,6 @@ import torch.nn.functional as F
 
 from keel.config import ModelConfig
 from keel.errors import UserError
-
-IGNORE_INDEX = -100  # target value of positions that carry no loss (prompt tokens in SFT, padding)
-
-
-# Logits the loss computes at a time: 4M (16 MB in float32) bound its memory, while the (N, V)
-# logits never exist whole.
-LOSS_CHUNK_LOGITS = 1 << 22
-
-
-def loss_chunk_rows(vocab_size: int, d_model: int) -> int:
-    """Rows of logits per chunk: about LOSS_CHUNK_LOGITS values, and at least 2 * d_model rows so that
-    adding each chunk's (V, C) weight gradient costs less than the chunk's logits do."""
-    return max(LOSS_CHUNK_LOGITS // vocab_size, 2 * d_model, 1)
-
-
-class HeadLoss(NamedTuple):
-    loss: torch.Tensor  # mean cross-entropy in float32 over the counted positions
-    logit_mean_square: torch.Tensor  # over every position and vocabulary entry (the supervisor's logit statistic)
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> HeadLoss:
-    """Cross-entropy of the logits hidden @ weight.T against targets, without materialising the logits.
-
-    hidden (..., C), weight (V, C), targets (...) aligned already: targets[t] is the token that
-    follows input t; positions whose target is IGNORE_INDEX count for nothing, and a batch without
-    a counted position gives 0 rather than nan (a fully masked SFT batch is not a divergence). The
-    logits are taken in the autocast dtype when autocast is on and reduced in float32.
-    """
-    hidden, targets = hidden.flatten(0, -2), targets.flatten()
-    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss_sum, square_sum = _LinearCrossEntropy.apply(hidden, weight, targets, with_grad)
-    counted = (targets != IGNORE_INDEX).sum()
-    return HeadLoss(loss_sum / counted.clamp(min=1), square_sum / (hidden.shape[0] * weight.shape[0]))
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy and summed squared logits, a chunk of rows at a time.
-
-    The gradients are taken in the forward pass, chunk by chunk, straight after the chunk's logits:
-    neither the logits, their float32 copy nor their gradient is ever held whole (for a
-    (8 x 1024) x 32k batch that is 3 GB less), and backward only scales the two saved gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, with_grad):
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        h, w = hidden.to(dtype), weight.to(dtype)
-        ctx.weight_dtype = weight.dtype
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        square_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if with_grad else None
-        grad_weight = None  # float32 (V, C), summed over the chunks
-        rows = loss_chunk_rows(*weight.shape)
-        columns = torch.arange(weight.shape[0], device=hidden.device)  # (V,)
-        for start in range(0, h.shape[0], rows):
-            x, t = h[start : start + rows], targets[start : start + rows]
-            logits = (x @ w.t()).float()  # (rows, V)
-            # Per-row reductions first: compiled, the squares, the row max and the sum of exponentials
-            # share the passes over the logits (a whole-chunk sum would be a pass of its own).
-            square_sum = square_sum + torch.linalg.vector_norm(logits, dim=-1).square().sum()
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1)
-            counted = t != IGNORE_INDEX
-            t = torch.where(counted, t, 0)[:, None]
-            loss_sum = loss_sum - torch.where(counted, (logits.gather(1, t) - log_norm).squeeze(1), 0.0).sum()
-            if with_grad:
-                # d loss_sum / d logits = softmax - one_hot(target), written once in the autocast dtype;
-                # ignored rows are zeroed on the narrow side
-                probs = logits.sub_(log_norm).exp_()  # in place: the logits are not needed any more
-                grad = torch.where(columns == t, probs - 1, probs).to(dtype)
-                keep = counted[:, None].to(dtype)
-                grad_hidden[start : start + rows] = (grad @ w) * keep
-                chunk_grad = (grad.t() @ (x * keep)).float()
-                grad_weight = chunk_grad if grad_weight is None else grad_weight + chunk_grad
-        if with_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(square_sum)
-        return loss_sum, square_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_square):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
-
 
 def mlp_hidden_size(config: ModelConfig) -> int:
     """config.mlp_hidden, or 8/3 d_model rounded up to a multiple of 64 when it is 0."""
@@ -124,7 +39,7 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, nh, T, hs) by the angles of its positions, cos and sin (T, hs)."""
+    """Rotate x (B, nh, T, hs) by the angles of its positions, cos and sin (T, hs) or per row (B, 1, T, hs)."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     rotated = torch.cat((-x2, x1), dim=-1)  # Llama's rotate_half
     return x * cos + rotated * sin
@@ -192,7 +107,9 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask (B, 1, T, T), True where a query may attend, replaces the causal mask (packed rows)."""
         B, T, C = x.shape  # batch, sequence length, d_model
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -204,7 +121,9 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_norm(k.float()), cos, sin).to(v.dtype)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, S, hs), S = cached positions including these T
-        if cache is None and self._use_matmul(x.device, T):
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        elif cache is None and self._use_matmul(x.device, T):
             if self.n_kv_head != self.n_head:  # give every query head its own copy of its shared k/v head
                 k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
             y = matmul_attention(q, k, v)  # (B, nh, T, hs)
@@ -247,19 +166,11 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         x = x + self.mlp(self.mlp_norm(x))
         return x
-
-
-class LMHead(nn.Linear):
-    """The output projection; called with targets it returns a HeadLoss instead of the logits."""
-
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor | HeadLoss:
-        if targets is None:
-            return super().forward(x)
-        return linear_cross_entropy(x, self.weight, targets)
 
 
 class GPT(nn.Module):
@@ -272,7 +183,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(config.d_model // config.n_head, config.context_length, config.rope_theta)  # (T, hs) each
@@ -294,27 +205,42 @@ class GPT(nn.Module):
             for weight in (block.attn.o_proj.weight, block.mlp.down_proj.weight):
                 nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_caches: list[KVCache] | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (B, T) -> (None, mean loss).
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) token ids -> (B, T, C) output of the last block (the input of norm_f).
 
-        The loss is taken straight from the last hidden states (`linear_cross_entropy`): training and
-        evaluation never hold the (B, T, V) logits.
-
+        positions (B, T) and segments (B, T) describe packed rows: several examples side by side,
+        each with positions restarting at 0 and attending only within its own segment id. Without
+        them every row is one sequence at positions 0..T-1 (or after the cached ones).
         kv_caches (one per block) make the call continue the sequence cached so far; `generate` uses it.
         """
         B, T = idx.shape
         start = kv_caches[0].length if kv_caches else 0
         assert start + T <= self.config.context_length, f"sequence of {start + T} tokens exceeds context_length {self.config.context_length}"
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hs)
+        if positions is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hs)
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hs)
+        mask = None
+        if segments is not None:  # block-diagonal causal: a position sees the earlier ones of its own segment
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+            mask = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, T, T)
+            mask = mask.unsqueeze(1)  # (B, 1, T, T), shared by the heads
         x = self.embed(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, kv_caches[i] if kv_caches else None)
-        x = self.norm_f(x)
-        if targets is None:
-            return self.lm_head(x), None  # (B, T, V)
-        return None, self.lm_head(x, targets).loss
+            x = block(x, cos, sin, kv_caches[i] if kv_caches else None, mask)
+        return x
+
+    def forward(self, idx: torch.Tensor, kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V). Training never calls this: the tasks take the loss
+        straight from `hidden_states` through the chunked head (keel.tasks.lm), never holding
+        the (B, T, V) logits."""
+        return self.lm_head(self.norm_f(self.hidden_states(idx, kv_caches=kv_caches)))
 
     # ---- size and cost ---------------------------------------------------------------------
 
@@ -388,7 +314,7 @@ class GPT(nn.Module):
         if num_new <= 0:
             return idx
         caches = [KVCache(T0 + num_new) for _ in self.blocks]
-        logits, _ = self(idx, kv_caches=caches)  # prefill: (B, T0, V)
+        logits = self(idx, kv_caches=caches)  # prefill: (B, T0, V)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         new_tokens = []
         for step in range(num_new):
@@ -399,7 +325,7 @@ class GPT(nn.Module):
             new_tokens.append(next_token)
             if step == num_new - 1 or (eot_id is not None and bool(done.all())):
                 break
-            logits, _ = self(next_token[:, None], kv_caches=caches)  # (B, 1, V)
+            logits = self(next_token[:, None], kv_caches=caches)  # (B, 1, V)
         return torch.cat((idx, torch.stack(new_tokens, dim=1)), dim=1)
 
 

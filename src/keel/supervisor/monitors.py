@@ -35,6 +35,7 @@ class StepRecord:
     act_norm: float  # RMS of the last block's output (input of the final norm)
     logit_norm: float  # RMS of the output logits
     loss_scale: float | None = None  # fp16 GradScaler scale, None when not using fp16
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's own, e.g. DPO's margin, by name
 
 
 @dataclass

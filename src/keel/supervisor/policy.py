@@ -111,8 +111,11 @@ class Action:
 class Supervisor:
     """Watches the step records, repairs trouble through the loop's actions, and keeps the logbook."""
 
-    def __init__(self, config: SupervisorConfig, logbook: Logbook, max_steps: int, grad_clip: float):
+    def __init__(self, config: SupervisorConfig, logbook: Logbook, max_steps: int, grad_clip: float,
+                 task_monitors: list | None = None):
         validate_config(config)
+        # The task's monitors of its own metrics: their signals are logged; repairs act on the standard ones.
+        self.task_monitors = list(task_monitors or [])
         self.config, self.logbook, self.max_steps = config, logbook, max_steps
         self.ladder = [rung for rung in REPAIR_RUNGS if getattr(config, rung)]
         # Saved in checkpoints (state_dict):
@@ -146,7 +149,8 @@ class Supervisor:
     def monitors(self) -> dict[str, Any]:
         return {"loss_spike": self.loss_spike, "grad_spike": self.grad_spike, "divergence": self.divergence,
                 "act_growth": self.act_growth, "logit_growth": self.logit_growth,
-                "loss_scale": self.loss_scale, "throughput": self.throughput}
+                "loss_scale": self.loss_scale, "throughput": self.throughput,
+                **{m.name: m for m in self.task_monitors}}
 
     # -- every step -----------------------------------------------------------------------------
 
@@ -194,6 +198,7 @@ class Supervisor:
                 for monitor, value in ((self.act_growth, record.act_norm), (self.logit_growth, record.logit_norm)):
                     if math.isfinite(value):
                         signals.append(monitor.observe(value, record.step))
+                signals += [monitor.observe(record) for monitor in self.task_monitors]
         return [s for s in signals if s is not None]
 
     def skip_limits(self) -> list[float]:

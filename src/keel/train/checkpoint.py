@@ -244,3 +244,12 @@ def _keel_version() -> str:
         return metadata.version("keel")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def find_best(run_dir: Path) -> Path:
+    """The verified checkpoint of a finished run to start another from: lowest val loss, else newest."""
+    good = [p for p in list_checkpoints(run_dir) if verify_checkpoint(p) is None]
+    if not good:
+        raise UserError(f"{run_dir} has no usable checkpoint; train it first, or point init.from at another run.")
+    scored = [(loss, checkpoint_step(p), p) for p in good if (loss := _val_loss(p)) is not None]
+    return min(scored)[2] if scored else good[-1]

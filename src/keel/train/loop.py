@@ -1,6 +1,7 @@
-"""The training loop.
+"""The training loop, the same for every task (keel.tasks: pretrain, sft, dpo).
 
-One optimizer step = `grad_accum` micro-batches -> clipping -> the update, which the device drops
+The task supplies the model, the batches, the loss and its metrics, the evaluation and monitors of
+its own; the loop knows no model family and no loss. One optimizer step = `grad_accum` micro-batches -> clipping -> the update, which the device drops
 by itself when the supervisor would skip it (`skip_update`) -> one StepRecord for the supervisor
 -> its actions applied. The host reads a step's numbers only after it has queued the next step's
 forward/backward, so on a GPU the device always has work queued and never waits for the host:
@@ -29,8 +30,6 @@ import torch
 from tqdm import tqdm
 
 from keel.config import RunConfig, TrainConfig
-from keel.data import eval_batches, get_batch, open_data
-from keel.models.gpt import GPT, HeadLoss
 from keel.models.memory import apply_activation_checkpointing
 from keel.runs.registry import Registry
 from keel.runs.rundir import LOGBOOK_FILE
@@ -38,6 +37,8 @@ from keel.supervisor.logbook import Logbook
 from keel.supervisor.monitors import StepRecord
 from keel.supervisor.policy import Action, Supervisor
 from keel.supervisor.watchdog import HEARTBEAT_FILE
+from keel.tasks import build_task
+from keel.tasks.base import ACT_NORM, LOGIT_NORM, step_weights
 from keel.train import checkpoint as ckpt
 from keel.train.faults import Faults
 from keel.train.optim import build_optimizer, lr_at, reset_moments, step_unless
@@ -50,7 +51,7 @@ class LoopState:
 
     step: int = 0  # optimizer steps applied
     cursor: int = 0  # index of the next batch; runs ahead of step when batches are skipped
-    tokens: int = 0  # training tokens in the weights
+    tokens: int = 0  # training tokens in the weights (every token through the model, prompts included)
     lr_scale: float = 1.0  # multiplier the supervisor applies on top of the schedule
     grad_clip: float = 0.0  # current clip value (the supervisor may tighten it)
     best_val_loss: float | None = None
@@ -61,7 +62,9 @@ class LoopState:
 class Launched:
     """A step whose forward/backward is queued: its gradients are (or will be) in the parameters."""
 
-    loss_sum: torch.Tensor  # summed over the micro-batches, on the device
+    loss: torch.Tensor  # the step's mean loss, on the device
+    metrics: dict[str, torch.Tensor]  # the task's metrics as step means, on the device
+    tokens: int  # tokens through the model in this step
     seconds: float  # host time spent queueing it
 
 
@@ -72,7 +75,8 @@ class Pending:
     step: int
     lr: float
     tokens: int
-    values: torch.Tensor  # loss, grad norm, logit RMS, act RMS, skipped[, loss scale]; valid on the host once `ready` passed
+    names: list[str]  # what each entry of `values` is: loss, grad_norm, skipped, act_norm, logit_norm, ...
+    values: torch.Tensor  # valid on the host once `ready` passed
     ready: torch.cuda.Event | None  # None: `values` is already on the host
     seconds: float  # host time spent queueing the step
 
@@ -87,6 +91,7 @@ class TrainResult:
     final_loss: float
     val_loss: float | None
     timings: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, float] = field(default_factory=dict)  # the task's last evaluation
     diagnosis: str = ""
 
 
@@ -101,20 +106,6 @@ class _Timer:
         start = time.perf_counter()
         yield
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-def evaluate(model: GPT, batches, device: torch.device, dtype: torch.dtype) -> float:
-    """Mean next-token loss over the given (x, y) batches."""
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in batches:
-            with autocast(device, dtype):
-                _, loss = model(x.to(device), y.to(device))
-            total += loss.item() * y.numel()
-            count += y.numel()
-    model.train()
-    return total / max(count, 1)
 
 
 def write_heartbeat(run_dir: Path, step: int) -> None:
@@ -133,27 +124,21 @@ class Trainer:
         self.dtype = pick_dtype(t.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        data = open_data(Path(config.data.path))
-        self.train_tokens, self.val_tokens = data.tokens("train"), data.tokens("val")
-        self.train_name, self.val_name = data.split_name("train"), data.split_name("val")
-        # Fail now, with a clear sentence, if the context does not fit the data.
-        self._batch(0)
-        next(iter(eval_batches(self.val_tokens, config.model.context_length, t.batch_size, 1, split_name=self.val_name)))
-
-        torch.manual_seed(t.seed)
-        self.model = GPT(config.model).to(self.device)
+        self.task = build_task(config, self.run_dir, self.device, self.dtype)
+        self.model = self.task.build_model()
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
-        self.forward = self.model  # the same module compiled or not: parameters, hooks and checkpoints are shared
-        if should_compile(t, _latest_step(self.run_dir) or 0, self.device):
-            self.forward = torch.compile(self.model)
+        # The task's loss is compiled as a whole (trunk, head and statistics in one graph); the
+        # parameters and checkpoints are those of the plain module either way.
+        self.compiled = should_compile(t, _latest_step(self.run_dir) or 0, self.device)
+        self.loss_fn = torch.compile(self.task.loss) if self.compiled else self.task.loss
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scaler = grad_scaler(self.device, self.dtype)
         self.state = LoopState(grad_clip=config.optim.grad_clip)
         self.segment = registry.start_run(config.name, str(run_dir), config.to_dict()) if registry else 0
         self.logbook = Logbook(self.run_dir / LOGBOOK_FILE, mirror=self._mirror_event)
         self.supervisor = (
-            Supervisor(config.supervisor, self.logbook, t.max_steps, config.optim.grad_clip)
+            Supervisor(config.supervisor, self.logbook, t.max_steps, config.optim.grad_clip, self.task.monitors())
             if config.supervisor.enabled
             else None
         )
@@ -162,37 +147,15 @@ class Trainer:
         self.pending_metrics: list[tuple[int, dict[str, float]]] = []
         self.stop_signal: str | None = None
         self.steps_applied = 0  # optimizer steps applied by this process (rollbacks do not undo the work)
+        self.tokens_applied = 0  # and the tokens they trained on
         self.start_time = time.perf_counter()
         self.clock_base = 0.0  # training seconds of the segments before this process, from its checkpoint
-        # The monitors' activation and logit sizes, summed over micro-batches by forward hooks: under
-        # torch.compile the hooks are traced into the graph and fused with the passes that already
-        # read these tensors. The logits' mean square comes from the loss, which reduces each chunk
-        # of logits as it computes them.
-        self.act_sq = torch.zeros((), device=self.device)
-        self.logit_sq = torch.zeros((), device=self.device)
-        self.model.norm_f.register_forward_hook(self._record_activation)
-        self.model.lm_head.register_forward_hook(self._record_logits)
 
     # -- small pieces -----------------------------------------------------------------------
-
-    def _record_activation(self, module, inputs, output) -> None:
-        if not module.training:  # evaluation runs between a step's forward and its statistics
-            return
-        hidden = inputs[0].detach()  # (B, T, C) output of the last block
-        self.act_sq += _mean_square(hidden)
-
-    def _record_logits(self, module, inputs, output) -> None:
-        if module.training and isinstance(output, HeadLoss):  # called with targets: the head reduced the logits it never kept
-            self.logit_sq += output.logit_mean_square.detach()
 
     def _mirror_event(self, entry: dict) -> None:
         if self.registry is not None:
             self.registry.log_event(self.config.name, entry.get("step"), entry["kind"], entry["message"], entry)
-
-    def _batch(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        c, t = self.config.model, self.config.train
-        x, y = get_batch(self.train_tokens, c.context_length, t.batch_size, t.seed, micro_index, split_name=self.train_name)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_seconds(self) -> float:
         """Training time so far, earlier process segments included (time a crash lost after the last
@@ -224,10 +187,10 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _val_loss(self) -> float:
-        c, t = self.config.model, self.config.train
-        batches = eval_batches(self.val_tokens, c.context_length, t.batch_size, t.eval_batches, split_name=self.val_name)
-        return evaluate(self.model, batches, self.device, self.dtype)
+    def _evaluate(self) -> dict[str, float]:
+        evaluation = self.task.evaluate(self.model)
+        assert "val_loss" in evaluation, "a task's evaluation reports val_loss, which picks the best checkpoint"
+        return evaluation
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -240,6 +203,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "supervisor": self.supervisor.state_dict() if self.supervisor else {},
+            "task": self.task.state_dict(),
             "rng": ckpt.capture_rng_state(),
         }
         # A checkpoint written while the supervisor has trouble open is no place to roll back to.
@@ -266,6 +230,7 @@ class Trainer:
         self.state = LoopState(**train_state["loop"])
         if self.supervisor and train_state["supervisor"]:
             self.supervisor.load_state_dict(train_state["supervisor"])
+        self.task.load_state_dict(train_state.get("task", {}))
         ckpt.restore_rng_state(train_state["rng"])
         return True
 
@@ -294,8 +259,7 @@ class Trainer:
         return None
 
     def _reinitialise(self) -> None:
-        torch.manual_seed(self.config.train.seed)
-        self.model.init_weights()
+        self.task.init_weights(self.model)
         self.optimizer = build_optimizer(self.model, self.config.optim)  # fresh state, as at step 0
         self.state = LoopState(grad_clip=self.config.optim.grad_clip)
 
@@ -305,19 +269,24 @@ class Trainer:
         """Queue the forward/backward of the step that trains on batch `cursor`."""
         t = self.config.train
         start = time.perf_counter()
+        with self.timer("data"):
+            batches = [self.task.batch(cursor * t.grad_accum + micro) for micro in range(t.grad_accum)]
         loss_sum = torch.zeros((), device=self.device)
-        self.act_sq.zero_()
-        self.logit_sq.zero_()
-        for micro in range(t.grad_accum):
+        metrics: dict[str, torch.Tensor] = {}
+        for batch, divisor in zip(batches, step_weights(batches)):
             with self.timer("data"):
-                x, y = self._batch(cursor * t.grad_accum + micro)
+                tensors = batch.to(self.device).tensors
             with self.timer("forward_backward"):
                 with autocast(self.device, self.dtype):
-                    _, loss = self.forward(x, y)
-                loss = self.faults.corrupt_loss(loss, cursor)
-                self.scaler.scale(loss / t.grad_accum).backward()
-                loss_sum += loss.detach()
-        return Launched(loss_sum, time.perf_counter() - start)
+                    out = self.loss_fn(self.model, tensors)
+                loss = self.faults.corrupt_loss(out.loss, cursor)
+                # Each micro-batch's mean weighted by its share of the step's units: the step's loss
+                # is the mean over all of them, however they fall into micro-batches.
+                self.scaler.scale(loss / divisor).backward()
+                loss_sum += loss.detach() / divisor
+                for name, value in out.metrics.items():
+                    metrics[name] = metrics.get(name, 0.0) + value / divisor
+        return Launched(loss_sum, metrics, sum(b.tokens for b in batches), time.perf_counter() - start)
 
     def finish(self, launched: Launched) -> Pending:
         """Clip and queue the update, which the device drops when the supervisor would; send the numbers home.
@@ -325,7 +294,6 @@ class Trainer:
         Call once every earlier step is read and judged: the lr, the clip value and the skip limits
         are the ones the supervisor's judgement left.
         """
-        t = self.config.train
         start = time.perf_counter()
         lr = self._set_lr()
         with self.timer("optimizer"):
@@ -334,13 +302,15 @@ class Trainer:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if self.state.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.state.grad_clip, grad_norm)
-            loss = launched.loss_sum / t.grad_accum
-            skip = self._skip_flag(loss, grad_norm)
-            numbers = [loss, grad_norm, (self.logit_sq / t.grad_accum).sqrt(), (self.act_sq / t.grad_accum).sqrt(),
-                       skip if skip is not None else torch.zeros((), device=self.device)]
+            skip = self._skip_flag(launched.loss, grad_norm)
+            numbers = {"loss": launched.loss, "grad_norm": grad_norm,
+                       "skipped": skip if skip is not None else torch.zeros((), device=self.device)}
+            for name, value in launched.metrics.items():  # mean squares become RMS for the monitors
+                numbers[{ACT_NORM: "act_norm", LOGIT_NORM: "logit_norm"}.get(name, name)] = (
+                    value.sqrt() if name in (ACT_NORM, LOGIT_NORM) else value)
             if self.scaler.is_enabled():  # the scale this step used, before update() moves it (no sync)
-                numbers.append(self.scaler._get_scale_async().float().reshape(()))
-            values = torch.stack(numbers)
+                numbers["loss_scale"] = self.scaler._get_scale_async().float().reshape(())
+            values = torch.stack([v.float() for v in numbers.values()])
             step_unless(self.optimizer, skip)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -351,8 +321,8 @@ class Trainer:
                 ready.record()
             else:
                 values = values.cpu()
-        tokens = self.state.tokens + t.grad_accum * t.batch_size * self.config.model.context_length
-        return Pending(self.state.step, lr, tokens, values, ready, launched.seconds + time.perf_counter() - start)
+        return Pending(self.state.step, lr, self.state.tokens + launched.tokens, list(numbers), values, ready,
+                       launched.seconds + time.perf_counter() - start)
 
     def _skip_flag(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor | None:
         if self.supervisor is not None:
@@ -369,11 +339,14 @@ class Trainer:
         start = time.perf_counter()
         if pending.ready is not None:
             pending.ready.synchronize()
-        v = pending.values.tolist()
-        record = StepRecord(step=pending.step, loss=v[0], grad_norm=v[1], lr=pending.lr, tokens=pending.tokens,
-                            step_seconds=pending.seconds + time.perf_counter() - start, act_norm=v[3],
-                            logit_norm=v[2], loss_scale=v[5] if len(v) > 5 else None)
-        return record, v[4] > 0
+        v = dict(zip(pending.names, pending.values.tolist()))
+        record = StepRecord(step=pending.step, loss=v.pop("loss"), grad_norm=v.pop("grad_norm"), lr=pending.lr,
+                            tokens=pending.tokens, step_seconds=pending.seconds + time.perf_counter() - start,
+                            act_norm=v.pop("act_norm", math.nan), logit_norm=v.pop("logit_norm", math.nan),
+                            loss_scale=v.pop("loss_scale", None))
+        skipped = v.pop("skipped") > 0
+        record.metrics = v  # the task's own
+        return record, skipped
 
     def run(self) -> TrainResult:
         t = self.config.train
@@ -384,12 +357,14 @@ class Trainer:
         self.logbook.write(self.state.step, "info", "run_start",
                            f"trainer {'resumed' if resumed else 'started'} at step {self.state.step} "
                            f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')}"
-                           f"{', compiled' if self.forward is not self.model else ''} (process segment {self.segment})",
+                           f"{', compiled' if self.compiled else ''}, task {self.task.kind} "
+                           f"(process segment {self.segment})",
                            {"segment": self.segment, "tokens": self.state.tokens})
         self.start_time, self.clock_base = time.perf_counter(), self.state.train_seconds
         step_limit = t.max_steps or math.inf
         # A resumed run whose time or token budget is already spent trains no further.
         status, diagnosis, record, val_loss = self._limit_reached() or "finished", "", None, None
+        evaluation: dict[str, float] = {}
         bar = tqdm(total=t.max_steps or None, initial=self.state.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True)
         last_beat = 0.0
@@ -414,8 +389,9 @@ class Trainer:
                     self.state.cursor += 1
                     if not skip:
                         self.state.step += 1
-                        self.state.tokens = record.tokens
                         self.steps_applied += 1
+                        self.tokens_applied += record.tokens - self.state.tokens
+                        self.state.tokens = record.tokens
                     self.pending_metrics.append((record.step, _metrics(record, skip)))
                     stop_reason = next((d for a in actions if (d := self.apply(a))), None)
                     if rolled_back and launched is not None:  # taken on the weights the rollback replaced
@@ -431,8 +407,9 @@ class Trainer:
                     if not skip and (step % t.eval_every == 0 or last):
                         with self.timer("eval"):
                             write_heartbeat(self.run_dir, step)
-                            val_loss = self._val_loss()
-                        self.pending_metrics.append((step, {"val_loss": val_loss}))
+                            evaluation = self._evaluate()
+                            val_loss = evaluation["val_loss"]
+                        self.pending_metrics.append((step, evaluation))
                         if self.state.best_val_loss is None or val_loss < self.state.best_val_loss:
                             self.state.best_val_loss = val_loss
                     if not skip and (step % t.checkpoint_every == 0 or last):
@@ -473,12 +450,10 @@ class Trainer:
         return TrainResult(status=status, steps=self.state.step, tokens=self.state.tokens, seconds=seconds,
                            tokens_per_s=self._tokens_per_s(),
                            final_loss=record.loss if record else float("nan"), val_loss=val_loss,
-                           timings=dict(self.timer.seconds), diagnosis=diagnosis)
+                           timings=dict(self.timer.seconds), diagnosis=diagnosis, evaluation=evaluation)
 
     def _tokens_per_s(self) -> float:
-        c, t = self.config.model, self.config.train
-        done = self.steps_applied * t.batch_size * t.grad_accum * c.context_length
-        return done / max(time.perf_counter() - self.start_time, 1e-9)
+        return self.tokens_applied / max(time.perf_counter() - self.start_time, 1e-9)
 
     def _limit_reached(self) -> str | None:
         t = self.config.train
@@ -534,16 +509,12 @@ def skip_update(loss: torch.Tensor, grad_norm: torch.Tensor, limits: torch.Tenso
     return (~torch.isfinite(values).all() | (spike.any() & (skip_spikes > 0))).float()
 
 
-def _mean_square(x: torch.Tensor) -> torch.Tensor:
-    # vector_norm accumulates in float32 without materialising a float32 copy of the (B, T, V) logits.
-    return torch.linalg.vector_norm(x, dtype=torch.float32).square() / x.numel()
-
-
 def _metrics(record: StepRecord, skipped: bool) -> dict[str, float]:
     values = {"loss": record.loss, "grad_norm": record.grad_norm, "lr": record.lr, "tokens": record.tokens,
               "act_norm": record.act_norm, "logit_norm": record.logit_norm, "step_seconds": record.step_seconds}
     if record.loss_scale is not None:
         values["loss_scale"] = record.loss_scale
+    values.update(record.metrics)
     if skipped:
         values["skipped"] = 1.0
     return values

@@ -1,0 +1,30 @@
+"""Tasks: what a run trains for (see keel.tasks.base for the contract); `task.kind` picks one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from keel.config import RunConfig
+from keel.tasks.base import Batch, LossOutput, Task
+
+
+def build_task(config: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype) -> Task:
+    kind = config.task.kind
+    if kind == "pretrain":
+        from keel.tasks.pretrain import PretrainTask
+
+        return PretrainTask(config, device, dtype)
+    if kind == "sft":
+        from keel.tasks.sft import SFTTask
+
+        return SFTTask(config, device, dtype)
+    if kind == "dpo":
+        from keel.tasks.dpo import DPOTask
+
+        return DPOTask(config, run_dir, device, dtype)
+    raise AssertionError(f"config validation lets no other task.kind through: {kind}")
+
+
+__all__ = ["Batch", "LossOutput", "Task", "build_task"]
