@@ -11,10 +11,12 @@ from keel.errors import UserError
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from keel.data import prepare
+    from keel.data.examples import summary
 
     manifest = prepare(args.sources, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                       dedup=args.dedup, force=args.force)
-    print(format_prepare_summary(manifest, args.out))
+                       dedup=args.dedup, force=args.force, tokenizer=args.tokenizer, context_length=args.context_length,
+                       too_long=args.too_long)
+    print(summary(manifest, args.out) if "kind" in manifest else format_prepare_summary(manifest, args.out))
     return 0
 
 
@@ -104,8 +106,25 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from keel.config import reference
 
-    for key, default, help_text in reference():
-        print(f"{key:28} {default!s:12} {help_text}")
+    if not args.markdown:
+        for key, default, help_text in reference():
+            print(f"{key:28} {default!s:12} {help_text}")
+        return 0
+    print("""# Config reference
+
+<!-- Generated from the config's help strings; do not edit by hand.
+     Regenerate with: .venv/bin/keel config --markdown > docs/config.md -->
+
+A config is a YAML file with the sections below; `--set section.key=value` overrides any key.
+Unknown keys are an error that suggests the nearest valid one. The resolved config is saved as
+`RUN_DIR/config.yaml`, and each checkpoint's `meta.json` carries it too. `keel config` prints the
+same keys as plain text.""")
+    for section, doc, rows in reference(sections=True):
+        if rows:
+            print(f"\n## {section or '(top level)'}\n\n{doc}\n\n| key | default | meaning |\n|---|---|---|")
+        for key, default, help_text in rows:
+            meaning = help_text.replace("|", "\\|")  # a bare | would end the table cell
+            print(f"| `{key}` | `{default!r}` | {meaning} |")
     return 0
 
 
@@ -115,10 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="clean, deduplicate and tokenize sources into a data directory")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="file or directory (.txt .md .rst .py .jsonl .parquet), builtin:python-stdlib, or hf:NAME[:CONFIG][:SPLIT]")
+                   help="file or directory (.txt .md .rst .py .jsonl .parquet), builtin:python-stdlib, or "
+                        "hf:NAME[:CONFIG][:SPLIT]; SFT examples or preference pairs: .jsonl files, builtin:stdlib-sft "
+                        "or builtin:stdlib-pref")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to create")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of documents held out (default 0.02; for examples, that of the --tokenizer data)")
+    p.add_argument("--tokenizer", metavar="RUN_OR_DATA_DIR",
+                   help="reuse this run's or data directory's tokenizer.json (required for SFT examples and pairs)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="SFT/pairs: longest sequence T (default: the --tokenizer run's model.context_length, else 256)")
+    p.add_argument("--too-long", choices=["truncate", "refuse"], default=None,
+                   help="SFT/pairs: cut the end of a sequence over T + 1 tokens, or refuse it (default truncate)")
     p.add_argument("--dedup", choices=["exact", "minhash", "none"], default="exact", help="duplicate removal (default exact)")
     p.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
     p.set_defaults(func=cmd_prepare)
@@ -168,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser("config", help="list every config key with its default and meaning")
+    p.add_argument("--markdown", action="store_true",
+                   help="print markdown tables, one per section, as in docs/config.md")
     p.set_defaults(func=cmd_config)
     return parser
 

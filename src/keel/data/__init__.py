@@ -8,6 +8,10 @@ corpus is (only the dedup index grows, by a few dozen bytes per document):
 2. train the tokenizer from the train JSONL, then encode both JSONLs in batches and append
    the ids to train.bin / val.bin.
 
+With `tokenizer=DIR` the tokenizer of a data or run directory is reused instead of trained.
+JSONL sources of SFT examples or preference pairs (and builtin:stdlib-sft / -pref) make a
+DATA_DIR of token sequences with loss masks instead: see `keel.data.examples`.
+
 Everything is built in a hidden sibling directory that is renamed into place only when
 complete; on any failure it is deleted, and an existing DATA_DIR is left untouched.
 """
@@ -21,9 +25,20 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from keel.data.clean import DEDUP_MODES, Cleaner
+from keel.data.examples import (
+    DEFAULT_VAL_FRACTION,
+    ExampleData,
+    Sequences,
+    build_examples,
+    kind_of_sources,
+    open_examples,
+    plan_examples,
+    resolve_base,
+)
 from keel.data.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -42,31 +57,57 @@ from keel.data.sources import Document, read_source
 from keel.data.tokenizer import EOT, MIN_VOCAB_SIZE, TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from keel.errors import UserError
 
-__all__ = ["prepare", "open_data", "TokenData", "get_batch", "eval_batches", "load_tokenizer"]
+__all__ = ["prepare", "open_data", "TokenData", "get_batch", "eval_batches", "load_tokenizer", "open_examples",
+           "ExampleData", "Sequences"]
+DEFAULT_VOCAB_SIZE = 8192
 
 
 def prepare(
     sources: list[str],
     out_dir: Path,
-    vocab_size: int = 8192,
-    val_fraction: float = 0.02,
+    vocab_size: int | None = None,
+    val_fraction: float | None = None,
     dedup: str = "exact",
     force: bool = False,
     min_chars: int = 32,
     progress: bool = True,
+    *,
+    tokenizer: Path | str | None = None,
+    context_length: int | None = None,
+    too_long: str | None = None,
 ) -> dict:
     """Build DATA_DIR `out_dir` from `sources` and return its manifest.
 
-    The manifest holds what a summary needs: documents read, kept and skipped (count and
-    example origins per reason), and documents / tokens / UTF-8 bytes per split.
+    For text, the manifest holds what a summary needs: documents read, kept and skipped (count
+    and example origins per reason), and documents / tokens / UTF-8 bytes per split. Defaults:
+    vocab_size 8192 (or the size of the reused `tokenizer`), val_fraction 0.02.
+
+    SFT examples and preference pairs need `tokenizer` (a data or run directory) and take
+    `context_length` and `too_long`; see `keel.data.examples` for their options and manifest.
     """
     out_dir = Path(out_dir)
     _check_options(sources, out_dir, vocab_size, val_fraction, dedup, force, min_chars)
-    documents = [read_source(source) for source in sources]  # checks every source before any work
+    kind = kind_of_sources(sources)
+    if kind != "text":
+        plan = plan_examples(sources, kind, tokenizer, val_fraction, context_length, too_long, min_chars, dedup)
+    else:
+        if context_length is not None or too_long is not None:
+            raise UserError(
+                "--context-length and --too-long apply to SFT examples and preference pairs, not to text; drop them"
+            )
+        documents = [read_source(source) for source in sources]  # checks every source before any work
+        base_tokenizer = _reused_tokenizer(Path(tokenizer), vocab_size) if tokenizer is not None else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     build_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        manifest = _build(build_dir, sources, documents, vocab_size, val_fraction, dedup, min_chars, progress)
+        if kind != "text":
+            manifest = build_examples(build_dir, plan, progress)
+            for name in [*manifest["files"], MANIFEST_FILE]:
+                _fsync(build_dir / name)
+        else:
+            vocab_size, val_fraction = vocab_size or DEFAULT_VOCAB_SIZE, val_fraction or DEFAULT_VAL_FRACTION
+            manifest = _build(build_dir, sources, documents, vocab_size, val_fraction, dedup, min_chars, progress,
+                              base_tokenizer, tokenizer)
         _move_into_place(build_dir, out_dir)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -74,14 +115,28 @@ def prepare(
     return manifest
 
 
+def _reused_tokenizer(tokenizer_dir: Path, vocab_size: int | None) -> Tokenizer:
+    """The tokenizer of a data or run directory, for text; a UserError if it cannot serve."""
+    tokenizer = resolve_base(tokenizer_dir).tokenizer()
+    if tokenizer.token_to_id(EOT) is None:
+        raise UserError(f"{tokenizer_dir / TOKENIZER_FILE} has no {EOT} token; use a tokenizer written by keel prepare")
+    if vocab_size is not None and vocab_size != tokenizer.get_vocab_size():
+        raise UserError(
+            f"--vocab-size {vocab_size} differs from the {tokenizer.get_vocab_size()} tokens of {tokenizer_dir}'s "
+            "tokenizer; drop --vocab-size when reusing a tokenizer"
+        )
+    return tokenizer
+
+
 def _check_options(
-    sources: list[str], out_dir: Path, vocab_size: int, val_fraction: float, dedup: str, force: bool, min_chars: int
+    sources: list[str], out_dir: Path, vocab_size: int | None, val_fraction: float | None, dedup: str, force: bool,
+    min_chars: int,
 ) -> None:
     if not sources:
         raise UserError("no sources given; name at least one file, folder, builtin:python-stdlib or hf:NAME")
-    if vocab_size < MIN_VOCAB_SIZE:
+    if vocab_size is not None and vocab_size < MIN_VOCAB_SIZE:
         raise UserError(f"vocab size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE} (256 bytes + {EOT})")
-    if not 0 < val_fraction < 1:
+    if val_fraction is not None and not 0 < val_fraction < 1:
         raise UserError(f"val fraction {val_fraction} must lie strictly between 0 and 1; 0.02 is a good start")
     if dedup not in DEDUP_MODES:
         raise UserError(f"unknown dedup mode {dedup!r}; use one of {', '.join(DEDUP_MODES)}")
@@ -104,6 +159,8 @@ def _build(
     dedup: str,
     min_chars: int,
     progress: bool,
+    base_tokenizer: Tokenizer | None = None,
+    tokenizer_from: Path | str | None = None,
 ) -> dict:
     work_dir = build_dir / "work"
     work_dir.mkdir()
@@ -151,7 +208,11 @@ def _build(
 
     # Pass 2: tokenizer from the train split only (validation text stays unseen, as it is for
     # the model), then both splits encoded to .bin.
-    tokenizer = train_tokenizer(_read_texts(texts_path["train"]), vocab_size, splits["train"]["documents"], progress)
+    # A reused tokenizer (--tokenizer) replaces the trained one.
+    tokenizer = base_tokenizer
+    if tokenizer is None:
+        num_texts = splits["train"]["documents"]
+        tokenizer = train_tokenizer(_read_texts(texts_path["train"]), vocab_size, num_texts, progress)
     eot_id = tokenizer.token_to_id(EOT)
     for split in SPLITS:
         texts = _read_texts(texts_path[split])
@@ -165,7 +226,9 @@ def _build(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "sources": source_counts,
-        "options": {"vocab_size": vocab_size, "val_fraction": val_fraction, "dedup": dedup, "min_chars": min_chars},
+        "options": {"vocab_size": vocab_size if base_tokenizer is None else tokenizer.get_vocab_size(),
+                    "val_fraction": val_fraction, "dedup": dedup, "min_chars": min_chars,
+                    **({"tokenizer_from": str(tokenizer_from)} if tokenizer_from is not None else {})},
         "documents": {"read": sum(s["documents"] for s in source_counts), **report},
         "splits": splits,
         "tokenizer": {"file": TOKENIZER_FILE, "vocab_size": tokenizer.get_vocab_size(), "eot": EOT, "eot_id": eot_id},

@@ -139,6 +139,12 @@ def open_data(data_dir: Path) -> TokenData:
     if not manifest_path.is_file():
         raise UserError(f"{data_dir} is not a keel data directory; create it with keel prepare")
     manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") == FORMAT and manifest.get("kind", "text") != "text":
+        holds = {"sft": "SFT examples", "pref": "preference pairs"}.get(manifest["kind"], manifest["kind"])
+        raise UserError(
+            f"{data_dir} holds {holds}, not pretraining text; train on it with the task made for it, "
+            "or point data.path at a data directory of text"
+        )
     if manifest.get("format") != FORMAT or manifest.get("version", 0) > FORMAT_VERSION:
         raise UserError(f"{data_dir} was written by a newer or unknown keel data format; re-create it with keel prepare --force")
     return TokenData(data_dir, manifest)

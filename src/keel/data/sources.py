@@ -33,7 +33,10 @@ def read_source(source: str) -> Iterator[Document]:
         return _hf_documents(source)
     if source.startswith("builtin:"):
         if source != "builtin:python-stdlib":
-            raise UserError(f"unknown builtin corpus {source!r}; the only one is builtin:python-stdlib")
+            raise UserError(
+                f"unknown builtin corpus {source!r}; use builtin:python-stdlib (text), "
+                "builtin:stdlib-sft (SFT examples) or builtin:stdlib-pref (preference pairs)"
+            )
         return _files_documents(python_stdlib_files())
     path = Path(source)
     # A scheme is "word:" of two letters or more, so Windows drive letters (C:) stay paths.
@@ -93,6 +96,12 @@ def _jsonl_documents(path: Path) -> Iterator[Document]:
                 reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
                 raise UserError(f"{path}:{line_number} is not valid JSON ({reason}); fix or remove that line") from err
             text = record.get("text") if isinstance(record, dict) else None
+            is_example = isinstance(record, dict) and bool({"prompt", "messages", "chosen"} & set(record))
+            if not isinstance(text, str) and is_example:
+                raise UserError(
+                    f"{path}:{line_number} is an SFT example or preference pair among text documents; keep one kind "
+                    "per file and name files of examples themselves as sources (files in a folder are read as text)"
+                )
             if not isinstance(text, str):
                 raise UserError(f'{path}:{line_number} has no "text" string field; each line must be {{"text": "..."}}')
             yield f"{path}:{line_number}", text
