@@ -3,10 +3,11 @@
 The text is the documents of keel's own DATA_DIR (decoded from its token shards, so both
 trainers see exactly the same train and val files), written as a byte stream with a separator
 id (256) before each document, as keel puts its end-of-text token there. The model is
-bench/_peers.py's `NanoGPT` (learned positions, LayerNorm, GELU MLP, tied embeddings) in
-float32, which is what nanoGPT runs on a CPU, trained with nanoGPT's character-level recipe for
-a model of this size (config/train_shakespeare_char.py: AdamW lr 1e-3 with cosine decay to 1e-4,
-100 warm-up steps, beta2 0.99), without its dropout: the runs here see less than one epoch.
+bench/_peers.py's `NanoGPT` (learned positions, LayerNorm, GELU MLP, tied embeddings) computing
+in `peer_dtype()`, keel's own dtype rule for this CPU (bf16 autocast with native bf16, else
+float32), trained with nanoGPT's character-level recipe for a model of this size
+(config/train_shakespeare_char.py: AdamW lr 1e-3 with cosine decay to 1e-4, 100 warm-up steps,
+beta2 0.99), without its dropout: the runs here see less than one epoch.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _peers import NanoGPT, Shape
+from _peers import CPU, NanoGPT, Shape, peer_dtype
 from keel.data import eval_batches, open_data
+from keel.train.precision import autocast
 
 SEPARATOR = 256  # the id before each document; the other 256 ids are the bytes themselves
 VOCAB_SIZE = 257
@@ -48,6 +50,7 @@ class PeerResult:
     val_loss: float  # nats per predicted byte (separators included), over the whole val split
     bits_per_byte: float  # per byte of document text, as keel counts bytes
     params: int
+    dtype: torch.dtype  # what the forward pass computed in
 
 
 def byte_stream(data_dir: Path, split: str) -> tuple[np.ndarray, int]:
@@ -83,6 +86,7 @@ def train_and_evaluate(data_dir: Path, minutes: float, shape: Shape, recipe: Pee
     val, val_bytes = byte_stream(data_dir, "val")
     train_t = torch.from_numpy(train.astype(np.int64))
     T, B = shape.context_length, shape.batch_size
+    dtype = peer_dtype()
     torch.manual_seed(recipe.seed)
     model = NanoGPT(shape)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -107,8 +111,9 @@ def train_and_evaluate(data_dir: Path, minutes: float, shape: Shape, recipe: Pee
         offsets = torch.randint(len(train_t) - T - 1, (B,))  # nanoGPT samples windows with replacement
         window = torch.stack([train_t[i:i + T + 1] for i in offsets.tolist()])  # (B, T+1)
         x, y = window[:, :-1], window[:, 1:]
-        logits = model(x)  # (B, T, vocab)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        with autocast(CPU, dtype):
+            logits = model(x)  # (B, T, vocab)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
@@ -124,11 +129,12 @@ def train_and_evaluate(data_dir: Path, minutes: float, shape: Shape, recipe: Pee
     total, count = 0.0, 0
     with torch.no_grad():
         for x, y in eval_batches(val, T, B, num_batches, split_name="peer val bytes"):
-            logits = model(x)
-            total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+            with autocast(CPU, dtype):
+                logits = model(x)  # (B, T, vocab)
+            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
             count += y.numel()
     val_loss = total / count
     # As keel does: nats per predicted position, divided by ln 2 and by the split's text bytes per position.
     bits_per_byte = val_loss / math.log(2) / (val_bytes / len(val))
     return PeerResult(step, step * B * T, seconds, loss.item(), val_loss, bits_per_byte,
-                      sum(p.numel() for p in model.parameters()))
+                      sum(p.numel() for p in model.parameters()), dtype)

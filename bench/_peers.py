@@ -1,10 +1,16 @@
 """The two peer trainers that bench/throughput.py runs beside keel, and the GEMM peak they are measured against.
 
 - `NanoGPT`: a minimal nanoGPT-style model (learned absolute positions, LayerNorm, GELU MLP 4x,
-  causal attention through SDPA, tied embeddings). It trains in float32 with a non-fused AdamW,
-  which is what nanoGPT does on a CPU: its dtype switch and fused AdamW only act on CUDA.
+  causal attention through SDPA, tied embeddings), trained with a non-fused AdamW, which is what
+  nanoGPT does on a CPU (it asks for fused AdamW only on CUDA).
 - `llama_peer`: Hugging Face `LlamaForCausalLM` with keel's architecture, trained by a plain
-  PyTorch loop under bf16 autocast with torch's AdamW (fused where it exists).
+  PyTorch loop with torch's AdamW (fused where it exists).
+
+Every peer computes in `peer_dtype()`, the dtype keel's own `train.dtype=auto` picks on this CPU:
+bf16 autocast where the CPU computes bf16 natively, float32 where bf16 would be emulated (many
+times slower than float32 there). A peer is measured at its best, never handicapped by a dtype
+its machine lacks. nanoGPT itself would stay in float32 on any CPU (its dtype switch acts only
+on CUDA); the bench gives it the better dtype all the same.
 
 Both loops time the same phases keel reports (data, forward_backward, optimizer, logging) and
 exclude warm-up steps from tokens/s.
@@ -20,6 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from keel.train.precision import autocast, pick_dtype
+
+CPU = torch.device("cpu")
+
+
+def peer_dtype() -> torch.dtype:
+    """The dtype every peer computes in: keel's own rule for `train.dtype=auto` on this CPU."""
+    return pick_dtype("auto", CPU)
 
 
 def gemm_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, window: float = 0.25) -> float:
@@ -88,7 +103,7 @@ def attention_flops_per_token(shape: Shape) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# peer 2: nanoGPT-style float32 model
+# peer 2: nanoGPT-style model
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,7 +127,8 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(d_model, bias=False)
         self.attn = CausalSelfAttention(d_model, n_head)
         self.ln_2 = nn.LayerNorm(d_model, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model, bias=False), nn.GELU(), nn.Linear(4 * d_model, d_model, bias=False))
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model, bias=False), nn.GELU(),
+                                 nn.Linear(4 * d_model, d_model, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -153,15 +169,15 @@ class NanoGPT(nn.Module):
         return 6 * num_params + attention_flops_per_token(shape)
 
 
-def nanogpt_peer(shape: Shape) -> tuple[nn.Module, torch.optim.Optimizer, torch.dtype | None, int]:
-    """(model, optimizer, autocast dtype, flops per token) for the float32 nanoGPT-style peer."""
+def nanogpt_peer(shape: Shape) -> tuple[nn.Module, torch.optim.Optimizer, torch.dtype, int]:
+    """(model, optimizer, compute dtype, flops per token) for the nanoGPT-style peer."""
     model = NanoGPT(shape)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     # nanoGPT only asks for fused AdamW on CUDA, so on a CPU it runs the default (foreach) one.
     optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
-    return model, optimizer, None, model.flops_per_token(shape)
+    return model, optimizer, peer_dtype(), model.flops_per_token(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +195,9 @@ class _LlamaLogits(nn.Module):
         return self.model(input_ids=idx, use_cache=False).logits
 
 
-def llama_peer(shape: Shape, rope_theta: float, norm_eps: float, tie_embeddings: bool) -> tuple[nn.Module, torch.optim.Optimizer, torch.dtype | None, int]:
-    """(model, optimizer, autocast dtype, flops per token) for HF LlamaForCausalLM in bf16 autocast."""
+def llama_peer(shape: Shape, rope_theta: float, norm_eps: float,
+               tie_embeddings: bool) -> tuple[nn.Module, torch.optim.Optimizer, torch.dtype, int]:
+    """(model, optimizer, compute dtype, flops per token) for HF LlamaForCausalLM."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -208,7 +225,7 @@ def llama_peer(shape: Shape, rope_theta: float, norm_eps: float, tie_embeddings:
         optimizer = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
     num_params = sum(p.numel() for p in model.parameters())  # parameters() lists a tied matrix once
     flops = 6 * num_params + attention_flops_per_token(shape)
-    return _LlamaLogits(model), optimizer, torch.bfloat16, flops
+    return _LlamaLogits(model), optimizer, peer_dtype(), flops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +235,7 @@ def llama_peer(shape: Shape, rope_theta: float, norm_eps: float, tie_embeddings:
 def train_peer(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    autocast_dtype: torch.dtype | None,
+    dtype: torch.dtype,
     next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     warmup: int,
@@ -228,7 +245,8 @@ def train_peer(
 ) -> dict[str, object]:
     """Train for warmup + steps steps; tokens/s and the phase split cover only the last `steps`.
 
-    `probe`, if given, is called before each timed step, off the clock.
+    The forward pass runs under autocast to `dtype` (weights and optimizer state stay float32, as
+    in keel); `probe`, if given, is called before each timed step, off the clock.
     """
     model.train()
     timings = dict.fromkeys(("data", "forward_backward", "optimizer", "logging"), 0.0)
@@ -242,7 +260,7 @@ def train_peer(
         t0 = time.perf_counter()
         x, y = next_batch(step)  # (B, T) each
         t1 = time.perf_counter()
-        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(CPU, dtype):
             logits = model(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
@@ -261,5 +279,5 @@ def train_peer(
         for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             timings[key] += seconds
     seconds = time.perf_counter() - start - (probe.seconds if probe is not None else 0.0)
-    return {"tokens_per_s": tokens / seconds, "tokens_per_step": x.numel(), "step_seconds": step_seconds, "seconds": seconds,
-            "steps": steps, "final_loss": loss.item(), "timings": timings}
+    return {"tokens_per_s": tokens / seconds, "tokens_per_step": x.numel(), "step_seconds": step_seconds,
+            "seconds": seconds, "steps": steps, "final_loss": loss.item(), "timings": timings}

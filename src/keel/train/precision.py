@@ -29,6 +29,27 @@ def cpu_has_bf16() -> bool:
     )
 
 
+def describe_cpu() -> str:
+    """The CPU's model name and its class for bf16, e.g. "AMD EPYC, AVX2 only (bf16 emulated)".
+
+    The class says why `pick_dtype` chose what it did on this machine; "native bf16" is exactly
+    `cpu_has_bf16()`, so the label and the rule cannot disagree.
+    """
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):  # Linux names the CPU here; platform.processor() often does not
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    if cpu_has_bf16():
+        kind = "AMX (native bf16)" if torch.cpu._is_amx_tile_supported() else "AVX512-BF16 (native bf16)"
+    elif torch.cpu._is_avx512_supported():
+        kind = "AVX512 (no native bf16)"
+    elif torch.cpu._is_avx2_supported():
+        kind = "AVX2 only (bf16 emulated)"
+    else:
+        kind = f"{torch.backends.cpu.get_cpu_capability()} (bf16 emulated)"
+    return f"{name}, {kind}"
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for autocast: bf16 where the hardware has it, fp16 on older GPUs, else fp32."""
     if name != "auto":
