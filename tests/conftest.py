@@ -20,6 +20,7 @@ TINY = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_hea
         "train.batch_size=4", "train.max_steps=30", "train.eval_every=10", "train.eval_batches=2",
         "train.checkpoint_every=10", "train.log_every=5", "train.dtype=float32", "optim.warmup_steps=5",
         "optim.lr=3e-3"]
+TINY_TRAIN = [s for s in TINY if not s.startswith("model.")]  # fine-tuning takes the shape from its init run
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +54,8 @@ def keel(*args: str, env: dict | None = None, timeout: float = 300) -> subproces
 
 
 def tiny_train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    sets = [f"data.path={data}", *TINY, *extra]
+    finetune = any(s.startswith("init.from=") for s in extra)
+    sets = [f"data.path={data}", *(TINY_TRAIN if finetune else TINY), *extra]
     return ["train", "--run-dir", str(run_dir), *[arg for s in sets for arg in ("--set", s)]]
 
 
@@ -64,3 +66,86 @@ def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
     assert message.startswith("error: "), result.stderr
     for word in words:
         assert word in message, (word, message)
+
+
+# -- fine-tuning: a tiny pretrained base run and data prepared with its tokenizer ----------------------
+
+
+def run(run_dir: Path, *sets: str):
+    """Train in this process (no watchdog, no registry); returns the TrainResult."""
+    config = _rundir().init_run_dir(_config_lib().load(None, [*TINY_TRAIN, "train.compile=false", *sets]), run_dir)
+    from keel.train.loop import train
+
+    return train(config, run_dir, registry=None, progress=False)
+
+
+@pytest.fixture(scope="session")
+def base_run(tiny_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    model = [s for s in TINY if s.startswith("model.") and "context_length" not in s]
+    assert run(run_dir, f"data.path={tiny_data}", *model, "model.context_length=128").status == "finished"
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def sft_data(base_run, tmp_path_factory) -> Path:
+    """Short documented stdlib functions as SFT examples (signature + docstring -> body), every third one
+    as a chat turn, so packed rows hold several examples at context 128."""
+    import json
+
+    from keel.data import prepare
+
+    folder = tmp_path_factory.mktemp("sft")
+    lines = []
+    for function in short_functions(160):
+        plain = {"prompt": function.prompt, "completion": function.body}
+        chat = {"messages": [{"role": "user", "content": function.prompt},
+                             {"role": "assistant", "content": function.body}]}
+        lines.append(json.dumps(chat if len(lines) % 3 == 2 else plain))
+    (folder / "sft.jsonl").write_text("\n".join(lines) + "\n")
+    prepare([str(folder / "sft.jsonl")], folder / "data", tokenizer=str(base_run), val_fraction=0.2, progress=False)
+    return folder / "data"
+
+
+def short_functions(max_chars: int):
+    """Documented functions of the stdlib whose signature, docstring and body are short."""
+    from keel.data.examples import documented_functions
+    from keel.data.sources import python_stdlib_files
+
+    for path in python_stdlib_files()[:300]:
+        for function in documented_functions(path.read_text(errors="replace")):
+            if len(function.prompt) + len(function.body) < max_chars:
+                yield function
+
+
+def write_pref_data(base_run: Path, folder: Path, max_pairs: int) -> Path:
+    """Preference pairs made as builtin:stdlib-pref makes them (real body vs its mechanical corruption)."""
+    import json
+
+    from keel.data import prepare
+    from keel.data.examples import corrupt
+
+    lines = []
+    for function in short_functions(200):
+        if (rejected := corrupt(function)) is not None and len(lines) < max_pairs:
+            lines.append(json.dumps({"prompt": function.prompt, "chosen": function.body, "rejected": rejected}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    prepare([str(folder / "pairs.jsonl")], folder / "data", tokenizer=str(base_run), val_fraction=0.2, progress=False)
+    return folder / "data"
+
+
+@pytest.fixture(scope="session")
+def pref_data(base_run, tmp_path_factory) -> Path:
+    return write_pref_data(base_run, tmp_path_factory.mktemp("pref"), max_pairs=200)
+
+
+def _config_lib():
+    from keel import config
+
+    return config
+
+
+def _rundir():
+    from keel.runs import rundir
+
+    return rundir

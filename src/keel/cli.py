@@ -38,7 +38,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from keel.runs.rundir import default_run_dir
     from keel.train.launch import launch
 
-    config = config_lib.load(args.config, args.set)
+    kind = [f"task.kind={args.task}"] if getattr(args, "task", None) else []
+    config = config_lib.load(args.config, kind + args.set)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config, args.config)
     return launch(config, run_dir)
 
@@ -51,10 +52,49 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from keel.inference import chat_reply, chat_template, load_run
+
+    run = load_run(Path(args.run_dir))
+    chat_template(run)  # a pretraining run fails now, not after the first message
+
+    def reply(messages: list[dict]) -> str:
+        return chat_reply(run, messages, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
+                          args.seed)
+
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        print(reply([*messages, {"role": "user", "content": args.prompt}]))
+        return 0
+    prompt = "you> " if sys.stdin.isatty() else ""
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        answer = reply(messages)
+        messages.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from keel.inference import evaluate_run, load_run
 
     run = load_run(Path(args.run_dir))
+    if run.config.task.kind != "pretrain":
+        from keel.inference import evaluate_task
+
+        if args.data:
+            raise UserError(f"--data applies to pretraining runs; {args.run_dir} is a {run.config.task.kind} run, "
+                            "evaluated on its own data's val split.")
+        numbers = evaluate_task(run)
+        print(f"step {run.step}: " + "  ".join(f"{name.removeprefix('val_').replace('_', ' ')} {value:.4f}"
+                                             for name, value in numbers.items()))
+        return 0
     r = evaluate_run(run, Path(args.data) if args.data else None)
     print(f"step {run.step}: val loss {r.loss:.4f}  perplexity {r.perplexity:.2f}  bits/byte {r.bits_per_byte:.4f}"
           f"  ({r.tokens:,} tokens)")
@@ -151,11 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a model, resuming if the run directory has checkpoints")
-    p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to keys it leaves out)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-3")
-    p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
-    p.set_defaults(func=cmd_train)
+    for name, task, text in (("train", None, "train a model, resuming if the run directory has checkpoints"),
+                             ("sft", "sft", "keel train with task.kind=sft: fine-tune --set init.from=RUN on examples"),
+                             ("dpo", "dpo", "keel train with task.kind=dpo: align --set init.from=RUN on preference pairs")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to keys it leaves out)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. optim.lr=1e-3")
+        p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
+        p.set_defaults(func=cmd_train, task=task)
 
     p = sub.add_parser("sample", help="generate text from a trained run")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -166,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("chat", help="talk to a fine-tuned run through its chat template (an empty line ends)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--system", default=None, help="system turn that starts the conversation")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit instead of reading stdin")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest reply; the history keeps this much of the context free (default: half of it)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
     p.add_argument("run_dir", metavar="RUN_DIR")

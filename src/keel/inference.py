@@ -1,4 +1,4 @@
-"""Using a trained run: load its best-known weights, sample text, measure held-out loss."""
+"""Using a trained run: load its best-known weights, sample text, chat, measure held-out loss."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from tokenizers import Tokenizer
 
 from keel.config import RunConfig
 from keel.data import eval_batches, open_data
+from keel.data.chat import CHAT_TOKENS, Message, Template, render, template_of
+from keel.data.tokenizer import EOT
 from keel.errors import UserError
 from keel.models.gpt import GPT
 from keel.runs.rundir import TOKENIZER_FILE, load_run_config
@@ -27,6 +29,7 @@ class LoadedRun:
     step: int
     device: torch.device
     dtype: torch.dtype
+    path: Path  # the run directory
 
 
 def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
@@ -44,7 +47,7 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
     model.eval()
     tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
     dtype = pick_dtype(config.train.dtype, torch_device)
-    return LoadedRun(config, model, tokenizer, meta["step"], torch_device, dtype)
+    return LoadedRun(config, model, tokenizer, meta["step"], torch_device, dtype, run_dir)
 
 
 def sample(run: LoadedRun, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -60,6 +63,70 @@ def sample(run: LoadedRun, prompt: str, max_new_tokens: int = 200, temperature: 
     out = run.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              eot_id=eot, generator=generator)
     return run.tokenizer.decode([i for i in out[0].tolist() if i != eot])
+
+
+def chat_template(run: LoadedRun) -> Template:
+    """The ids of the run's chat markers; a UserError for a run without them (a pretraining run)."""
+    if any(run.tokenizer.token_to_id(token) is None for token in (EOT, *CHAT_TOKENS)):
+        raise UserError(
+            f"{run.path}'s tokenizer has no chat template; fine-tune it with task.kind=sft on chat data "
+            f"(keel prepare CHATS.jsonl --out DATA_DIR --tokenizer {run.path}), or use keel sample"
+        )
+    return template_of(run.tokenizer)
+
+
+def fit_history(tokenizer: Tokenizer, messages: list[Message], context_length: int, reply_tokens: int) -> list[Message]:
+    """The newest messages whose rendering with the generation prompt leaves reply_tokens of the context free.
+
+    The oldest turns go first; leading system turns always stay, and the kept history never starts with
+    an assistant turn that lost its question. A UserError if not even the last message fits.
+    """
+    # Each message's content is encoded on its own, so the rendering's length is the sum of per-message
+    # lengths plus <|endoftext|> in front and <|assistant|> at the end.
+    lengths = [len(render(tokenizer, [message])[0]) - 1 for message in messages]  # - the leading <|endoftext|>
+    num_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    max_prompt_tokens = context_length - reply_tokens
+    fixed = 2 + sum(lengths[:num_system])
+    budget = max_prompt_tokens - fixed
+    start = len(messages)
+    while start > num_system and lengths[start - 1] <= budget:
+        start -= 1
+        budget -= lengths[start]
+    if start == len(messages) and start > num_system:
+        what = "the last message and the system turn need" if num_system else "the last message needs"
+        raise UserError(
+            f"{what} {fixed + lengths[-1]} tokens with the chat markers, but the model's context of {context_length} "
+            f"tokens leaves only {max(max_prompt_tokens, 0)} once --max-new-tokens {reply_tokens} are kept for the "
+            "reply; shorten the message or lower --max-new-tokens"
+        )
+    while start < len(messages) - 1 and messages[start]["role"] == "assistant":
+        start += 1
+    return messages[:num_system] + messages[start:]
+
+
+def chat_reply(run: LoadedRun, messages: list[Message], max_new_tokens: int | None = None, temperature: float = 0.7,
+               top_k: int | None = 50, top_p: float | None = None, seed: int = 0) -> str:
+    """The assistant's reply to `messages` (system, user and assistant turns, usually ending with the user's).
+
+    The history is rendered with the chat template and the generation prompt. max_new_tokens (default half the
+    context) is kept free for the reply; turns that no longer fit in the rest are dropped, oldest first (see
+    fit_history). The reply ends at <|end|> or <|endoftext|> and carries no markers.
+    """
+    template = chat_template(run)
+    context_length = run.config.model.context_length
+    max_new_tokens = context_length // 2 if max_new_tokens is None else max_new_tokens
+    if temperature < 0 or max_new_tokens <= 0:
+        raise UserError("--temperature must be >= 0 and --max-new-tokens positive.")
+    history = fit_history(run.tokenizer, messages, context_length, max_new_tokens)
+    ids, _ = render(run.tokenizer, history, add_generation_prompt=True)
+    generator = torch.Generator(device=run.device).manual_seed(seed)
+    # generate stops early on one id only: <|end|>, the end of a turn. <|endoftext|> ends the reply below.
+    out = run.model.generate(torch.tensor([ids], device=run.device), max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, eot_id=template.end_id, generator=generator)
+    reply = out[0, len(ids):].tolist()
+    stops = (template.end_id, template.eot_id)
+    end = next((i for i, token in enumerate(reply) if token in stops), len(reply))
+    return run.tokenizer.decode(reply[:end])
 
 
 @dataclass
@@ -89,3 +156,15 @@ def evaluate_run(run: LoadedRun, data_dir: Path | None = None, max_batches: int 
     bytes_per_token = split["bytes"] / split["tokens"]
     return EvalResult(loss, math.exp(loss), loss / math.log(2) / bytes_per_token,
                       min(num_batches * batch * context, len(tokens)))
+
+
+def evaluate_task(run: LoadedRun) -> dict[str, float]:
+    """A fine-tuned run's own held-out numbers over its whole val split: completion loss (SFT); preference
+    loss, reward accuracy, margin, log-probs and KL estimate (DPO, from the run's cached reference)."""
+    import dataclasses
+
+    from keel.tasks import build_task
+
+    whole = dataclasses.replace(run.config.train, eval_batches=1 << 30)
+    config = dataclasses.replace(run.config, train=whole)
+    return build_task(config, run.path, run.device, run.dtype).evaluate(run.model)

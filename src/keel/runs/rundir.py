@@ -12,8 +12,9 @@ import shutil
 from pathlib import Path
 
 from keel import config as config_lib
-from keel.config import RunConfig
+from keel.config import ModelConfig, RunConfig
 from keel.data import open_data
+from keel.data.examples import open_examples
 from keel.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -36,8 +37,8 @@ def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
     Returns the resolved config (name and vocab size filled in). Only the model shape and the optimizer must
     match an existing run: changing e.g. train.max_steps to extend a run is allowed.
     """
-    data = open_data(Path(config.data.path))
-    model = config.model
+    data = open_task_data(config)
+    model = init_model_config(config) if config.init.from_ else config.model
     if model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=data.vocab_size)
     elif model.vocab_size < data.vocab_size:
@@ -72,6 +73,44 @@ def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
     os.replace(tmp, run_dir / CONFIG_FILE)
     shutil.copyfile(Path(config.data.path) / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
     return resolved
+
+
+DATA_KIND = {"pretrain": None, "sft": "sft", "dpo": "pref"}  # the data each task.kind trains on
+
+
+def open_task_data(config: RunConfig):
+    """The data dir of config.data.path, checked to be of the kind the task trains on."""
+    kind = DATA_KIND[config.task.kind]
+    path = Path(config.data.path)
+    return open_data(path) if kind is None else open_examples(path, kind=kind)
+
+
+def init_model_config(config: RunConfig) -> ModelConfig:
+    """The model of the init.from run, which this run continues: a shape set otherwise is refused,
+    and so is data whose tokenizer is not that run's (it may add tokens at the end: the chat markers).
+    The vocabulary size is left to the data (0)."""
+    from tokenizers import Tokenizer
+
+    from keel.train import checkpoint as ckpt
+
+    init_dir = Path(config.init.from_)
+    if not (init_dir / CONFIG_FILE).is_file():
+        raise UserError(f"init.from={init_dir} is not a keel run directory (no {CONFIG_FILE}); "
+                        "point it at a directory `keel train` wrote.")
+    init = load_run_config(init_dir)
+    ckpt.find_best(init_dir)  # a clear sentence if it has no usable checkpoint
+    default = config_lib.from_dict({}).model  # resolved the same way (n_kv_head 0 -> n_head)
+    for key, ours in dataclasses.asdict(config.model).items():
+        theirs = getattr(init.model, key)
+        if key not in ("vocab_size", "attention") and ours != getattr(default, key) and ours != theirs:
+            raise UserError(f"model.{key}={ours} does not match the init.from run {init_dir} (model.{key}={theirs}); "
+                            "the shape comes from that run: drop the model.* setting or start from another run.")
+    init_vocab = Tokenizer.from_file(str(init_dir / TOKENIZER_FILE)).get_vocab(with_added_tokens=True)
+    data_vocab = Tokenizer.from_file(str(Path(config.data.path) / TOKENIZER_FILE)).get_vocab(with_added_tokens=True)
+    if any(data_vocab.get(token) != token_id for token, token_id in init_vocab.items()):
+        raise UserError(f"{config.data.path} was tokenized with another tokenizer than the init.from run {init_dir}; "
+                        f"prepare it again with --tokenizer {init_dir}.")
+    return dataclasses.replace(init.model, vocab_size=0, attention=config.model.attention)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,7 +11,9 @@ from keel.config import RunConfig
 from keel.tasks.base import Batch, LossOutput, Task
 
 
-def build_task(config: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype) -> Task:
+def build_task(config: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype,
+               heartbeat: Callable[[], None] = lambda: None) -> Task:
+    """The task of config.task.kind; `heartbeat` is called during a long set-up (DPO's reference pass)."""
     kind = config.task.kind
     if kind == "pretrain":
         from keel.tasks.pretrain import PretrainTask
@@ -23,7 +26,7 @@ def build_task(config: RunConfig, run_dir: Path, device: torch.device, dtype: to
     if kind == "dpo":
         from keel.tasks.dpo import DPOTask
 
-        return DPOTask(config, run_dir, device, dtype)
+        return DPOTask(config, run_dir, device, dtype, heartbeat)
     raise AssertionError(f"config validation lets no other task.kind through: {kind}")
 
 

@@ -124,7 +124,8 @@ class Trainer:
         self.dtype = pick_dtype(t.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.task = build_task(config, self.run_dir, self.device, self.dtype)
+        self.task = build_task(config, self.run_dir, self.device, self.dtype,
+                               heartbeat=lambda: write_heartbeat(self.run_dir, 0))
         self.model = self.task.build_model()
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)

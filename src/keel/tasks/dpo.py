@@ -1,0 +1,269 @@
+"""Preference optimisation (DPO and relatives), with rater disagreement as a per-pair soft target.
+
+Each pair is a prompt with a chosen and a rejected response. With π the policy being trained and
+π_ref the reference (the init.from run, frozen), the pair's implied reward margin is
+
+    h = [log π(chosen) − log π_ref(chosen)] − [log π(rejected) − log π_ref(rejected)]
+
+(log-probs summed over the response tokens), and the policy's implied preference is σ(β·h). A pair
+may carry p = the share of raters who preferred `chosen` (p_chosen, or votes a : b → a / (a + b));
+pairs without one have p = 1. The losses take p per pair:
+
+    sigmoid (DPO):  −[p·log σ(β·h) + (1 − p)·log σ(−β·h)]   binary cross-entropy of σ(β·h) against p
+    ipo:            (h − (p − ½) / β)²                       IPO's regression target, scaled by p − ½
+    hinge:          p·max(0, 1 − β·h) + (1 − p)·max(0, 1 + β·h)
+
+With p = 1 each is exactly its standard form (DPO, IPO, SLiC's hinge). The sigmoid loss is
+minimised at σ(β·h) = p: a 50/50 pair pulls nowhere, a 90/10 pair pulls towards 0.9 and no further,
+while a hard label keeps pushing σ(β·h) towards 1. (TRL's label smoothing is one global constant;
+here each pair has its own.)
+
+The reference log-probs are computed once, before the first step, and cached in
+RUN_DIR/cache/ under a key made of the reference checkpoint's weights hash, the data's hash, the
+context length and the dtype: a different reference or different data can never read a stale cache.
+
+Metrics per step: reward accuracy (share of pairs with h > 0), the mean margin β·h, the chosen and
+rejected log-probs, and `kl`, the mean log π/π_ref of the responses (an estimate of the KL to the
+reference on the data's responses). The likelihood-displacement monitor watches the chosen log-prob
+fall while the margin grows: both responses losing probability, the rejected one faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from keel.config import RunConfig
+from keel.data.examples import Sequences, open_examples
+from keel.supervisor.monitors import Signal, StepRecord
+from keel.tasks.base import ACT_NORM, Batch, LossOutput
+from keel.tasks.lm import IGNORE_INDEX, LMTask, sequence_log_probs
+from keel.tasks.sft import check_lengths
+from keel.train.precision import autocast
+
+CACHE_DIR = "cache"
+
+
+def preference_loss(margin: torch.Tensor, p: torch.Tensor, beta: float, kind: str) -> torch.Tensor:
+    """Per-pair loss from the implied reward margins h (B,) and soft targets p (B,); see the module docstring."""
+    z = beta * margin
+    if kind == "sigmoid":
+        return -(p * F.logsigmoid(z) + (1 - p) * F.logsigmoid(-z))
+    if kind == "ipo":
+        return (margin - (p - 0.5) / beta) ** 2
+    if kind == "hinge":
+        return p * F.relu(1 - z) + (1 - p) * F.relu(1 + z)
+    raise AssertionError(f"config validation lets no other dpo.loss through: {kind}")
+
+
+class DPOTask(LMTask):
+    kind = "dpo"
+
+    def __init__(self, config: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype,
+                 heartbeat: Callable[[], None] = lambda: None):
+        super().__init__(config, device, dtype)
+        self.data = open_examples(Path(config.data.path), kind="pref")
+        self.splits = {split: self.data.sequences(split) for split in ("train", "val")}
+        check_lengths(self.data.path, tuple(self.splits.values()), config.model.context_length)
+        self.p_chosen = {split: self.data.p_chosen(split) if config.dpo.soft_labels
+                         else np.ones(len(s) // 2, dtype=np.float32) for split, s in self.splits.items()}
+        self.reference = reference_log_probs(self, Path(run_dir), heartbeat)
+
+    # -- the stream of pairs ------------------------------------------------------------------
+
+    def batch(self, index: int) -> Batch:
+        """Pairs [i·B, (i+1)·B) of an endless stream that visits all pairs once per epoch, in an
+        order seeded by (seed, epoch)."""
+        B, seed = self.config.train.batch_size, self.config.train.seed
+        num_pairs = len(self.splits["train"]) // 2
+        return self._rows("train", _pairs_at(np.arange(index * B, (index + 1) * B), num_pairs, seed))
+
+    def _rows(self, split: str, pairs: np.ndarray) -> Batch:
+        """Chosen rows then rejected rows, (2B, T), right-padded; targets only on the responses."""
+        sequences = self.splits[split]
+        ids = np.concatenate((2 * pairs, 2 * pairs + 1))  # (2B,)
+        inputs, targets, tokens = pad_rows(sequences, ids, self.config.model.context_length, self.data.eot_id)
+        tensors = {"inputs": inputs, "targets": targets,
+                   "reference": torch.from_numpy(self.reference[split][ids]),
+                   "p_chosen": torch.from_numpy(self.p_chosen[split][pairs])}
+        return Batch(tensors, units=len(pairs), tokens=tokens)
+
+    # -- loss and evaluation --------------------------------------------------------------------
+
+    def loss(self, model, tensors: dict[str, torch.Tensor]) -> LossOutput:
+        log_probs, out = sequence_log_probs(model, tensors["inputs"], tensors["targets"])  # (2B,)
+        stats = pair_statistics(log_probs, tensors["reference"], self.config.dpo.beta)
+        losses = preference_loss(stats["h"], tensors["p_chosen"], self.config.dpo.beta, self.config.dpo.loss)
+        metrics = {name: value.detach().mean() for name, value in stats.items() if name != "h"}
+        metrics[ACT_NORM] = out.act_mean_square
+        return LossOutput(losses.mean(), metrics)
+
+    def evaluate(self, model) -> dict[str, float]:
+        """Held-out preference loss, reward accuracy, margin, log-probs and KL estimate over the val pairs
+        (the first train.eval_batches batches of them)."""
+        t = self.config.train
+        num_pairs = min(len(self.splits["val"]) // 2, t.eval_batches * t.batch_size)
+        totals: dict[str, float] = {}
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, num_pairs, t.batch_size):
+                batch = self._rows("val", np.arange(start, min(start + t.batch_size, num_pairs))).to(self.device)
+                with autocast(self.device, self.dtype):
+                    out = self.loss(model, batch.tensors)
+                for name, value in (("loss", out.loss), *out.metrics.items()):
+                    if name != ACT_NORM:
+                        totals[name] = totals.get(name, 0.0) + value.item() * batch.units
+        model.train()
+        return {f"val_{name}": total / num_pairs for name, total in totals.items()}
+
+    def monitors(self) -> list:
+        return [LikelihoodDisplacementMonitor(self.config.dpo.displacement_patience)]
+
+
+def _pairs_at(positions: np.ndarray, num_pairs: int, seed: int) -> np.ndarray:
+    epochs = positions // num_pairs
+    pairs = np.empty(len(positions), dtype=np.int64)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([seed, int(epoch)]).permutation(num_pairs)
+        pairs[epochs == epoch] = order[positions[epochs == epoch] % num_pairs]
+    return pairs
+
+
+def pad_rows(sequences: Sequences, ids: np.ndarray, context_length: int,
+             pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """inputs, targets (len(ids), T) of whole sequences, right-padded; targets only where the mask is 1."""
+    inputs = np.full((len(ids), context_length), pad_id, dtype=np.int64)
+    targets = np.full((len(ids), context_length), IGNORE_INDEX, dtype=np.int64)
+    tokens = 0
+    for row, i in enumerate(ids.tolist()):
+        seq, mask = sequences.get(i)
+        seq = seq.astype(np.int64)  # the IGNORE_INDEX targets are negative
+        n = len(seq) - 1
+        inputs[row, :n] = seq[:-1]
+        targets[row, :n] = np.where(mask[1:].astype(bool), seq[1:], IGNORE_INDEX)
+        tokens += n
+    return torch.from_numpy(inputs), torch.from_numpy(targets), tokens
+
+
+def pair_statistics(log_probs: torch.Tensor, reference: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Per pair, from the summed log-probs of chosen rows then rejected rows (2B,) of policy and reference."""
+    chosen, rejected = log_probs.chunk(2)
+    ratio_chosen, ratio_rejected = (log_probs - reference).chunk(2)  # log π/π_ref of each response
+    h = ratio_chosen - ratio_rejected
+    return {"h": h, "reward_accuracy": (h > 0).float(), "margin": beta * h, "chosen_logp": chosen,
+            "rejected_logp": rejected, "kl": (ratio_chosen + ratio_rejected) / 2}
+
+
+# -- the reference log-probs, computed once ----------------------------------------------------
+
+
+def reference_log_probs(task: DPOTask, run_dir: Path, heartbeat: Callable[[], None]) -> dict[str, np.ndarray]:
+    """Summed response log-probs of every sequence under the reference model, from the cache or computed
+    now (then cached); {split: (num_sequences,) float32}."""
+    from keel.train import checkpoint as ckpt
+
+    init_run = Path(task.config.init.from_)
+    checkpoint = ckpt.find_best(init_run)
+    weights_hash = json.loads((checkpoint / ckpt.MANIFEST).read_text())["files"][ckpt.WEIGHTS]["sha256"]
+    key = hashlib.sha256(json.dumps([weights_hash, task.data.fingerprint(), task.config.model.context_length,
+                                     str(task.dtype)]).encode()).hexdigest()
+    path = run_dir / CACHE_DIR / f"reference-{key[:16]}.safetensors"
+    if path.is_file():
+        try:
+            with safetensors.safe_open(str(path), "pt") as cached:
+                if cached.metadata().get("key") == key:
+                    return {split: cached.get_tensor(split).numpy() for split in task.splits}
+        except (OSError, safetensors.SafetensorError):
+            pass  # damaged: computed again below
+    reference = task.build_model()  # the init run's weights, vocabulary extended as the policy's
+    reference.eval()
+    computed = {}
+    rows = 2 * task.config.train.batch_size
+    with torch.no_grad():
+        for split, sequences in task.splits.items():
+            values = []
+            for start in range(0, len(sequences), rows):
+                ids = np.arange(start, min(start + rows, len(sequences)))
+                inputs, targets, _ = pad_rows(sequences, ids, task.config.model.context_length, task.data.eot_id)
+                with autocast(task.device, task.dtype):
+                    log_probs, _ = sequence_log_probs(reference, inputs.to(task.device), targets.to(task.device))
+                values.append(log_probs.float().cpu())
+                heartbeat()
+            computed[split] = torch.cat(values)
+    del reference
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    safetensors.torch.save_file(computed, str(tmp), metadata={"key": key, "reference": str(checkpoint)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {split: values.numpy() for split, values in computed.items()}
+
+
+# -- likelihood displacement -----------------------------------------------------------------------
+
+
+class LikelihoodDisplacementMonitor:
+    """The chosen responses' log-prob falling steadily while the margin grows.
+
+    DPO can raise the margin by pushing both responses down, the rejected one faster: the
+    preferred answer then becomes less likely than before training ("likelihood displacement").
+    Compared over `patience` steps on 20-step moving averages (batch noise in the summed
+    log-probs is large): the chosen log-prob down by more than 1 nat while the margin rose. A
+    warning for the logbook with the numbers; no repair inside the run undoes it.
+    """
+
+    name = "likelihood_displacement"
+    SPAN = 20
+    MIN_FALL = 1.0  # nats: a fall smaller than this is within the noise of 20-step averages
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.alpha = 2.0 / (self.SPAN + 1)
+        self.chosen = self.margin = math.nan  # moving averages
+        self.history: deque[tuple[int, float, float]] = deque(maxlen=patience + 1)
+        self.fired = False
+
+    def observe(self, record: StepRecord) -> Signal | None:
+        chosen, margin = record.metrics.get("chosen_logp"), record.metrics.get("margin")
+        if chosen is None or margin is None or not (math.isfinite(chosen) and math.isfinite(margin)):
+            return None
+        first = math.isnan(self.chosen)
+        self.chosen = chosen if first else self.chosen + self.alpha * (chosen - self.chosen)
+        self.margin = margin if first else self.margin + self.alpha * (margin - self.margin)
+        self.history.append((record.step, self.chosen, self.margin))
+        if len(self.history) <= self.patience:
+            return None
+        step0, chosen0, margin0 = self.history[0]
+        displaced = self.chosen < chosen0 - self.MIN_FALL and self.margin > margin0
+        if not displaced:
+            self.fired = False
+            return None
+        if self.fired:
+            return None
+        self.fired = True
+        return Signal(
+            self.name, "warning", record.step,
+            f"likelihood displacement: the chosen log-prob fell from {chosen0:.2f} to {self.chosen:.2f} "
+            f"over {record.step - step0} steps while the margin grew from {margin0:.3f} to {self.margin:.3f}",
+            {"chosen_logp_before": chosen0, "chosen_logp": self.chosen, "margin_before": margin0,
+             "margin": self.margin, "steps": record.step - step0}, began_step=step0,
+        )
+
+    def state_dict(self) -> dict:
+        return {"chosen": self.chosen, "margin": self.margin, "fired": self.fired,
+                "history": [list(entry) for entry in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.chosen, self.margin, self.fired = state["chosen"], state["margin"], state["fired"]
+        self.history = deque((tuple(entry) for entry in state["history"]), maxlen=self.patience + 1)
