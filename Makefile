@@ -21,6 +21,8 @@ demo: setup
 	$(BIN)/keel demo
 
 test: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -10,16 +10,54 @@ from pathlib import Path
 import pytest
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-CORPUS_MODULES = ["argparse.py", "textwrap.py", "string.py", "shlex.py", "csv.py", "difflib.py", "json/decoder.py",
-                  "json/encoder.py", "calendar.py", "fractions.py", "heapq.py", "bisect.py", "queue.py", "pprint.py",
-                  "glob.py", "fnmatch.py", "tokenize.py", "ast.py", "dataclasses.py", "enum.py", "functools.py",
-                  "contextlib.py", "abc.py", "operator.py", "copy.py", "shutil.py", "tempfile.py", "configparser.py"]
+CORPUS_MODULES = [
+    "argparse.py",
+    "textwrap.py",
+    "string.py",
+    "shlex.py",
+    "csv.py",
+    "difflib.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "calendar.py",
+    "fractions.py",
+    "heapq.py",
+    "bisect.py",
+    "queue.py",
+    "pprint.py",
+    "glob.py",
+    "fnmatch.py",
+    "tokenize.py",
+    "ast.py",
+    "dataclasses.py",
+    "enum.py",
+    "functools.py",
+    "contextlib.py",
+    "abc.py",
+    "operator.py",
+    "copy.py",
+    "shutil.py",
+    "tempfile.py",
+    "configparser.py",
+]
 
 # A tiny model that trains in seconds on two CPU cores; float32 keeps it fast at this size.
-TINY = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2", "model.context_length=64",
-        "train.batch_size=4", "train.max_steps=30", "train.eval_every=10", "train.eval_batches=2",
-        "train.checkpoint_every=10", "train.log_every=5", "train.dtype=float32", "optim.warmup_steps=5",
-        "optim.lr=3e-3"]
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.context_length=64",
+    "train.batch_size=4",
+    "train.max_steps=30",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "train.checkpoint_every=10",
+    "train.log_every=5",
+    "train.dtype=float32",
+    "optim.warmup_steps=5",
+    "optim.lr=3e-3",
+]
 TINY_TRAIN = [s for s in TINY if not s.startswith("model.")]  # fine-tuning takes the shape from its init run
 
 
@@ -49,8 +87,13 @@ def tiny_data(corpus_dir, tmp_path_factory) -> Path:
 
 def keel(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real `keel` command in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "keel.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "keel.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def tiny_train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -99,8 +142,9 @@ def sft_data(base_run, tmp_path_factory) -> Path:
     lines = []
     for function in short_functions(160):
         plain = {"prompt": function.prompt, "completion": function.body}
-        chat = {"messages": [{"role": "user", "content": function.prompt},
-                             {"role": "assistant", "content": function.body}]}
+        chat = {
+            "messages": [{"role": "user", "content": function.prompt}, {"role": "assistant", "content": function.body}]
+        }
         lines.append(json.dumps(chat if len(lines) % 3 == 2 else plain))
     (folder / "sft.jsonl").write_text("\n".join(lines) + "\n")
     prepare([str(folder / "sft.jsonl")], folder / "data", tokenizer=str(base_run), val_fraction=0.2, progress=False)

@@ -32,8 +32,10 @@ def chat_data(tiny_data, tmp_path_factory) -> Path:
     source = folder / "chats.jsonl"
     with open(source, "w") as out:
         for i in range(40):
-            messages = [{"role": "user", "content": f"what is {i} plus one?"},
-                        {"role": "assistant", "content": f"{i} plus one is {i + 1}."}]
+            messages = [
+                {"role": "user", "content": f"what is {i} plus one?"},
+                {"role": "assistant", "content": f"{i} plus one is {i + 1}."},
+            ]
             out.write(json.dumps({"messages": messages}) + "\n")
     prepare([str(source)], folder / "data", tokenizer=str(tiny_data), context_length=CONTEXT_LENGTH, progress=False)
     return folder / "data"
@@ -49,8 +51,9 @@ def make_run(run_dir: Path, data_dir: Path, end_always: bool = False) -> Path:
     tokenizer = load_tokenizer(data_dir)
     # Untied: an untrained tied model repeats its last input token, here <|assistant|>, so its replies are empty.
     config = config_lib.load(None, [f"data.path={data_dir}", *TINY, "model.tie_embeddings=false"])
-    config = dataclasses.replace(config, name=run_dir.name,
-                                 model=dataclasses.replace(config.model, vocab_size=tokenizer.get_vocab_size()))
+    config = dataclasses.replace(
+        config, name=run_dir.name, model=dataclasses.replace(config.model, vocab_size=tokenizer.get_vocab_size())
+    )
     run_dir.mkdir(parents=True)
     config_lib.save(config, run_dir / CONFIG_FILE)
     shutil.copyfile(data_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
@@ -71,8 +74,14 @@ def make_run(run_dir: Path, data_dir: Path, end_always: bool = False) -> Path:
 
 def keel_with_stdin(*args: str, stdin: str) -> subprocess.CompletedProcess:
     """conftest.keel with text on stdin (a pipe, not a terminal)."""
-    return subprocess.run([sys.executable, "-m", "keel.cli", *args], input=stdin, capture_output=True, text=True,
-                          env=dict(os.environ), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "keel.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=300,
+    )
 
 
 def test_chat_prompt_replies(chat_data, tmp_path):
@@ -121,14 +130,16 @@ def test_history_drops_oldest_turns_keeps_system(chat_data):
     system = {"role": "system", "content": "you add numbers"}
     turns = []
     for i in range(6):
-        turns += [{"role": "user", "content": f"what is {i} plus one?"},
-                  {"role": "assistant", "content": f"{i} plus one is {i + 1}."}]
+        turns += [
+            {"role": "user", "content": f"what is {i} plus one?"},
+            {"role": "assistant", "content": f"{i} plus one is {i + 1}."},
+        ]
     messages = [system, *turns, {"role": "user", "content": "and 7?"}]
     assert len(render(tokenizer, messages, add_generation_prompt=True)[0]) > CONTEXT_LENGTH - 8
     kept = fit_history(tokenizer, messages, CONTEXT_LENGTH, 8)
     assert kept[0] == system and kept[-1] == messages[-1]
     assert kept[1]["role"] == "user" and len(kept) < len(messages)
-    assert kept[1:] == messages[-(len(kept) - 1):]  # the newest turns, in order
+    assert kept[1:] == messages[-(len(kept) - 1) :]  # the newest turns, in order
     assert len(render(tokenizer, kept, add_generation_prompt=True)[0]) <= CONTEXT_LENGTH - 8
     # The exchange before the kept ones would not have fitted.
     first_kept = len(messages) - (len(kept) - 1)
@@ -145,10 +156,17 @@ def test_message_too_long_for_context(chat_data, tmp_path):
         fit_history(tokenizer, [{"role": "user", "content": "hi"}], CONTEXT_LENGTH, CONTEXT_LENGTH)
     run_dir = make_run(tmp_path / "sft", chat_data)
     long_message = " ".join(f"word{i}" for i in range(100))
-    assert_user_error(keel("chat", str(run_dir), "--prompt", long_message, "--max-new-tokens", "8"),
-                      "last message needs", "context of 64 tokens", "--max-new-tokens")
-    assert_user_error(keel("chat", str(run_dir), "--prompt", "hi", "--system", long_message),
-                      "last message and the system turn need", "--max-new-tokens")
+    assert_user_error(
+        keel("chat", str(run_dir), "--prompt", long_message, "--max-new-tokens", "8"),
+        "last message needs",
+        "context of 64 tokens",
+        "--max-new-tokens",
+    )
+    assert_user_error(
+        keel("chat", str(run_dir), "--prompt", "hi", "--system", long_message),
+        "last message and the system turn need",
+        "--max-new-tokens",
+    )
 
 
 def test_pretraining_run_has_no_chat_template(tiny_data, tmp_path):

@@ -60,7 +60,9 @@ def test_sample_eval_and_runs(trained):
 
 
 def test_prepare_prints_a_summary(corpus_dir, tmp_path):
-    result = keel("prepare", str(corpus_dir), "--out", str(tmp_path / "d"), "--vocab-size", "300", "--val-fraction", "0.2")
+    result = keel(
+        "prepare", str(corpus_dir), "--out", str(tmp_path / "d"), "--vocab-size", "300", "--val-fraction", "0.2"
+    )
     assert result.returncode == 0, result.stderr
     assert "train:" in result.stdout and "tokens" in result.stdout
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["tokenizer"]["vocab_size"] == 300
@@ -91,14 +93,17 @@ def test_bad_train_inputs(tiny_data, trained, tmp_path):
     assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.n_head=3")), "model.n_head")
     assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.n_kv_head=3")), "model.n_kv_head")
     assert_user_error(keel(*tiny_train_args(tmp_path / "nodata", tmp_path / "r")), "nodata")
-    assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.context_length=100000")),
-                      "context_length")
+    assert_user_error(
+        keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.context_length=100000")), "context_length"
+    )
     assert_user_error(keel("train", "--config", str(tmp_path / "nope.yaml")), "nope.yaml")
     # Resuming with another model shape is refused and the run is left as it was.
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     config_before = (run_dir / "config.yaml").read_text()
     assert_user_error(keel(*tiny_train_args(tiny_data, run_dir, "model.d_model=128"), env=env), "model.d_model")
-    assert_user_error(keel(*tiny_train_args(tiny_data, run_dir, "optim.optimizer=muon"), env=env), "optim.optimizer=adamw")
+    assert_user_error(
+        keel(*tiny_train_args(tiny_data, run_dir, "optim.optimizer=muon"), env=env), "optim.optimizer=adamw"
+    )
     assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "train.compile=maybe")), "train.compile")
     assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.attention=flash")), "model.attention")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
@@ -117,8 +122,9 @@ def test_exact_resume_after_sigkill(tiny_data, trained, tmp_path):
     run_dir = tmp_path / "killed"
     args = [sys.executable, "-m", "keel.cli", *tiny_train_args(tiny_data, run_dir, "train.max_steps=30")]
     env = {**os.environ, "KEEL_HOME": str(home)}
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "step_00000010").exists():
         assert process.poll() is None and time.time() < deadline, "trainer ended before the first checkpoint"
@@ -138,5 +144,10 @@ def test_exact_resume_after_sigkill(tiny_data, trained, tmp_path):
 def test_eval_refuses_data_from_another_tokenizer(trained, corpus_dir, tmp_path):
     run_dir, home = trained
     other = tmp_path / "other"
-    assert keel("prepare", str(corpus_dir), "--out", str(other), "--vocab-size", "300", "--val-fraction", "0.2").returncode == 0
-    assert_user_error(keel("eval", str(run_dir), "--data", str(other), env={"KEEL_HOME": str(home)}), "another tokenizer")
+    assert (
+        keel("prepare", str(corpus_dir), "--out", str(other), "--vocab-size", "300", "--val-fraction", "0.2").returncode
+        == 0
+    )
+    assert_user_error(
+        keel("eval", str(run_dir), "--data", str(other), env={"KEEL_HOME": str(home)}), "another tokenizer"
+    )

@@ -17,10 +17,14 @@ def test_config_reference_matches_the_config(capsys):
     generated = capsys.readouterr().out
     written = CONFIG_DOC.read_text() if CONFIG_DOC.is_file() else ""
     if written != generated:
-        diff = difflib.unified_diff(written.splitlines(), generated.splitlines(), "docs/config.md",
-                                    "keel config --markdown", lineterm="", n=0)
-        pytest.fail(f"docs/config.md is out of date with the config's help strings; regenerate it with "
-                    f"`{REGENERATE}` and commit it.\n" + "\n".join(list(diff)[:40]), pytrace=False)
+        diff = difflib.unified_diff(
+            written.splitlines(), generated.splitlines(), "docs/config.md", "keel config --markdown", lineterm="", n=0
+        )
+        pytest.fail(
+            f"docs/config.md is out of date with the config's help strings; regenerate it with "
+            f"`{REGENERATE}` and commit it.\n" + "\n".join(list(diff)[:40]),
+            pytrace=False,
+        )
 
 
 def test_readme_links_the_reference_and_the_figures():

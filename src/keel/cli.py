@@ -13,16 +13,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from keel.data import prepare
     from keel.data.examples import summary
 
-    manifest = prepare(args.sources, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                       dedup=args.dedup, force=args.force, tokenizer=args.tokenizer, context_length=args.context_length,
-                       too_long=args.too_long)
+    manifest = prepare(
+        args.sources,
+        Path(args.out),
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        dedup=args.dedup,
+        force=args.force,
+        tokenizer=args.tokenizer,
+        context_length=args.context_length,
+        too_long=args.too_long,
+    )
     print(summary(manifest, args.out) if "kind" in manifest else format_prepare_summary(manifest, args.out))
     return 0
 
 
 def format_prepare_summary(manifest: dict, out: str) -> str:
     docs = manifest["documents"]
-    lines = [f"wrote {out}: vocab {manifest['tokenizer']['vocab_size']}, kept {docs['kept']:,} of {docs['read']:,} documents"]
+    lines = [
+        f"wrote {out}: vocab {manifest['tokenizer']['vocab_size']}, kept {docs['kept']:,} of {docs['read']:,} documents"
+    ]
     for name in ("train", "val"):
         s = manifest["splits"][name]
         lines.append(f"  {name}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['bytes']:,} bytes")
@@ -59,8 +69,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     chat_template(run)  # a pretraining run fails now, not after the first message
 
     def reply(messages: list[dict]) -> str:
-        return chat_reply(run, messages, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
-                          args.seed)
+        return chat_reply(
+            run, messages, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed
+        )
 
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
@@ -89,15 +100,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from keel.inference import evaluate_task
 
         if args.data:
-            raise UserError(f"--data applies to pretraining runs; {args.run_dir} is a {run.config.task.kind} run, "
-                            "evaluated on its own data's val split.")
+            raise UserError(
+                f"--data applies to pretraining runs; {args.run_dir} is a {run.config.task.kind} run, "
+                "evaluated on its own data's val split."
+            )
         numbers = evaluate_task(run)
-        print(f"step {run.step}: " + "  ".join(f"{name.removeprefix('val_').replace('_', ' ')} {value:.4f}"
-                                             for name, value in numbers.items()))
+        names = {"val_loss": {"sft": "completion loss", "dpo": "preference loss"}[run.config.task.kind]}
+        shown = [f"{names.get(k, k.removeprefix('val_').replace('_', ' '))} {v:.4f}" for k, v in numbers.items()]
+        print(f"step {run.step}: " + "  ".join(shown))
         return 0
     r = evaluate_run(run, Path(args.data) if args.data else None)
-    print(f"step {run.step}: val loss {r.loss:.4f}  perplexity {r.perplexity:.2f}  bits/byte {r.bits_per_byte:.4f}"
-          f"  ({r.tokens:,} tokens)")
+    print(
+        f"step {run.step}: val loss {r.loss:.4f}  perplexity {r.perplexity:.2f}  bits/byte {r.bits_per_byte:.4f}"
+        f"  ({r.tokens:,} tokens)"
+    )
     return 0
 
 
@@ -111,7 +127,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from keel.demo import run_demo
 
-    run_demo(args.minutes)
+    run_demo(args.minutes, args.finetune_minutes)
     return 0
 
 
@@ -137,8 +153,13 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data)
     ensure_data(data_dir)
-    results = run_chaos(data_dir, Path(args.out), args.quick, args.only,
-                        report=lambda r: print(f"{r.name}: {'PASS' if r.passed else 'FAIL'}: {r.evidence}", flush=True))
+    results = run_chaos(
+        data_dir,
+        Path(args.out),
+        args.quick,
+        args.only,
+        report=lambda r: print(f"{r.name}: {'PASS' if r.passed else 'FAIL'}: {r.evidence}", flush=True),
+    )
     print("\n" + format_scorecard(results))
     return 0 if all(r.passed for r in results) else 1
 
@@ -173,31 +194,55 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="clean, deduplicate and tokenize sources into a data directory")
-    p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="file or directory (.txt .md .rst .py .jsonl .parquet), builtin:python-stdlib, or "
-                        "hf:NAME[:CONFIG][:SPLIT]; SFT examples or preference pairs: .jsonl files, builtin:stdlib-sft "
-                        "or builtin:stdlib-pref")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="file or directory (.txt .md .rst .py .jsonl .parquet), builtin:python-stdlib, or "
+        "hf:NAME[:CONFIG][:SPLIT]; SFT examples or preference pairs: .jsonl files, builtin:stdlib-sft "
+        "or builtin:stdlib-pref",
+    )
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to create")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 8192)")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help="share of documents held out (default 0.02; for examples, that of the --tokenizer data)")
-    p.add_argument("--tokenizer", metavar="RUN_OR_DATA_DIR",
-                   help="reuse this run's or data directory's tokenizer.json (required for SFT examples and pairs)")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="SFT/pairs: longest sequence T (default: the --tokenizer run's model.context_length, else 256)")
-    p.add_argument("--too-long", choices=["truncate", "refuse"], default=None,
-                   help="SFT/pairs: cut the end of a sequence over T + 1 tokens, or refuse it (default truncate)")
-    p.add_argument("--dedup", choices=["exact", "minhash", "none"], default="exact", help="duplicate removal (default exact)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share of documents held out (default 0.02; for examples, that of the --tokenizer data)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="RUN_OR_DATA_DIR",
+        help="reuse this run's or data directory's tokenizer.json (required for SFT examples and pairs)",
+    )
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="SFT/pairs: longest sequence T (default: the --tokenizer run's model.context_length, else 256)",
+    )
+    p.add_argument(
+        "--too-long",
+        choices=["truncate", "refuse"],
+        default=None,
+        help="SFT/pairs: cut the end of a sequence over T + 1 tokens, or refuse it (default truncate)",
+    )
+    p.add_argument(
+        "--dedup", choices=["exact", "minhash", "none"], default="exact", help="duplicate removal (default exact)"
+    )
     p.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
     p.set_defaults(func=cmd_prepare)
 
-    for name, task, text in (("train", None, "train a model, resuming if the run directory has checkpoints"),
-                             ("sft", "sft", "keel train with task.kind=sft: fine-tune --set init.from=RUN on examples"),
-                             ("dpo", "dpo", "keel train with task.kind=dpo: align --set init.from=RUN on preference pairs")):
+    for name, task, text in (
+        ("train", None, "train a model, resuming if the run directory has checkpoints"),
+        ("sft", "sft", "keel train with task.kind=sft: fine-tune --set init.from=RUN on examples"),
+        ("dpo", "dpo", "keel train with task.kind=dpo: align --set init.from=RUN on preference pairs"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to keys it leaves out)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. optim.lr=1e-3")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-3"
+        )
         p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
         p.set_defaults(func=cmd_train, task=task)
 
@@ -215,8 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--system", default=None, help="system turn that starts the conversation")
     p.add_argument("--prompt", default=None, help="answer this one message and exit instead of reading stdin")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest reply; the history keeps this much of the context free (default: half of it)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="longest reply; the history keeps this much of the context free (default: half of it)",
+    )
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
@@ -231,8 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="table of runs from the registry")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("demo", help="prepare the stdlib corpus, train, sample and evaluate in bounded time")
-    p.add_argument("--minutes", type=float, default=8.0, help="training time budget (default 8)")
+    p = sub.add_parser("demo", help="prepare the stdlib corpus, pretrain, sample, evaluate, then SFT and DPO")
+    p.add_argument("--minutes", type=float, default=8.0, help="pretraining time budget (default 8)")
+    p.add_argument(
+        "--finetune-minutes",
+        type=float,
+        default=2.0,
+        help="time for SFT and again for DPO after pretraining (default 2; 0 skips them)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("logbook", help="print the run's logbook as a chronicle with a summary")
@@ -243,17 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("chaos", help="break training on purpose (high lr, SIGKILL, corrupt checkpoint, NaN, hang) and score the repairs")
+    p = sub.add_parser(
+        "chaos",
+        help="break training on purpose (high lr, SIGKILL, corrupt checkpoint, NaN, hang) and score the repairs",
+    )
     p.add_argument("--quick", action="store_true", help="a smaller model and shorter runs (a few minutes)")
-    p.add_argument("--only", nargs="+", choices=["high_lr", "sigkill", "corrupt_checkpoint", "nan", "hang"],
-                   help="run only these scenarios")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=["high_lr", "sigkill", "corrupt_checkpoint", "nan", "hang"],
+        help="run only these scenarios",
+    )
     p.add_argument("--data", default="data/python-stdlib", help="prepared data (prepared from the stdlib if missing)")
     p.add_argument("--out", default="runs/chaos", help="where the scenario runs go")
     p.set_defaults(func=cmd_chaos)
 
     p = sub.add_parser("config", help="list every config key with its default and meaning")
-    p.add_argument("--markdown", action="store_true",
-                   help="print markdown tables, one per section, as in docs/config.md")
+    p.add_argument(
+        "--markdown", action="store_true", help="print markdown tables, one per section, as in docs/config.md"
+    )
     p.set_defaults(func=cmd_config)
     return parser
 

@@ -39,31 +39,53 @@ class DataConfig:
 class TaskConfig:
     """What the run trains for: the task supplies the batches, the loss and the evaluation."""
 
-    kind: str = opt("pretrain", "pretrain (next-token prediction on text) | sft (supervised fine-tuning on examples) | dpo (preference pairs; needs init.from).")
+    kind: str = opt(
+        "pretrain",
+        "pretrain (next-token prediction on text) | sft (supervised fine-tuning on examples) | "
+        "dpo (preference pairs; needs init.from).",
+    )
 
 
 @dataclass
 class InitConfig:
     """Where the weights of step 0 come from."""
 
-    from_: str = opt("", "RUN_DIR whose best checkpoint (lowest val loss) and tokenizer start this run; empty starts from random weights. The model shape is taken from that run.", key="from")
+    from_: str = opt(
+        "",
+        "RUN_DIR whose best checkpoint (lowest val loss) and tokenizer start this run; "
+        "empty starts from random weights. The model shape is taken from that run.",
+        key="from",
+    )
 
 
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning (task.kind=sft)."""
 
-    loss_on: str = opt("completion", "completion (completion tokens / assistant turns and their end token) | all (every token of each example).")
+    loss_on: str = opt(
+        "completion",
+        "completion (completion tokens / assistant turns and their end token) | all (every token of each example).",
+    )
 
 
 @dataclass
 class DPOConfig:
     """Preference optimisation (task.kind=dpo); the reference model is the init.from run."""
 
-    loss: str = opt("sigmoid", "sigmoid (DPO) | ipo | hinge; each takes the soft target p_chosen of every pair (1 when the pair has none).")
-    beta: float = opt(0.1, "Strength of the pull towards the reference: the implied reward is beta * log(policy / reference).")
-    soft_labels: bool = opt(True, "Use each pair's p_chosen / votes as its target; false treats every pair as p_chosen = 1 (hard labels).")
-    displacement_patience: int = opt(50, "Steps the chosen log-prob must keep falling while the margin grows before the likelihood-displacement signal.")
+    loss: str = opt(
+        "sigmoid",
+        "sigmoid (DPO) | ipo | hinge; each takes the soft target p_chosen of every pair (1 when the pair has none).",
+    )
+    beta: float = opt(
+        0.1, "Strength of the pull towards the reference: the implied reward is beta * log(policy / reference)."
+    )
+    soft_labels: bool = opt(
+        True, "Use each pair's p_chosen / votes as its target; false treats every pair as p_chosen = 1 (hard labels)."
+    )
+    displacement_patience: int = opt(
+        50,
+        "Steps the chosen log-prob must keep falling while the margin grows before the likelihood-displacement signal.",
+    )
 
 
 @dataclass
@@ -78,7 +100,12 @@ class ModelConfig:
     vocab_size: int = opt(0, "Vocabulary size; 0 takes it from the data's tokenizer.")
     mlp_hidden: int = opt(0, "Hidden width of the SwiGLU MLP; 0 picks 8/3 d_model rounded up to a multiple of 64.")
     qk_norm: bool = opt(False, "RMSNorm on queries and keys before attention (stabilises large learning rates).")
-    attention: str = opt("auto", "Attention kernel: sdpa (PyTorch's fused scaled_dot_product_attention) | matmul (scores as a plain T x T matrix) | auto (matmul on a CPU up to context 512, where it is faster, else sdpa).")
+    attention: str = opt(
+        "auto",
+        "Attention kernel: sdpa (PyTorch's fused scaled_dot_product_attention) | "
+        "matmul (scores as a plain T x T matrix) | "
+        "auto (matmul on a CPU up to context 512, where it is faster, else sdpa).",
+    )
     tie_embeddings: bool = opt(True, "Share the input embedding and output projection weights.")
     rope_theta: float = opt(10000.0, "Base of the rotary position embedding frequencies.")
     norm_eps: float = opt(1e-5, "Epsilon of RMSNorm.")
@@ -88,7 +115,11 @@ class ModelConfig:
 class OptimConfig:
     """The optimizer and the learning-rate schedule."""
 
-    optimizer: str = opt("adamw", "adamw | muon: Muon (orthogonalised momentum) for the hidden weight matrices, AdamW for embeddings, lm_head and norms.")
+    optimizer: str = opt(
+        "adamw",
+        "adamw | muon: Muon (orthogonalised momentum) for the hidden weight matrices, "
+        "AdamW for embeddings, lm_head and norms.",
+    )
     lr: float = opt(1e-3, "Peak learning rate.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
     schedule: str = opt("wsd", "Learning-rate schedule after warmup: cosine | wsd (warmup-stable-decay) | constant.")
@@ -107,9 +138,18 @@ class TrainConfig:
 
     batch_size: int = opt(8, "Sequences per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
-    max_steps: int = opt(1000, "Stop after this many optimizer steps; 0 means no step limit (train.max_minutes then ends the run). The lr schedule spans the run: max_steps, or the steps max_minutes buys at the rate measured so far, whichever is fewer.")
+    max_steps: int = opt(
+        1000,
+        "Stop after this many optimizer steps; 0 means no step limit (train.max_minutes then ends the run). "
+        "The lr schedule spans the run: max_steps, or the steps max_minutes buys at the rate measured so far, "
+        "whichever is fewer.",
+    )
     max_tokens: int = opt(0, "Stop after this many training tokens; 0 means no limit.")
-    max_minutes: float = opt(0.0, "Stop after this many minutes of training, counted across restarts, with the lr schedule planned to end then; 0 means no limit.")
+    max_minutes: float = opt(
+        0.0,
+        "Stop after this many minutes of training, counted across restarts, "
+        "with the lr schedule planned to end then; 0 means no limit.",
+    )
     eval_every: int = opt(200, "Evaluate on the validation split every this many steps (and at the end).")
     eval_batches: int = opt(20, "Validation batches per evaluation.")
     checkpoint_every: int = opt(200, "Write a checkpoint every this many steps (and at the end).")
@@ -117,16 +157,29 @@ class TrainConfig:
     log_every: int = opt(10, "Write metrics to the registry and update the progress bar every this many steps.")
     seed: int = opt(1337, "Seed for initialisation and for the data order.")
     device: str = opt("auto", "auto | cpu | cuda (auto takes cuda when available).")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it, else fp16 on CUDA, else fp32).")
-    compile: bool | str = opt("auto", "true | false | auto: torch.compile the model (auto: when the run has at least 500 steps and, under train.max_minutes, 4 minutes to go, enough to repay the compilation).")
-    activation_checkpointing: bool = opt(False, "Recompute each block's activations in the backward pass: far less memory for about a third more compute.")
+    dtype: str = opt(
+        "auto",
+        "auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it, else fp16 on CUDA, else fp32).",
+    )
+    compile: bool | str = opt(
+        "auto",
+        "true | false | auto: torch.compile the model (auto: when the run has at least 500 steps and, "
+        "under train.max_minutes, 4 minutes to go, enough to repay the compilation).",
+    )
+    activation_checkpointing: bool = opt(
+        False,
+        "Recompute each block's activations in the backward pass: far less memory for about a third more compute.",
+    )
 
 
 @dataclass
 class SupervisorConfig:
     """The training supervisor: monitors, the repair ladder and its budget."""
 
-    enabled: bool = opt(True, "Watch training and repair instabilities; false gives a bare loop that applies every update, NaN included.")
+    enabled: bool = opt(
+        True,
+        "Watch training and repair instabilities; false gives a bare loop that applies every update, NaN included.",
+    )
 
     # Spikes. OLMo-core's SkipStepOptimizer skips a step whose loss or grad norm is more than 6σ
     # from the mean of the previous 128 steps, once max(20, 128 // 2) = 64 values are in: batch
@@ -135,35 +188,53 @@ class SupervisorConfig:
     # runs of two small models: the worst batch loss was 1.28x its 20-step EWM and the worst grad
     # norm 5.6x, while 10x-lr runs showed grad norms 20-35x theirs.
     spike_window: int = opt(128, "Steps in the rolling window of the spike test (OLMo-core's default).")
-    spike_sigma: float = opt(6.0, "A loss or grad norm above mean + this many σ of the window is a spike (OLMo-core's default).")
+    spike_sigma: float = opt(
+        6.0, "A loss or grad norm above mean + this many σ of the window is a spike (OLMo-core's default)."
+    )
     spike_warmup: int = opt(64, "Values the window needs before the σ test runs (OLMo-core: max(20, window/2)).")
-    loss_spike_ratio: float = opt(2.0, "A loss above this multiple of its moving average is a spike, even before the σ test is warm.")
-    grad_spike_ratio: float = opt(10.0, "A grad norm above this multiple of its moving average is a spike (Megatron-LM's 10x).")
+    loss_spike_ratio: float = opt(
+        2.0, "A loss above this multiple of its moving average is a spike, even before the σ test is warm."
+    )
+    grad_spike_ratio: float = opt(
+        10.0, "A grad norm above this multiple of its moving average is a spike (Megatron-LM's 10x)."
+    )
     spike_ewm_span: int = opt(20, "Span in steps of the moving average behind the ratio tests.")
 
     # Divergence: the slow climb no single step makes look like a spike. A 50-step EWM of the loss
     # moves ~0.7% with batch noise of 5%, and its best is biased low by a few of those; 10% above
     # it for 50 steps running is a trend, not noise. The same EWM judges repairs.
     divergence_margin: float = opt(0.1, "The loss diverges when its moving average stays this fraction above its best.")
-    divergence_span: int = opt(50, "Span in steps of the loss moving average used for divergence and for judging repairs.")
-    divergence_patience: int = opt(50, "Steps the loss average must stay above best·(1 + margin) to count as divergence.")
+    divergence_span: int = opt(
+        50, "Span in steps of the loss moving average used for divergence and for judging repairs."
+    )
+    divergence_patience: int = opt(
+        50, "Steps the loss average must stay above best·(1 + margin) to count as divergence."
+    )
 
     # Norm growth. Measured on small GPTs (2-4 layers, 96-256 wide, 200-2000 steps): the last-block
     # activation RMS of healthy runs rose 56-139x above its value at initialisation and then stayed
     # (weight decay bounds it); at 10x the lr it rose 2,300-181,000x, most of it within 100 steps.
     # Later in a run, the average doubling within a few hundred steps is what OPT-175B's logbook
     # shows before divergences.
-    norm_init_ratio: float = opt(1000.0, "Activation or logit RMS above this multiple of its value at initialisation is a signal.")
-    norm_growth_ratio: float = opt(2.0, "Activation or logit RMS above this multiple of its long-run average is a signal.")
+    norm_init_ratio: float = opt(
+        1000.0, "Activation or logit RMS above this multiple of its value at initialisation is a signal."
+    )
+    norm_growth_ratio: float = opt(
+        2.0, "Activation or logit RMS above this multiple of its long-run average is a signal."
+    )
     norm_fast_span: int = opt(10, "Span in steps of the recent activation/logit RMS average.")
     norm_slow_span: int = opt(500, "Span in steps of the long-run activation/logit RMS average.")
-    norm_warmup: int = opt(500, "Steps before growth against the long-run average is judged (early training moves norms fast).")
+    norm_warmup: int = opt(
+        500, "Steps before growth against the long-run average is judged (early training moves norms fast)."
+    )
 
     # fp16 loss scale. PyTorch's GradScaler starts at 2^16 and halves on each overflowing step; a
     # scale under 1 means the unscaled gradients alone overflow fp16's 65504. fairseq gives up at
     # 1e-4, far later than needed.
     loss_scale_floor: float = opt(1.0, "An fp16 loss scale under this is a collapse.")
-    loss_scale_halvings: int = opt(10, "This many loss-scale halvings in a row (overflowing steps, each skipped) is a collapse.")
+    loss_scale_halvings: int = opt(
+        10, "This many loss-scale halvings in a row (overflowing steps, each skipped) is a collapse."
+    )
 
     # Throughput. Single slow steps (checkpoint writes, garbage collection) measured up to 2.4x the
     # usual; a sustained 3x is a sick machine or a straggler. No repair inside the run fixes that.
@@ -173,21 +244,42 @@ class SupervisorConfig:
     # The ladder and its budget. PaLM restarted ~100 steps before a spike and skipped 200-500
     # batches of a 255k-step run (0.1-0.2%); small runs still skip at least a handful.
     skip_spikes: bool = opt(True, "Rung 1: drop the update of a spiking step (non-finite updates are always dropped).")
-    repair_after_skips: int = opt(3, "Loss spikes or non-finite steps within one incident before a repair (rung 2+) is tried.")
-    rollback: bool = opt(True, "Rung 2 (and part of 3 and 4): roll back to the last good checkpoint before the trouble and skip batches.")
-    skip_fraction: float = opt(0.002, "Batches skipped after a rollback, as a fraction of the run's planned steps (PaLM: 200-500 of 255k).")
+    repair_after_skips: int = opt(
+        3, "Loss spikes or non-finite steps within one incident before a repair (rung 2+) is tried."
+    )
+    rollback: bool = opt(
+        True, "Rung 2 (and part of 3 and 4): roll back to the last good checkpoint before the trouble and skip batches."
+    )
+    skip_fraction: float = opt(
+        0.002, "Batches skipped after a rollback, as a fraction of the run's planned steps (PaLM: 200-500 of 255k)."
+    )
     skip_min: int = opt(10, "At least this many batches are skipped after a rollback.")
     skip_max: int = opt(500, "At most this many batches are skipped after a rollback (PaLM's largest skip).")
     lower_lr: bool = opt(True, "Rung 3: lower the learning rate and tighten clipping for the rest of the run.")
     lr_factor: float = opt(0.5, "Rung 3 multiplies the learning rate by this (1 leaves it).")
-    clip_factor: float = opt(0.5, "Rung 3 multiplies the clip value by this (1 leaves it); with clipping off it clips at this × the typical grad norm.")
-    max_lr_cuts: int = opt(3, "Rung 3 may be repeated this many times in one incident before rung 4 (3 cuts of 0.5 = 1/8).")
+    clip_factor: float = opt(
+        0.5,
+        "Rung 3 multiplies the clip value by this (1 leaves it); "
+        "with clipping off it clips at this × the typical grad norm.",
+    )
+    max_lr_cuts: int = opt(
+        3, "Rung 3 may be repeated this many times in one incident before rung 4 (3 cuts of 0.5 = 1/8)."
+    )
     reset_optimizer: bool = opt(True, "Rung 4: zero AdamW moments so stale statistics do not drive the repaired run.")
-    reset_moments: str = opt("exp_avg,exp_avg_sq", "AdamW moments rung 4 zeroes, comma-separated (exp_avg, exp_avg_sq).")
-    stop_on_failure: bool = opt(True, "Rung 5: stop the run with a diagnosis when repairs fail or the budget is spent (false: carry on unrepaired).")
+    reset_moments: str = opt(
+        "exp_avg,exp_avg_sq", "AdamW moments rung 4 zeroes, comma-separated (exp_avg, exp_avg_sq)."
+    )
+    stop_on_failure: bool = opt(
+        True,
+        "Rung 5: stop the run with a diagnosis when repairs fail or the budget is spent (false: carry on unrepaired).",
+    )
     max_repairs: int = opt(8, "Budget: repairs (rungs 2-4) allowed in the whole run.")
-    judge_steps: int = opt(100, "Steps past the trouble after which a skip or a repair is judged (PaLM restarted ~100 steps back).")
-    recovery_tolerance: float = opt(0.05, "A repair worked when the loss average is back under best·(1 + this), half the divergence margin.")
+    judge_steps: int = opt(
+        100, "Steps past the trouble after which a skip or a repair is judged (PaLM restarted ~100 steps back)."
+    )
+    recovery_tolerance: float = opt(
+        0.05, "A repair worked when the loss average is back under best·(1 + this), half the divergence margin."
+    )
 
 
 @dataclass
@@ -229,8 +321,10 @@ class RunConfig:
 
 def _to_dict(section: Any) -> dict[str, Any]:
     """Like dataclasses.asdict, with every field under its key (`init.from`, not `init.from_`)."""
-    return {_key(f): (_to_dict(v) if dataclasses.is_dataclass(v := getattr(section, f.name)) else v)
-            for f in dataclasses.fields(section)}
+    return {
+        _key(f): (_to_dict(v) if dataclasses.is_dataclass(v := getattr(section, f.name)) else v)
+        for f in dataclasses.fields(section)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,46 +497,95 @@ def validate(config: RunConfig) -> None:
 
     for key in ("n_layer", "n_head", "n_kv_head", "d_model", "context_length"):
         need(getattr(m, key) > 0, f"model.{key} must be a positive integer, got {getattr(m, key)}.")
-    need(m.d_model % m.n_head == 0, f"model.n_head ({m.n_head}) must divide model.d_model ({m.d_model}); pick e.g. n_head={_divisor_near(m.d_model, m.n_head)}.")
-    need(m.n_head % m.n_kv_head == 0, f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); pick e.g. n_kv_head={_divisor_near(m.n_head, m.n_kv_head)}.")
-    need((m.d_model // m.n_head) % 2 == 0, f"the head size d_model/n_head = {m.d_model // m.n_head} must be even for rotary embeddings; change model.d_model or model.n_head.")
-    need(m.vocab_size >= 0 and m.mlp_hidden >= 0, "model.vocab_size and model.mlp_hidden must be >= 0 (0 means automatic).")
-    need(m.attention in ("auto", "sdpa", "matmul"), f"model.attention must be auto, sdpa or matmul, got {m.attention!r}.")
+    need(
+        m.d_model % m.n_head == 0,
+        f"model.n_head ({m.n_head}) must divide model.d_model ({m.d_model}); "
+        f"pick e.g. n_head={_divisor_near(m.d_model, m.n_head)}.",
+    )
+    need(
+        m.n_head % m.n_kv_head == 0,
+        f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); "
+        f"pick e.g. n_kv_head={_divisor_near(m.n_head, m.n_kv_head)}.",
+    )
+    need(
+        (m.d_model // m.n_head) % 2 == 0,
+        f"the head size d_model/n_head = {m.d_model // m.n_head} must be even for rotary embeddings; "
+        "change model.d_model or model.n_head.",
+    )
+    need(
+        m.vocab_size >= 0 and m.mlp_hidden >= 0,
+        "model.vocab_size and model.mlp_hidden must be >= 0 (0 means automatic).",
+    )
+    need(
+        m.attention in ("auto", "sdpa", "matmul"), f"model.attention must be auto, sdpa or matmul, got {m.attention!r}."
+    )
     need(m.rope_theta > 0 and m.norm_eps > 0, "model.rope_theta and model.norm_eps must be positive.")
     need(o.optimizer in ("adamw", "muon"), f"optim.optimizer must be adamw or muon, got {o.optimizer!r}.")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be within [0, 1], got {o.min_lr_ratio}.")
-    need(o.schedule in ("cosine", "wsd", "constant"), f"optim.schedule must be cosine, wsd or constant, got {o.schedule!r}.")
+    need(
+        o.schedule in ("cosine", "wsd", "constant"),
+        f"optim.schedule must be cosine, wsd or constant, got {o.schedule!r}.",
+    )
     need(0 <= o.decay_fraction <= 1, f"optim.decay_fraction must be within [0, 1], got {o.decay_fraction}.")
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}.")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be within [0, 1).")
     need(o.eps > 0, f"optim.eps must be positive, got {o.eps}.")
     need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns clipping off), got {o.grad_clip}.")
-    for key in ("batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every"):
+    for key in (
+        "batch_size",
+        "grad_accum",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+    ):
         need(getattr(t, key) > 0, f"train.{key} must be a positive integer, got {getattr(t, key)}.")
-    need(t.max_steps >= 0 and t.max_tokens >= 0 and t.max_minutes >= 0,
-         "train.max_steps, train.max_tokens and train.max_minutes must be >= 0 (0 means no limit).")
-    need(t.max_steps > 0 or t.max_minutes > 0, "set train.max_steps or train.max_minutes: the lr schedule needs the length of the run.")
+    need(
+        t.max_steps >= 0 and t.max_tokens >= 0 and t.max_minutes >= 0,
+        "train.max_steps, train.max_tokens and train.max_minutes must be >= 0 (0 means no limit).",
+    )
+    need(
+        t.max_steps > 0 or t.max_minutes > 0,
+        "set train.max_steps or train.max_minutes: the lr schedule needs the length of the run.",
+    )
     need(t.compile in (True, False, "auto"), f"train.compile must be true, false or auto, got {t.compile!r}.")
-    need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"train.device must be auto, cpu or cuda, got {t.device!r}.")
+    need(
+        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+        f"train.device must be auto, cpu or cuda, got {t.device!r}.",
+    )
     from keel.supervisor.policy import validate_config as validate_supervisor  # the rules live with the policy
 
     validate_supervisor(config.supervisor)
     w = config.watchdog
-    need(w.max_restarts >= 0 and w.max_restarts_without_progress >= 1,
-         "watchdog.max_restarts must be >= 0 and watchdog.max_restarts_without_progress >= 1.")
+    need(
+        w.max_restarts >= 0 and w.max_restarts_without_progress >= 1,
+        "watchdog.max_restarts must be >= 0 and watchdog.max_restarts_without_progress >= 1.",
+    )
     need(w.hang_timeout_s > 0, f"watchdog.hang_timeout_s must be positive, got {w.hang_timeout_s}.")
     need(0 <= w.backoff_s <= w.backoff_max_s, "watchdog.backoff_s must be within [0, watchdog.backoff_max_s].")
-    need(t.dtype in ("auto", "float32", "bfloat16", "float16"), f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}.")
+    need(
+        t.dtype in ("auto", "float32", "bfloat16", "float16"),
+        f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}.",
+    )
     need(config.task.kind in TASK_KINDS, f"task.kind must be one of {', '.join(TASK_KINDS)}, got {config.task.kind!r}.")
-    need(config.sft.loss_on in ("completion", "all"), f"sft.loss_on must be completion or all, got {config.sft.loss_on!r}.")
+    need(
+        config.sft.loss_on in ("completion", "all"),
+        f"sft.loss_on must be completion or all, got {config.sft.loss_on!r}.",
+    )
     d = config.dpo
     need(d.loss in ("sigmoid", "ipo", "hinge"), f"dpo.loss must be sigmoid, ipo or hinge, got {d.loss!r}.")
     need(d.beta > 0, f"dpo.beta must be positive, got {d.beta}.")
-    need(d.displacement_patience > 0, f"dpo.displacement_patience must be a positive integer, got {d.displacement_patience}.")
-    need(config.task.kind != "dpo" or bool(config.init.from_),
-         "task.kind=dpo needs a reference model: set init.from=RUN_DIR to the run (usually the SFT run) it starts from.")
+    need(
+        d.displacement_patience > 0,
+        f"dpo.displacement_patience must be a positive integer, got {d.displacement_patience}.",
+    )
+    need(
+        config.task.kind != "dpo" or bool(config.init.from_),
+        "task.kind=dpo needs a reference model: set init.from=RUN_DIR to the run (usually the SFT run) it starts from.",
+    )
 
 
 def _divisor_near(n: int, target: int) -> int:

@@ -16,8 +16,8 @@ from keel.data.tokenizer import EOT
 from keel.errors import UserError
 from keel.models.gpt import GPT
 from keel.runs.rundir import TOKENIZER_FILE, load_run_config
-from keel.train import checkpoint as ckpt
 from keel.tasks.lm import mean_token_loss
+from keel.train import checkpoint as ckpt
 from keel.train.precision import pick_device, pick_dtype
 
 
@@ -50,18 +50,26 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
     return LoadedRun(config, model, tokenizer, meta["step"], torch_device, dtype, run_dir)
 
 
-def sample(run: LoadedRun, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-           top_k: int | None = 50, top_p: float | None = None, seed: int = 0) -> str:
+def sample(
+    run: LoadedRun,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> str:
     """Continue `prompt`; the returned text includes the prompt."""
     if temperature < 0 or max_new_tokens <= 0:
         raise UserError("--temperature must be >= 0 and --max-new-tokens positive.")
     eot = run.tokenizer.token_to_id("<|endoftext|>")
     ids = [eot] + run.tokenizer.encode(prompt).ids  # a document starts after end-of-text in training
-    ids = ids[-run.config.model.context_length + 1:]
+    ids = ids[-run.config.model.context_length + 1 :]
     generator = torch.Generator(device=run.device).manual_seed(seed)
     idx = torch.tensor([ids], device=run.device)
-    out = run.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             eot_id=eot, generator=generator)
+    out = run.model.generate(
+        idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eot_id=eot, generator=generator
+    )
     return run.tokenizer.decode([i for i in out[0].tolist() if i != eot])
 
 
@@ -104,8 +112,15 @@ def fit_history(tokenizer: Tokenizer, messages: list[Message], context_length: i
     return messages[:num_system] + messages[start:]
 
 
-def chat_reply(run: LoadedRun, messages: list[Message], max_new_tokens: int | None = None, temperature: float = 0.7,
-               top_k: int | None = 50, top_p: float | None = None, seed: int = 0) -> str:
+def chat_reply(
+    run: LoadedRun,
+    messages: list[Message],
+    max_new_tokens: int | None = None,
+    temperature: float = 0.7,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> str:
     """The assistant's reply to `messages` (system, user and assistant turns, usually ending with the user's).
 
     The history is rendered with the chat template and the generation prompt. max_new_tokens (default half the
@@ -121,9 +136,16 @@ def chat_reply(run: LoadedRun, messages: list[Message], max_new_tokens: int | No
     ids, _ = render(run.tokenizer, history, add_generation_prompt=True)
     generator = torch.Generator(device=run.device).manual_seed(seed)
     # generate stops early on one id only: <|end|>, the end of a turn. <|endoftext|> ends the reply below.
-    out = run.model.generate(torch.tensor([ids], device=run.device), max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, eot_id=template.end_id, generator=generator)
-    reply = out[0, len(ids):].tolist()
+    out = run.model.generate(
+        torch.tensor([ids], device=run.device),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eot_id=template.end_id,
+        generator=generator,
+    )
+    reply = out[0, len(ids) :].tolist()
     stops = (template.end_id, template.eot_id)
     end = next((i for i, token in enumerate(reply) if token in stops), len(reply))
     return run.tokenizer.decode(reply[:end])
@@ -145,8 +167,10 @@ def evaluate_run(run: LoadedRun, data_dir: Path | None = None, max_batches: int 
     """
     data = open_data(Path(data_dir or run.config.data.path))
     if Tokenizer.from_file(str(data.path / TOKENIZER_FILE)).to_str() != run.tokenizer.to_str():
-        raise UserError(f"{data.path} was tokenized with another tokenizer than the run's; evaluate on data prepared "
-                        "with the run's tokenizer (or on the run's own data, the default).")
+        raise UserError(
+            f"{data.path} was tokenized with another tokenizer than the run's; evaluate on data prepared "
+            "with the run's tokenizer (or on the run's own data, the default)."
+        )
     tokens = data.tokens("val")
     context, batch = run.config.model.context_length, run.config.train.batch_size
     num_batches = max_batches or max(1, (len(tokens) - 1) // (context * batch))
@@ -154,8 +178,9 @@ def evaluate_run(run: LoadedRun, data_dir: Path | None = None, max_batches: int 
     loss = mean_token_loss(run.model, ({"inputs": x, "targets": y} for x, y in batches), run.device, run.dtype)
     split = data.manifest["splits"]["val"]
     bytes_per_token = split["bytes"] / split["tokens"]
-    return EvalResult(loss, math.exp(loss), loss / math.log(2) / bytes_per_token,
-                      min(num_batches * batch * context, len(tokens)))
+    return EvalResult(
+        loss, math.exp(loss), loss / math.log(2) / bytes_per_token, min(num_batches * batch * context, len(tokens))
+    )
 
 
 def evaluate_task(run: LoadedRun) -> dict[str, float]:

@@ -81,8 +81,11 @@ def test_chat_tokens_are_appended_and_keep_the_base_ids(tiny_data, base_vocab):
 def test_render_lays_out_turns_and_masks_the_assistant(tiny_data):
     tokenizer = load_tokenizer(tiny_data)
     t = add_chat_tokens(tokenizer)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                {"role": "assistant", "content": "Hello."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+    ]
     ids, mask = render(tokenizer, messages)
 
     def enc(text):
@@ -94,7 +97,7 @@ def test_render_lays_out_turns_and_masks_the_assistant(tiny_data):
     num_reply = len(enc("Hello.")) + 1
     assert mask == [0] * (len(expected) - num_reply) + [1] * num_reply  # reply and its <|end|>, nothing else
     prompt_ids, prompt_mask = render(tokenizer, messages[:2], add_generation_prompt=True)
-    assert prompt_ids == expected[: -num_reply] and prompt_ids[-1] == t.assistant_id and not any(prompt_mask)
+    assert prompt_ids == expected[:-num_reply] and prompt_ids[-1] == t.assistant_id and not any(prompt_mask)
 
 
 def test_markers_inside_content_are_plain_text(tiny_data):
@@ -129,14 +132,27 @@ def test_sft_manifest_and_files(sft_dir, tiny_data, base_vocab):
     assert sorted(p.name for p in out.parent.iterdir()) == ["chat.jsonl", "data", "plain.jsonl"]  # no build dir left
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert (manifest["format"], manifest["version"], manifest["kind"]) == ("keel-data", 2, "sft")
-    assert manifest["options"] == {"context_length": 256, "too_long": "truncate", "val_fraction": VAL_FRACTION,
-                                   "min_chars": 32, "dedup": "exact", "tokenizer_from": str(tiny_data)}
-    assert manifest["template"] == {"eot_id": 0, "end_id": base_vocab + 3, "system_id": base_vocab,
-                                    "user_id": base_vocab + 1, "assistant_id": base_vocab + 2}
+    assert manifest["options"] == {
+        "context_length": 256,
+        "too_long": "truncate",
+        "val_fraction": VAL_FRACTION,
+        "min_chars": 32,
+        "dedup": "exact",
+        "tokenizer_from": str(tiny_data),
+    }
+    assert manifest["template"] == {
+        "eot_id": 0,
+        "end_id": base_vocab + 3,
+        "system_id": base_vocab,
+        "user_id": base_vocab + 1,
+        "assistant_id": base_vocab + 2,
+    }
     assert manifest["tokenizer"] == {"file": "tokenizer.json", "vocab_size": base_vocab + 4, "eot": EOT, "eot_id": 0}
     assert load_tokenizer(out).token_to_id(END) == base_vocab + 3  # the saved tokenizer is the extended one
-    assert manifest["sources"] == [{"source": str(out.parent / "plain.jsonl"), "examples": 8},
-                                   {"source": str(out.parent / "chat.jsonl"), "examples": 8}]
+    assert manifest["sources"] == [
+        {"source": str(out.parent / "plain.jsonl"), "examples": 8},
+        {"source": str(out.parent / "chat.jsonl"), "examples": 8},
+    ]
     data = open_examples(out, "sft")
     data.verify()
     for split, counts in manifest["splits"].items():
@@ -153,7 +169,10 @@ def test_plain_and_chat_records_round_trip(sft_dir):
     data = open_examples(out)
     tokenizer = data.tokenizer
     assert (data.kind, data.vocab_size, data.eot_id, data.end_id) == (
-        "sft", manifest["tokenizer"]["vocab_size"], 0, manifest["template"]["end_id"]
+        "sft",
+        manifest["tokenizer"]["vocab_size"],
+        0,
+        manifest["template"]["end_id"],
     )
     for split in ("train", "val"):
         seqs = data.sequences(split)
@@ -206,8 +225,14 @@ def test_truncation_keeps_the_prompt_and_is_counted(tiny_data, tmp_path):
     long = {"prompt": "Summarise: ", "completion": "word " * 200}
     records = [long] + PLAIN
     source = write_jsonl(tmp_path / "long.jsonl", records)
-    manifest = prepare([str(source)], tmp_path / "out", tokenizer=tiny_data, val_fraction=VAL_FRACTION,
-                       context_length=64, progress=False)
+    manifest = prepare(
+        [str(source)],
+        tmp_path / "out",
+        tokenizer=tiny_data,
+        val_fraction=VAL_FRACTION,
+        context_length=64,
+        progress=False,
+    )
     split = split_of(json.dumps(long, sort_keys=True), VAL_FRACTION)
     data = open_examples(tmp_path / "out")
     ids, mask = data.sequences(split).get(0)
@@ -216,8 +241,15 @@ def test_truncation_keeps_the_prompt_and_is_counted(tiny_data, tmp_path):
     assert manifest["splits"][split]["truncated"] == 1 and manifest["splits"][split]["max_length"] == 65
     assert sum(s["truncated"] for s in manifest["splits"].values()) == 1
     with pytest.raises(UserError, match=f"{source}:1: the example is .* tokens, more than the context 64"):
-        prepare([str(source)], tmp_path / "refused", tokenizer=tiny_data, val_fraction=VAL_FRACTION,
-                context_length=64, too_long="refuse", progress=False)
+        prepare(
+            [str(source)],
+            tmp_path / "refused",
+            tokenizer=tiny_data,
+            val_fraction=VAL_FRACTION,
+            context_length=64,
+            too_long="refuse",
+            progress=False,
+        )
     assert not (tmp_path / "refused").exists()
 
 
@@ -282,13 +314,13 @@ def test_documented_functions_split_signature_and_docstring_from_the_body():
     text = (
         "import os\n\n"
         "def top(a,\n        b):\n    '''Add.\n\n    Really.'''\n    # a comment\n    return a + b\n\n"
-        "class C:\n    def method(self):\n        \"\"\"Doc.\"\"\"  # trailing comment\n"
+        'class C:\n    def method(self):\n        """Doc."""  # trailing comment\n'
         "        x = 1\n        return x\n\n"
         "    def undocumented(self):\n        return 2\n\n"
-        "    def only_doc(self):\n        \"\"\"Nothing else.\"\"\"\n\n"
-        "    def long(self):\n        \"\"\"Long.\"\"\"\n" + "        x = 1\n" * 300 + "\n"
-        "def outer():\n    \"\"\"Outer.\"\"\"\n"
-        "    def inner():\n        \"\"\"Inner.\"\"\"\n        return 1\n    return inner\n"
+        '    def only_doc(self):\n        """Nothing else."""\n\n'
+        '    def long(self):\n        """Long."""\n' + "        x = 1\n" * 300 + "\n"
+        'def outer():\n    """Outer."""\n'
+        '    def inner():\n        """Inner."""\n        return 1\n    return inner\n'
     )
     skipped = Counter()
     functions = list(documented_functions(text, skipped))
@@ -523,21 +555,39 @@ def test_bad_inputs_through_the_cli(tiny_data, tmp_path):
     plain, pairs = write_jsonl(tmp_path / "plain.jsonl", PLAIN), write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     out = str(tmp_path / "out")
     assert_user_error(keel("prepare", str(plain), "--out", out), "--tokenizer", str(plain))
-    assert_user_error(keel("prepare", str(plain), str(pairs), "--tokenizer", str(tiny_data), "--out", out),
-                      f"{pairs} holds preference pairs but {plain} holds SFT examples")
-    assert_user_error(keel("prepare", str(plain), "--tokenizer", str(tmp_path), "--out", out),
-                      f"--tokenizer {tmp_path} has no tokenizer.json")
+    assert_user_error(
+        keel("prepare", str(plain), str(pairs), "--tokenizer", str(tiny_data), "--out", out),
+        f"{pairs} holds preference pairs but {plain} holds SFT examples",
+    )
+    assert_user_error(
+        keel("prepare", str(plain), "--tokenizer", str(tmp_path), "--out", out),
+        f"--tokenizer {tmp_path} has no tokenizer.json",
+    )
     (tmp_path / "broken.jsonl").write_text('{"prompt": "p", "completion": "c"}\n{"prompt": oops}\n')
-    assert_user_error(keel("prepare", str(tmp_path / "broken.jsonl"), "--tokenizer", str(tiny_data), "--out", out),
-                      f"{tmp_path / 'broken.jsonl'}:2 is not valid JSON")
+    assert_user_error(
+        keel("prepare", str(tmp_path / "broken.jsonl"), "--tokenizer", str(tiny_data), "--out", out),
+        f"{tmp_path / 'broken.jsonl'}:2 is not valid JSON",
+    )
     assert_user_error(keel("prepare", "builtin:stdlib-chat", "--out", out), "unknown builtin", "builtin:stdlib-sft")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl", "pairs.jsonl", "plain.jsonl"]
 
 
 def test_prepare_examples_through_the_cli(tiny_data, tmp_path):
     source = write_jsonl(tmp_path / "chat.jsonl", CHAT)
-    result = keel("prepare", str(source), "--tokenizer", str(tiny_data), "--out", str(tmp_path / "out"),
-                  "--val-fraction", "0.5", "--context-length", "40", "--too-long", "truncate")
+    result = keel(
+        "prepare",
+        str(source),
+        "--tokenizer",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "out"),
+        "--val-fraction",
+        "0.5",
+        "--context-length",
+        "40",
+        "--too-long",
+        "truncate",
+    )
     assert result.returncode == 0, result.stderr
     assert f"wrote {tmp_path / 'out'}: SFT examples" in result.stdout and "context 40" in result.stdout
     manifest = open_examples(tmp_path / "out").manifest

@@ -118,8 +118,12 @@ def test_dedup_modes(tmp_path, dedup, num_dropped):
     manifest = prepare([str(corpus)], tmp_path / "out", dedup=dedup, **OPTIONS)
     documents = manifest["documents"]
     assert documents["kept"] == len(MODULES) + 2 - num_dropped
-    assert documents["skipped"]["duplicate"]["examples"] == ([] if dedup == "none" else [str(corpus / "textwrap_copy.py")])
-    assert documents["skipped"]["near_duplicate"]["examples"] == ([str(corpus / "textwrap_fork.py")] if dedup == "minhash" else [])
+    assert documents["skipped"]["duplicate"]["examples"] == (
+        [] if dedup == "none" else [str(corpus / "textwrap_copy.py")]
+    )
+    assert documents["skipped"]["near_duplicate"]["examples"] == (
+        [str(corpus / "textwrap_fork.py")] if dedup == "minhash" else []
+    )
 
 
 def test_jsonl_and_parquet_sources(tmp_path):

@@ -12,7 +12,18 @@ from keel.data import eval_batches, get_batch, open_data, prepare
 from keel.errors import UserError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-MODULES = ["bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py", "heapq.py", "numbers.py", "queue.py", "sched.py", "shlex.py"]
+MODULES = [
+    "bisect.py",
+    "colorsys.py",
+    "copy.py",
+    "fnmatch.py",
+    "glob.py",
+    "heapq.py",
+    "numbers.py",
+    "queue.py",
+    "sched.py",
+    "shlex.py",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +44,9 @@ def test_open_data_exposes_manifest_tokens_and_tokenizer(data_dir):
         tokens = data.tokens(split)
         assert isinstance(tokens, np.memmap) and tokens.shape == (data.manifest["splits"][split]["tokens"],)
         assert tokens[0] == data.eot_id and tokens.max() < data.vocab_size
-    assert data.tokenizer.decode(data.tokens("train")[1:40].tolist()) in "".join((STDLIB / m).read_text() for m in MODULES)
+    assert data.tokenizer.decode(data.tokens("train")[1:40].tolist()) in "".join(
+        (STDLIB / m).read_text() for m in MODULES
+    )
     data.verify()
 
 
@@ -88,7 +101,9 @@ def test_context_too_long_for_the_split(data_dir):
     data = open_data(data_dir)
     tokens = data.tokens("val")
     name = data.split_name("val")
-    with pytest.raises(UserError, match=f"context_length {len(tokens)} is too long for {data_dir}'s val split \\({len(tokens)} tokens"):
+    with pytest.raises(
+        UserError, match=f"context_length {len(tokens)} is too long for {data_dir}'s val split \\({len(tokens)} tokens"
+    ):
         get_batch(tokens, len(tokens), 1, seed=0, index=0, split_name=name)
     context_length = len(tokens) // 4
     with pytest.raises(UserError, match="lower model.context_length or train.batch_size, or prepare more data"):

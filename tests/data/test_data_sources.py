@@ -20,7 +20,17 @@ def test_python_stdlib_files_are_the_library_without_tests():
 
 
 def test_folder_listing_is_recursive_sorted_and_skips_hidden_and_other_suffixes(tmp_path):
-    for name in ["b.py", "a.md", "sub/c.rst", "sub/d.jsonl", "sub/e.parquet", "f.c", ".hidden.txt", ".git/config.txt", "notes.txt"]:
+    for name in [
+        "b.py",
+        "a.md",
+        "sub/c.rst",
+        "sub/d.jsonl",
+        "sub/e.parquet",
+        "f.c",
+        ".hidden.txt",
+        ".git/config.txt",
+        "notes.txt",
+    ]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     assert [p.relative_to(tmp_path).as_posix() for p in list_files(tmp_path)] == [

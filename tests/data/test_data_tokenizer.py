@@ -48,5 +48,7 @@ def test_save_and_load(tokenizer, tmp_path):
 
 
 def test_load_from_folder_without_tokenizer(tmp_path):
-    with pytest.raises(UserError, match=f"{tmp_path} has no tokenizer.json; create the data directory with keel prepare"):
+    with pytest.raises(
+        UserError, match=f"{tmp_path} has no tokenizer.json; create the data directory with keel prepare"
+    ):
         load_tokenizer(tmp_path)

@@ -4,14 +4,16 @@ import torch
 from keel.config import ModelConfig
 from keel.errors import UserError
 from keel.models.gpt import GPT
-from keel.tasks.lm import token_loss
 from keel.models.hf import from_llama_state_dict, llama_config, to_llama_state_dict
+from keel.tasks.lm import token_loss
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny(**overrides) -> ModelConfig:
-    fields = dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, context_length=32, vocab_size=97, rope_theta=500.0, norm_eps=1e-6)
+    fields = dict(
+        n_layer=2, n_head=4, n_kv_head=2, d_model=64, context_length=32, vocab_size=97, rope_theta=500.0, norm_eps=1e-6
+    )
     return ModelConfig(**{**fields, **overrides})
 
 

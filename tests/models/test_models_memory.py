@@ -13,7 +13,9 @@ from keel.tasks.lm import token_loss
 
 def test_activation_checkpointing_keeps_loss_and_gradients():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=3, n_head=4, n_kv_head=2, d_model=64, context_length=32, vocab_size=256, qk_norm=True))
+    model = GPT(
+        ModelConfig(n_layer=3, n_head=4, n_kv_head=2, d_model=64, context_length=32, vocab_size=256, qk_norm=True)
+    )
     checkpointed = copy.deepcopy(model)
     apply_activation_checkpointing(checkpointed)
     data = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_bytes()[: 4 * 33]

@@ -97,7 +97,9 @@ def test_two_processes_write_concurrently(tmp_path, monkeypatch):
     # including when both create the file at the same moment.
     monkeypatch.setenv("KEEL_HOME", str(tmp_path))
     writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for name in ("trainer", "watchdog")
     ]
     for writer in writers:
@@ -131,7 +133,9 @@ def test_a_new_registry_opened_by_two_processes_at_once_never_reports_locked(tmp
 
 def test_runs_table_is_aligned_and_readable(registry, tmp_path):
     registry.start_run("baseline", tmp_path / "a", {})
-    registry.update_run("baseline", step=1000, tokens=2_048_000, best_val_loss=3.21, tokens_per_s=15234.4, status="finished")
+    registry.update_run(
+        "baseline", step=1000, tokens=2_048_000, best_val_loss=3.21, tokens_per_s=15234.4, status="finished"
+    )
     registry.start_run("qk-norm-long-name", tmp_path / "b", {})
     table = format_runs_table(registry.runs())
     lines = table.splitlines()

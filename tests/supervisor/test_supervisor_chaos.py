@@ -15,8 +15,10 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 @pytest.fixture
 def chaos(tiny_data, tmp_path):
-    base = config_lib.load(None, [f"data.path={tiny_data}", *TINY, "train.max_steps=150",
-                                  "train.checkpoint_every=10", "train.eval_every=50"])
+    base = config_lib.load(
+        None,
+        [f"data.path={tiny_data}", *TINY, "train.max_steps=150", "train.checkpoint_every=10", "train.eval_every=50"],
+    )
     return Chaos(base, tmp_path / "chaos")
 
 

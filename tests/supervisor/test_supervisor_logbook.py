@@ -46,12 +46,28 @@ RUN = [
     entry(1234, "action", "skip_update", "skipped the update"),
     entry(1800, "signal", "divergence", "loss diverging: its moving average 3.6 has been 16% above its best 3.1"),
     entry(1800, "outcome", "skip_update", "skipping the update did not hold", recovered=0),
-    entry(1800, "action", "rollback", "rolled back from step 1800 to step 1600 and skipped 10 batches",
-          from_step=1800, to_step=1600, steps_lost=200, tokens_lost=819200, skip_batches=10),
+    entry(
+        1800,
+        "action",
+        "rollback",
+        "rolled back from step 1800 to step 1600 and skipped 10 batches",
+        from_step=1800,
+        to_step=1600,
+        steps_lost=200,
+        tokens_lost=819200,
+        skip_batches=10,
+    ),
     entry(1800, "action", "scale_lr", "lowered the learning rate ×0.5 (now ×0.5 of the schedule)"),
     entry(1900, "outcome", "lower_lr", "the lower learning rate worked", recovered=1),
-    entry(2050, "fault", "crash", "the trainer was killed by SIGKILL.", time="2025-06-02T03:00:00+00:00",
-          lost_steps=50, downtime_seconds=30.0),
+    entry(
+        2050,
+        "fault",
+        "crash",
+        "the trainer was killed by SIGKILL.",
+        time="2025-06-02T03:00:00+00:00",
+        lost_steps=50,
+        downtime_seconds=30.0,
+    ),
     entry(2000, "restart", "restart", "restarted the trainer from checkpoint step 2000", downtime_seconds=4.0),
     entry(2000, "info", "run_start", "trainer resumed at step 2000"),
     entry(3000, "info", "run_end", "reached train.max_steps=3000", status="finished"),
@@ -64,10 +80,14 @@ def test_the_chronicle_groups_by_restart_and_answers_each_signal_with_its_action
     assert len(segments) == 3 and segments[2].startswith("2: from 2025-06-01 10:00:00 at step 2000")
     lines = text.splitlines()
     spike = next(line for line in lines if "loss spike" in line)
-    assert spike == "2025-06-01 10:00:00  step    1234 — loss spike: 5.91 vs mean 3.10 ± 0.05 (56.2σ) → skipped the update"
+    assert (
+        spike == "2025-06-01 10:00:00  step    1234 — loss spike: 5.91 vs mean 3.10 ± 0.05 (56.2σ) → skipped the update"
+    )
     divergence = next(line for line in lines if "diverging" in line)
-    assert divergence.endswith("→ rolled back from step 1800 to step 1600 and skipped 10 batches; "
-                               "lowered the learning rate ×0.5 (now ×0.5 of the schedule)")
+    assert divergence.endswith(
+        "→ rolled back from step 1800 to step 1600 and skipped 10 batches; "
+        "lowered the learning rate ×0.5 (now ×0.5 of the schedule)"
+    )
     assert any(line.endswith("outcome: skipping the update did not hold") for line in lines)
     assert any("fault: the trainer was killed by SIGKILL." in line and line.startswith("2025-06-02") for line in lines)
 
@@ -89,7 +109,10 @@ def test_the_final_status_names_a_supervisor_stop_or_a_watchdog_giving_up():
     stopped = RUN[:4] + [entry(1800, "action", "stop", "stopped the run: every repair failed")]
     assert summarize(stopped)["status"].startswith("stopped by the supervisor at step 1800")
     gave_up = RUN[:9] + [entry(2050, "info", "gave_up", "gave up after 3 restarts without a new checkpoint")]
-    assert summarize(gave_up)["status"] == "failed at step 2050: the watchdog gave up after 3 restarts without a new checkpoint"
+    assert (
+        summarize(gave_up)["status"]
+        == "failed at step 2050: the watchdog gave up after 3 restarts without a new checkpoint"
+    )
     assert summarize([])["status"].startswith("no end recorded")
 
 
@@ -98,8 +121,18 @@ def test_a_supervised_nan_reads_as_a_chronicle_line(tmp_path):
     supervisor = Supervisor(SupervisorConfig(), Logbook(path), max_steps=100, grad_clip=1.0)
     for step in range(30):
         loss = math.nan if step == 20 else 5.0 - step / 100
-        supervisor.observe(StepRecord(step=step, loss=loss, grad_norm=1.0, lr=1e-3, tokens=step * 64,
-                                      step_seconds=0.1, act_norm=1.0, logit_norm=1.0))
+        supervisor.observe(
+            StepRecord(
+                step=step,
+                loss=loss,
+                grad_norm=1.0,
+                lr=1e-3,
+                tokens=step * 64,
+                step_seconds=0.1,
+                act_norm=1.0,
+                logit_norm=1.0,
+            )
+        )
     text = render_chronicle(read_logbook(path))
     assert "step      20 — non-finite loss: loss nan, grad norm 1 → skipped the update" in text
     assert "interventions: 1 skip_update" in text and "signals:       1 nonfinite" in text

@@ -51,8 +51,17 @@ def test_ewm_starts_at_the_first_value_and_follows_a_level_shift():
 
 
 def record(step=0, loss=3.0, grad_norm=0.5, loss_scale=None):
-    return StepRecord(step=step, loss=loss, grad_norm=grad_norm, lr=1e-3, tokens=1000 * (step + 1),
-                      step_seconds=0.1, act_norm=1.0, logit_norm=2.0, loss_scale=loss_scale)
+    return StepRecord(
+        step=step,
+        loss=loss,
+        grad_norm=grad_norm,
+        lr=1e-3,
+        tokens=1000 * (step + 1),
+        step_seconds=0.1,
+        act_norm=1.0,
+        logit_norm=2.0,
+        loss_scale=loss_scale,
+    )
 
 
 def test_nonfinite_loss_or_gradient_is_a_signal_but_an_fp16_overflow_is_not():
@@ -67,7 +76,9 @@ def test_nonfinite_loss_or_gradient_is_a_signal_but_an_fp16_overflow_is_not():
 
 
 def spike_monitor(**overrides):
-    args = dict(name="loss_spike", label="loss", window=128, sigma=6.0, warmup=64, ratio=2.0, ewm_span=20, ewm_warmup=10)
+    args = dict(
+        name="loss_spike", label="loss", window=128, sigma=6.0, warmup=64, ratio=2.0, ewm_span=20, ewm_warmup=10
+    )
     return SpikeMonitor(**{**args, **overrides})
 
 
@@ -111,8 +122,9 @@ def test_divergence_needs_a_sustained_rise_and_dates_it_from_the_best_step():
 
 
 def norm_monitor(**overrides):
-    args = dict(name="act_growth", label="activation RMS", init_ratio=1000.0, ratio=2.0, fast_span=10,
-                slow_span=500, warmup=500)
+    args = dict(
+        name="act_growth", label="activation RMS", init_ratio=1000.0, ratio=2.0, fast_span=10, slow_span=500, warmup=500
+    )
     return NormGrowthMonitor(**{**args, **overrides})
 
 
@@ -177,8 +189,13 @@ def test_throughput_collapse_needs_a_run_of_slow_steps_and_is_a_warning():
 
 
 def test_monitor_state_is_plain_json_and_restores_exactly():
-    builders = [spike_monitor, lambda: DivergenceMonitor(50, 0.1, 50), norm_monitor,
-                lambda: LossScaleMonitor(1.0, 10), lambda: ThroughputMonitor(128, 3.0, 20, 20)]
+    builders = [
+        spike_monitor,
+        lambda: DivergenceMonitor(50, 0.1, 50),
+        norm_monitor,
+        lambda: LossScaleMonitor(1.0, 10),
+        lambda: ThroughputMonitor(128, 3.0, 20, 20),
+    ]
     spike, divergence, norm, loss_scale, throughput = monitors = [build() for build in builders]
     rng = random.Random(5)
     for step in range(300):

@@ -35,8 +35,14 @@ def healthy(step: int, rng: random.Random, lr_scale: float = 1.0) -> dict:
 class Loop:
     """Applies actions like keel.train.loop.Trainer does, on a synthetic run."""
 
-    def __init__(self, supervisor: Supervisor, shape: Callable[["Loop", dict], dict] = lambda loop, values: values,
-                 checkpoint_every: int = 50, seed: int = 0, fp16: bool = False):
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        shape: Callable[["Loop", dict], dict] = lambda loop, values: values,
+        checkpoint_every: int = 50,
+        seed: int = 0,
+        fp16: bool = False,
+    ):
         self.supervisor, self.shape, self.checkpoint_every = supervisor, shape, checkpoint_every
         self.rng = random.Random(seed)
         self.step = self.cursor = 0
@@ -51,8 +57,9 @@ class Loop:
 
     def record(self) -> StepRecord:
         values = self.shape(self, healthy(self.step, self.rng, self.lr_scale))
-        return StepRecord(step=self.step, tokens=(self.step + 1) * TOKENS_PER_STEP,
-                          loss_scale=self.loss_scale, **values)
+        return StepRecord(
+            step=self.step, tokens=(self.step + 1) * TOKENS_PER_STEP, loss_scale=self.loss_scale, **values
+        )
 
     def run(self, max_steps: int, max_records: int = 50_000) -> str:
         for _ in range(max_records):
@@ -60,8 +67,11 @@ class Loop:
                 return "finished"
             record = self.record()
             limits = torch.tensor(self.supervisor.skip_limits(), dtype=torch.float64)
-            dropped = skip_update(torch.tensor(record.loss, dtype=torch.float64),
-                                  torch.tensor(record.grad_norm, dtype=torch.float64), limits)
+            dropped = skip_update(
+                torch.tensor(record.loss, dtype=torch.float64),
+                torch.tensor(record.grad_norm, dtype=torch.float64),
+                limits,
+            )
             actions = self.supervisor.observe(record)
             # keel's loop queues the update before the supervisor reads the record: the device's verdict
             # from the limits must be the supervisor's, in every scenario below
@@ -78,7 +88,9 @@ class Loop:
                 elif action.kind == "reset_optimizer":
                     self.reset_moments += 1
                 elif action.kind == "rollback":
-                    restored = max(s for s, good in self.checkpoints.items() if good and s < action.params["before_step"])
+                    restored = max(
+                        s for s, good in self.checkpoints.items() if good and s < action.params["before_step"]
+                    )
                     self.rollbacks.append((record.step, restored, action.params["skip_batches"]))
                     self.step, self.cursor = restored, self.cursor + action.params["skip_batches"]
                     self.loss_scale, self.clean_steps = self.saved_scaler[restored]
@@ -107,12 +119,17 @@ class Loop:
 
 
 def supervise(tmp_path, max_steps: int = 3000, **config) -> Supervisor:
-    return Supervisor(SupervisorConfig(**config), Logbook(tmp_path / "logbook.jsonl"), max_steps=max_steps, grad_clip=1.0)
+    return Supervisor(
+        SupervisorConfig(**config), Logbook(tmp_path / "logbook.jsonl"), max_steps=max_steps, grad_clip=1.0
+    )
 
 
 def entries(tmp_path, kind: str | None = None, name: str | None = None) -> list[dict]:
-    return [e for e in read_logbook(tmp_path / "logbook.jsonl")
-            if (kind is None or e["kind"] == kind) and (name is None or e["name"] == name)]
+    return [
+        e
+        for e in read_logbook(tmp_path / "logbook.jsonl")
+        if (kind is None or e["kind"] == kind) and (name is None or e["name"] == name)
+    ]
 
 
 # -- healthy runs --------------------------------------------------------------------------------
@@ -154,10 +171,10 @@ def test_a_nan_step_is_skipped_logged_and_judged(tmp_path):
     loop = Loop(supervise(tmp_path), shape)
     assert loop.run(1000) == "finished"
     assert loop.actions == [(500, "skip_update")]
-    signal, = entries(tmp_path, "signal")
+    (signal,) = entries(tmp_path, "signal")
     assert (signal["name"], signal["step"], signal["evidence"]["loss"]) == ("nonfinite", 500, "nan")
     assert [e["name"] for e in entries(tmp_path, "action")] == ["skip_update"]
-    outcome, = entries(tmp_path, "outcome")
+    (outcome,) = entries(tmp_path, "outcome")
     assert outcome["name"] == "skip_update" and outcome["evidence"]["recovered"] == 1 and outcome["step"] == 600
     # Checkpoints written while the incident was open are no place to roll back to.
     assert (loop.checkpoints[550], loop.checkpoints[600], loop.checkpoints[650]) == (False, False, True)
@@ -201,9 +218,14 @@ def test_a_cluster_of_spikes_rolls_back_before_it_and_skips_batches(tmp_path):
     assert loop.run(3000) == "finished"
     assert loop.kinds("skip_update") == [1030, 1030, 1030]  # the step holds while the batches are dropped
     assert loop.rollbacks == [(1030, 1000, 10)]  # skip_min=10 > 0.2% of 3000
-    rollback, = entries(tmp_path, "action", "rollback")
-    assert rollback["evidence"] == {"from_step": 1030, "to_step": 1000, "steps_lost": 30,
-                                    "tokens_lost": 30 * TOKENS_PER_STEP, "skip_batches": 10}
+    (rollback,) = entries(tmp_path, "action", "rollback")
+    assert rollback["evidence"] == {
+        "from_step": 1030,
+        "to_step": 1000,
+        "steps_lost": 30,
+        "tokens_lost": 30 * TOKENS_PER_STEP,
+        "skip_batches": 10,
+    }
     failed, worked = entries(tmp_path, "outcome")
     assert (failed["name"], failed["evidence"]["recovered"]) == ("skip_update", 0)
     assert (worked["name"], worked["evidence"]["recovered"]) == ("rollback", 1)
@@ -236,8 +258,18 @@ def test_a_too_high_learning_rate_is_walked_down_until_the_run_holds(tmp_path):
     loop = Loop(supervise(tmp_path), shape, checkpoint_every=25)
     assert loop.run(1500) == "finished"
     repairs = [k for _, k in loop.actions if k != "skip_update"]
-    assert repairs == ["rollback", "rollback", "scale_lr", "set_clip", "rollback", "scale_lr", "set_clip",
-                       "rollback", "scale_lr", "set_clip"]
+    assert repairs == [
+        "rollback",
+        "rollback",
+        "scale_lr",
+        "set_clip",
+        "rollback",
+        "scale_lr",
+        "set_clip",
+        "rollback",
+        "scale_lr",
+        "set_clip",
+    ]
     assert loop.lr_scale == 0.125 and all(to == 0 for _, to, _ in loop.rollbacks)
     assert [e["name"] for e in entries(tmp_path, "signal")] == ["act_growth"] * 4
     outcomes = [(e["name"], e["evidence"]["recovered"]) for e in entries(tmp_path, "outcome")]
@@ -272,11 +304,21 @@ def test_persistent_trouble_climbs_every_rung_then_stops_with_a_diagnosis(tmp_pa
     loop = Loop(supervise(tmp_path), lambda loop, v: {**v, "loss": math.nan} if loop.step >= 300 else v)
     assert loop.run(3000) == "stopped"
     repairs = [k for _, k in loop.actions if k not in ("skip_update", "set_clip")]
-    assert repairs == ["rollback", "rollback", "scale_lr", "rollback", "scale_lr", "rollback", "scale_lr",
-                       "rollback", "reset_optimizer", "stop"]
+    assert repairs == [
+        "rollback",
+        "rollback",
+        "scale_lr",
+        "rollback",
+        "scale_lr",
+        "rollback",
+        "scale_lr",
+        "rollback",
+        "reset_optimizer",
+        "stop",
+    ]
     assert loop.reset_moments == 1 and loop.lr_scale == 0.125
     assert "every repair failed" in loop.diagnosis and "optim.lr" in loop.diagnosis
-    stop, = entries(tmp_path, "action", "stop")
+    (stop,) = entries(tmp_path, "action", "stop")
     assert stop["evidence"]["repairs_used"] == 5
 
 
@@ -288,16 +330,20 @@ def test_the_repair_budget_ends_the_run_when_spent(tmp_path):
 
 
 def test_without_the_stop_rung_the_supervisor_gives_up_and_carries_on(tmp_path):
-    loop = Loop(supervise(tmp_path, stop_on_failure=False, lower_lr=False, reset_optimizer=False),
-                lambda loop, v: {**v, "loss": math.nan} if 300 <= loop.cursor < 340 else v)
+    loop = Loop(
+        supervise(tmp_path, stop_on_failure=False, lower_lr=False, reset_optimizer=False),
+        lambda loop, v: {**v, "loss": math.nan} if 300 <= loop.cursor < 340 else v,
+    )
     assert loop.run(1000) == "finished"
     assert "stop" not in {k for _, k in loop.actions}
     assert entries(tmp_path, "info", "unrepaired")
 
 
 def test_rungs_turned_off_are_not_used(tmp_path):
-    loop = Loop(supervise(tmp_path, rollback=False, max_lr_cuts=1),
-                lambda loop, v: {**v, "loss": math.nan} if loop.step >= 300 else v)
+    loop = Loop(
+        supervise(tmp_path, rollback=False, max_lr_cuts=1),
+        lambda loop, v: {**v, "loss": math.nan} if loop.step >= 300 else v,
+    )
     assert loop.run(3000) == "stopped"
     assert loop.rollbacks == [] and loop.kinds("scale_lr") and loop.reset_moments == 1
 
@@ -326,7 +372,7 @@ def test_a_throughput_collapse_is_logged_once_and_not_repaired(tmp_path):
     loop = Loop(supervise(tmp_path), lambda loop, v: {**v, "step_seconds": 1.0} if 800 <= loop.step < 900 else v)
     assert loop.run(1500) == "finished"
     assert loop.actions == []
-    signal, = entries(tmp_path, "signal")
+    (signal,) = entries(tmp_path, "signal")
     assert signal["name"] == "slow_steps" and signal["step"] == 819
     assert all(loop.checkpoints.values())
 
@@ -368,20 +414,24 @@ def test_checkpoints_written_during_an_incident_are_not_good(tmp_path):
 
 def test_a_disabled_supervisor_does_nothing(tmp_path):
     supervisor = supervise(tmp_path, enabled=False)
-    record = StepRecord(step=0, loss=math.nan, grad_norm=math.nan, lr=1e-3, tokens=1, step_seconds=0.1,
-                        act_norm=1.0, logit_norm=1.0)
+    record = StepRecord(
+        step=0, loss=math.nan, grad_norm=math.nan, lr=1e-3, tokens=1, step_seconds=0.1, act_norm=1.0, logit_norm=1.0
+    )
     assert supervisor.observe(record) == [] and supervisor.checkpoint_is_good(0)
     assert not (tmp_path / "logbook.jsonl").exists()
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("reset_moments", "exp_avg,momentum", "exp_avg_sq"),
-    ("lr_factor", 0.0, "(0, 1]"),
-    ("spike_warmup", 500, "spike_window"),
-    ("loss_spike_ratio", 1.0, "above 1"),
-    ("judge_steps", 0, "positive"),
-    ("skip_min", 600, "skip_max"),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("reset_moments", "exp_avg,momentum", "exp_avg_sq"),
+        ("lr_factor", 0.0, "(0, 1]"),
+        ("spike_warmup", 500, "spike_window"),
+        ("loss_spike_ratio", 1.0, "above 1"),
+        ("judge_steps", 0, "positive"),
+        ("skip_min", 600, "skip_max"),
+    ],
+)
 def test_bad_supervisor_settings_are_user_errors_naming_the_key(tmp_path, key, value, words):
     with pytest.raises(UserError) as error:
         supervise(tmp_path, **{key: value})
@@ -417,6 +467,9 @@ def test_the_device_skips_exactly_at_the_supervisors_thresholds(tmp_path, monito
         for value in (math.nextafter(threshold, 0), threshold, math.nextafter(threshold, math.inf)):
             limits = torch.tensor(supervisor.skip_limits(), dtype=torch.float64)
             values = typical | {field: value}
-            dropped = skip_update(torch.tensor(values["loss"], dtype=torch.float64),
-                                  torch.tensor(values["grad_norm"], dtype=torch.float64), limits)
+            dropped = skip_update(
+                torch.tensor(values["loss"], dtype=torch.float64),
+                torch.tensor(values["grad_norm"], dtype=torch.float64),
+                limits,
+            )
             assert bool(dropped) == (spike.check(value, 300) is not None), (threshold, value)

@@ -55,11 +55,14 @@ def watch(tmp_path: Path, body: str, **config) -> tuple[int, list[dict]]:
 
 def test_crashes_twice_then_finishes(tmp_path):
     previous_handler = signal.getsignal(signal.SIGINT)
-    code, events = watch(tmp_path, """
+    code, events = watch(
+        tmp_path,
+        """
         beat(10 * RESTART + 5)
         checkpoint(10 * RESTART + 10)
         sys.exit(1 if RESTART < 2 else 0)
-    """)
+    """,
+    )
     assert code == 0
     assert starts(tmp_path) == [0, 1, 2]  # each segment was told its number
     assert [(e["kind"], e["name"]) for e in events] == [("fault", "crash"), ("restart", "restart")] * 2
@@ -74,12 +77,15 @@ def test_crashes_twice_then_finishes(tmp_path):
 
 
 def test_killed_by_sigkill_is_restarted(tmp_path):
-    code, events = watch(tmp_path, """
+    code, events = watch(
+        tmp_path,
+        """
         checkpoint(10)
         beat(12)
         if RESTART == 0:
             os.kill(os.getpid(), signal.SIGKILL)
-    """)
+    """,
+    )
     assert code == 0
     assert starts(tmp_path) == [0, 1]
     fault = events[0]
@@ -90,13 +96,17 @@ def test_killed_by_sigkill_is_restarted(tmp_path):
 def test_hang_is_killed_and_restarted(tmp_path):
     # Segment 0 beats, then stops; segment 1 never beats at all (a stuck start-up), and the
     # heartbeat file segment 0 left behind must not pass for a sign of its life; segment 2 finishes.
-    code, events = watch(tmp_path, """
+    code, events = watch(
+        tmp_path,
+        """
         (RUN / f"pid_{RESTART}").write_text(str(os.getpid()))
         if RESTART == 0:
             beat(3)
         if RESTART < 2:
             time.sleep(60)
-    """, hang_timeout_s=1.5)
+    """,
+        hang_timeout_s=1.5,
+    )
     assert code == 0
     assert starts(tmp_path) == [0, 1, 2]
     faults = [e for e in events if e["kind"] == "fault"]
@@ -109,22 +119,32 @@ def test_hang_is_killed_and_restarted(tmp_path):
 
 
 def test_a_beating_trainer_outlives_the_hang_timeout(tmp_path):
-    code, events = watch(tmp_path, """
+    code, events = watch(
+        tmp_path,
+        """
         for step in range(30):
             beat(step)
             time.sleep(0.1)
-    """, hang_timeout_s=2.0)
+    """,
+        hang_timeout_s=2.0,
+    )
     assert (code, events, starts(tmp_path)) == (0, [], [0])
 
 
 def test_gives_up_when_restarts_make_no_checkpoint_progress(tmp_path):
     # Three segments each write a new checkpoint (so the watchdog keeps going), then the run stalls.
-    code, events = watch(tmp_path, """
+    code, events = watch(
+        tmp_path,
+        """
         beat(10 * RESTART + 7)
         if RESTART < 3:
             checkpoint(10 * RESTART + 5)
         sys.exit(4)
-    """, max_restarts_without_progress=2, backoff_s=0.01, backoff_max_s=1.0)
+    """,
+        max_restarts_without_progress=2,
+        backoff_s=0.01,
+        backoff_max_s=1.0,
+    )
     assert code == 4
     assert starts(tmp_path) == [0, 1, 2, 3, 4]
     assert [e["evidence"]["backoff_seconds"] for e in events if e["kind"] == "restart"] == [0.01, 0.01, 0.01, 0.02]
@@ -132,14 +152,19 @@ def test_gives_up_when_restarts_make_no_checkpoint_progress(tmp_path):
     assert (gave_up["kind"], gave_up["name"]) == ("info", "gave_up")
     assert gave_up["message"] == (
         "gave up after 2 restarts without a new checkpoint; last failure: "
-        "exited with code 4 at step ~47 (newest checkpoint: step 25).")
+        "exited with code 4 at step ~47 (newest checkpoint: step 25)."
+    )
 
 
 def test_gives_up_when_the_restart_budget_is_spent(tmp_path):
-    code, events = watch(tmp_path, """
+    code, events = watch(
+        tmp_path,
+        """
         checkpoint(RESTART + 1)
         os.kill(os.getpid(), signal.SIGKILL)
-    """, max_restarts=2)
+    """,
+        max_restarts=2,
+    )
     assert code == 128 + signal.SIGKILL
     assert starts(tmp_path) == [0, 1, 2]
     assert events[-1]["name"] == "gave_up" and "the whole budget (max_restarts=2)" in events[-1]["message"]
@@ -151,12 +176,15 @@ def test_backoff_doubles_up_to_its_cap(tmp_path):
     assert [e["evidence"]["backoff_seconds"] for e in events if e["kind"] == "restart"] == [0.05, 0.1, 0.15, 0.15]
 
 
-@pytest.mark.parametrize("ending, expected_code", [
-    ("sys.exit(0)", 0),
-    (f"sys.exit({watchdog.EXIT_USER_ERROR})", watchdog.EXIT_USER_ERROR),
-    (f"sys.exit({watchdog.EXIT_STOPPED_BY_SUPERVISOR})", watchdog.EXIT_STOPPED_BY_SUPERVISOR),
-    ("os.kill(os.getpid(), signal.SIGTERM)", 128 + signal.SIGTERM),  # someone stopped it on purpose
-])
+@pytest.mark.parametrize(
+    "ending, expected_code",
+    [
+        ("sys.exit(0)", 0),
+        (f"sys.exit({watchdog.EXIT_USER_ERROR})", watchdog.EXIT_USER_ERROR),
+        (f"sys.exit({watchdog.EXIT_STOPPED_BY_SUPERVISOR})", watchdog.EXIT_STOPPED_BY_SUPERVISOR),
+        ("os.kill(os.getpid(), signal.SIGTERM)", 128 + signal.SIGTERM),  # someone stopped it on purpose
+    ],
+)
 def test_endings_a_restart_cannot_help_are_not_restarted(tmp_path, ending, expected_code):
     code, events = watch(tmp_path, ending + "\n")
     assert (code, events, starts(tmp_path)) == (expected_code, [], [0])
@@ -198,7 +226,9 @@ def start_driver(tmp_path: Path, body: str) -> subprocess.Popen:
     (tmp_path / "driver.py").write_text(DRIVER)
     src = Path(watchdog.__file__).parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
-    driver = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), argv[-1], *argv], env=env, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, str(tmp_path / "driver.py"), argv[-1], *argv], env=env, start_new_session=True
+    )
     deadline = time.monotonic() + 20
     while not (tmp_path / "run" / "heartbeat.json").exists():  # the trainer is up and has its handlers
         assert time.monotonic() < deadline and driver.poll() is None, "the fake trainer never started"
@@ -229,11 +259,14 @@ def test_user_stop_lets_the_trainer_checkpoint_and_is_never_restarted(tmp_path, 
 
 
 def test_a_trainer_that_crashes_during_a_user_stop_is_not_restarted(tmp_path):
-    driver = start_driver(tmp_path, """
+    driver = start_driver(
+        tmp_path,
+        """
         signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(1))
         beat(1)
         time.sleep(60)
-    """)
+    """,
+    )
     try:
         os.killpg(driver.pid, signal.SIGINT)
         assert driver.wait(timeout=20) == 1

@@ -2,7 +2,6 @@
 cache, calibration to rater shares, and the likelihood-displacement monitor."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -73,6 +72,7 @@ def test_reference_log_probs_are_cached_under_the_reference_and_data_hash(pref_d
     torch.testing.assert_close(log_probs.detach(), batch.tensors["reference"], atol=1e-4, rtol=1e-5)
     # a second task reads the cache instead of computing (a poisoned value shows it was read)
     import safetensors.torch
+
     values = safetensors.torch.load_file(cache)
     with safetensors.safe_open(str(cache), "pt") as f:
         metadata = f.metadata()
@@ -90,9 +90,17 @@ def test_likelihood_displacement_is_signalled_once_with_the_numbers():
     signals = []
     for step in range(120):
         falling = step >= 40
-        record = StepRecord(step, 0.6, 1.0, 1e-3, 0, 0.1, 1.0, 1.0,
-                            metrics={"chosen_logp": -50.0 - (0.2 * (step - 40) if falling else 0.0),
-                                     "margin": 0.01 * step})
+        record = StepRecord(
+            step,
+            0.6,
+            1.0,
+            1e-3,
+            0,
+            0.1,
+            1.0,
+            1.0,
+            metrics={"chosen_logp": -50.0 - (0.2 * (step - 40) if falling else 0.0), "margin": 0.01 * step},
+        )
         if (signal := monitor.observe(record)) is not None:
             signals.append(signal)
     assert len(signals) == 1 and signals[0].name == "likelihood_displacement" and signals[0].trouble == "warning"
@@ -100,9 +108,12 @@ def test_likelihood_displacement_is_signalled_once_with_the_numbers():
     assert "fell from" in signals[0].message
     # a steady chosen log-prob with a growing margin is the healthy case
     healthy = LikelihoodDisplacementMonitor(patience=30)
-    assert not any(healthy.observe(StepRecord(s, 0.6, 1.0, 1e-3, 0, 0.1, 1.0, 1.0,
-                                              metrics={"chosen_logp": -50.0, "margin": 0.01 * s}))
-                   for s in range(200))
+    assert not any(
+        healthy.observe(
+            StepRecord(s, 0.6, 1.0, 1e-3, 0, 0.1, 1.0, 1.0, metrics={"chosen_logp": -50.0, "margin": 0.01 * s})
+        )
+        for s in range(200)
+    )
 
 
 SHARES = (0.5, 0.7, 0.9)  # the true share of raters preferring "chosen", by the prompt's class
@@ -118,13 +129,20 @@ def calibration_data(base_run, folder, seed=0):
         k = i % len(SHARES)
         filler = " ".join(rng.choice(words, 3))
         votes = int(rng.binomial(10, SHARES[k]))
-        lines.append(json.dumps({"prompt": f"class{k} {filler}:", "chosen": " yes", "rejected": " no",
-                                 "votes": {"chosen": votes, "rejected": 10 - votes}}))
+        lines.append(
+            json.dumps(
+                {
+                    "prompt": f"class{k} {filler}:",
+                    "chosen": " yes",
+                    "rejected": " no",
+                    "votes": {"chosen": votes, "rejected": 10 - votes},
+                }
+            )
+        )
     (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     from keel.data import prepare
 
-    prepare([str(folder / "pairs.jsonl")], folder / "data", tokenizer=str(base_run), val_fraction=0.15,
-            progress=False)
+    prepare([str(folder / "pairs.jsonl")], folder / "data", tokenizer=str(base_run), val_fraction=0.15, progress=False)
     return folder / "data"
 
 
@@ -149,9 +167,19 @@ def task_sets(data, base_run):
 
 def test_soft_labels_calibrate_the_implied_preference_while_hard_labels_push_it_to_one(base_run, tmp_path):
     data = calibration_data(base_run, tmp_path)
-    common = [*task_sets(data, base_run), "dpo.beta=0.5", "train.batch_size=16", "train.max_steps=150",
-              "optim.lr=2e-3", "optim.warmup_steps=10", "optim.weight_decay=0", "train.eval_every=50",
-              "train.checkpoint_every=150", "optim.schedule=constant", "supervisor.enabled=false"]
+    common = [
+        *task_sets(data, base_run),
+        "dpo.beta=0.5",
+        "train.batch_size=16",
+        "train.max_steps=150",
+        "optim.lr=2e-3",
+        "optim.warmup_steps=10",
+        "optim.weight_decay=0",
+        "train.eval_every=50",
+        "train.checkpoint_every=150",
+        "optim.schedule=constant",
+        "supervisor.enabled=false",
+    ]
     soft, hard = tmp_path / "soft", tmp_path / "hard"
     run(soft, *common)
     run(hard, *common, "dpo.soft_labels=false")

@@ -17,10 +17,22 @@ from keel.train.loop import train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["argparse.py", "textwrap.py", "string.py", "shlex.py", "csv.py", "difflib.py"]
-SETTINGS = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2", "model.context_length=64",
-            "train.batch_size=4", "train.max_steps=20", "train.eval_every=10", "train.eval_batches=2",
-            "train.checkpoint_every=10", "train.dtype=float32", "train.compile=false", "optim.warmup_steps=5",
-            "optim.lr=3e-3"]
+SETTINGS = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.context_length=64",
+    "train.batch_size=4",
+    "train.max_steps=20",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "train.checkpoint_every=10",
+    "train.dtype=float32",
+    "train.compile=false",
+    "optim.warmup_steps=5",
+    "optim.lr=3e-3",
+]
 # Recorded with the loop of commit 7f50700 (before the seam), on Python 3.11.7, torch 2.13.0, an AVX2-only
 # AMD EPYC: grad_accum -> (sha256 of the final weights, val loss). Float kernels differ between CPU
 # classes and library versions, so elsewhere only the val loss is compared, to 1e-4.
@@ -32,8 +44,12 @@ PINNED = {
 
 def _same_platform() -> bool:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return (platform.python_version() == "3.11.7" and torch.__version__.startswith("2.13.0")
-            and " avx2 " in flags and " avx512f " not in flags)
+    return (
+        platform.python_version() == "3.11.7"
+        and torch.__version__.startswith("2.13.0")
+        and " avx2 " in flags
+        and " avx512f " not in flags
+    )
 
 
 def weights_digest(run_dir: Path) -> str:

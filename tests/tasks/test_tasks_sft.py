@@ -18,8 +18,6 @@ from keel.tasks.lm import IGNORE_INDEX, linear_log_probs, lm_hidden
 from keel.train.loop import Trainer
 
 
-
-
 def sft_sets(sft_data, base_run, *extra):
     return [f"data.path={sft_data}", "task.kind=sft", f"init.from={base_run}", *extra]
 
@@ -44,8 +42,9 @@ def test_a_packed_row_gives_each_example_the_loss_it_has_alone(sft_data, base_ru
     row = t.task._row(0)
     for segment, example in enumerate(row):
         alone = t.task._pack(t.task.train, [np.array([example])]).tensors
-        expected = per_position_log_probs(t.model, {k: v[:, : int((segments == segment).sum())]
-                                                    for k, v in alone.items()})[0]
+        expected = per_position_log_probs(
+            t.model, {k: v[:, : int((segments == segment).sum())] for k, v in alone.items()}
+        )[0]
         torch.testing.assert_close(packed[segments == segment], expected, atol=2e-5, rtol=1e-5)
         # positions restart at 0 for every example
         assert batch.tensors["positions"][0][segments == segment][0] == 0
@@ -104,12 +103,18 @@ def test_exact_resume_after_sigkill(kind, sft_data, pref_data, base_run, tmp_pat
     data = sft_data if kind == "sft" else pref_data
     sets = [f"task.kind={kind}", f"init.from={base_run}", "train.max_steps=20", "train.compile=false"]
     env = {**os.environ, "KEEL_HOME": str(tmp_path / "home")}
-    reference = subprocess.run([sys.executable, "-m", "keel.cli", *tiny_train_args(data, tmp_path / "ref", *sets)],
-                               env=env, capture_output=True, text=True, timeout=300)
+    reference = subprocess.run(
+        [sys.executable, "-m", "keel.cli", *tiny_train_args(data, tmp_path / "ref", *sets)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert reference.returncode == 0, reference.stderr
     args = [sys.executable, "-m", "keel.cli", *tiny_train_args(data, tmp_path / "killed", *sets)]
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while not (tmp_path / "killed" / "checkpoints" / "step_00000010").exists():
         assert process.poll() is None and time.time() < deadline, "trainer ended before the first checkpoint"
@@ -129,12 +134,17 @@ def test_bad_fine_tuning_runs_are_refused_with_one_sentence(tiny_data, sft_data,
     # DPO needs a reference run
     assert_user_error(keel(*tiny_train_args(pref_data, tmp_path / "r", "task.kind=dpo")), "init.from")
     # a data dir of the wrong kind for the task
-    assert_user_error(keel(*tiny_train_args(sft_data, tmp_path / "r", "task.kind=dpo", f"init.from={base_run}")),
-                      "preference")
+    assert_user_error(
+        keel(*tiny_train_args(sft_data, tmp_path / "r", "task.kind=dpo", f"init.from={base_run}")), "preference"
+    )
     assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "task.kind=sft")), "text")
     # an init run that is not a run, and one whose shape is overridden
-    assert_user_error(keel(*tiny_train_args(sft_data, tmp_path / "r", "task.kind=sft", f"init.from={tmp_path}")),
-                      "not a keel run directory")
-    assert_user_error(keel(*tiny_train_args(sft_data, tmp_path / "r", "task.kind=sft", f"init.from={base_run}",
-                                            "model.d_model=128")), "model.d_model")
+    assert_user_error(
+        keel(*tiny_train_args(sft_data, tmp_path / "r", "task.kind=sft", f"init.from={tmp_path}")),
+        "not a keel run directory",
+    )
+    assert_user_error(
+        keel(*tiny_train_args(sft_data, tmp_path / "r", "task.kind=sft", f"init.from={base_run}", "model.d_model=128")),
+        "model.d_model",
+    )
     assert not (tmp_path / "r").exists()

@@ -4,13 +4,12 @@ planned to end with the budget however the machine's speed changes."""
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from keel import config as config_lib
 from keel.runs.rundir import init_run_dir
 from keel.train.loop import Trainer, TrainResult, train
 from keel.train.optim import lr_at
-
-from conftest import TINY
 
 SLOW_STEPS = 40  # the machine is busy for the first 40 steps: 1 s each; then 0.25 s each
 
@@ -52,8 +51,8 @@ def test_the_lr_schedule_spans_the_time_budget_at_the_speed_the_machine_actually
     decay_start = next(step for step, lr in enumerate(lrs) if step >= config.optim.warmup_steps and lr < peak)
     # wsd holds the peak for 70% of the time (42 s: step 48 at the faster speed), then decays to the floor
     assert 48 <= decay_start <= 51
-    assert all(lr == pytest.approx(peak) for lr in lrs[config.optim.warmup_steps:decay_start])
-    assert all(later < earlier for earlier, later in zip(lrs[decay_start:], lrs[decay_start + 1:]))
+    assert all(lr == pytest.approx(peak) for lr in lrs[config.optim.warmup_steps : decay_start])
+    assert all(later < earlier for earlier, later in zip(lrs[decay_start:], lrs[decay_start + 1 :]))
     assert lrs[-1] - floor < 0.05 * (peak - floor)
     # the budget's end is evaluated and saved like a finished run's
     assert result.val_loss is not None
@@ -62,8 +61,9 @@ def test_the_lr_schedule_spans_the_time_budget_at_the_speed_the_machine_actually
 
 def test_a_resumed_run_keeps_the_time_it_already_trained(tiny_data, tmp_path):
     run_dir = tmp_path / "resumed"
-    config = init_run_dir(config_lib.load(None, [f"data.path={tiny_data}", *TINY, "train.max_steps=0",
-                                                 "train.max_minutes=0.03"]), run_dir)
+    config = init_run_dir(
+        config_lib.load(None, [f"data.path={tiny_data}", *TINY, "train.max_steps=0", "train.max_minutes=0.03"]), run_dir
+    )
     first = train(config, run_dir, registry=None, progress=False)
     assert first.status == "time_limit" and first.steps > 0
     # a restart (the watchdog's, or the user's) finds the budget spent and trains no further

@@ -67,8 +67,16 @@ def steps(paths: list[Path]) -> list[int]:
 def test_round_trip_is_bit_exact_and_keeps_weights_tied(tmp_path):
     torch.manual_seed(0)
     model = TinyLM()
-    state = {"cursor": {"step": 7, "skipped": [3, 4]}, "lr_scale": 0.5, "note": "x", "flag": None, "moments": (torch.ones(2), 3)}
-    path = save_checkpoint(tmp_path, 7, model, state, {"val_loss": 2.5, "tokens": 700, "config": {"model": {"d_model": 16}}}, keep_last=3)
+    state = {
+        "cursor": {"step": 7, "skipped": [3, 4]},
+        "lr_scale": 0.5,
+        "note": "x",
+        "flag": None,
+        "moments": (torch.ones(2), 3),
+    }
+    path = save_checkpoint(
+        tmp_path, 7, model, state, {"val_loss": 2.5, "tokens": 700, "config": {"model": {"d_model": 16}}}, keep_last=3
+    )
     assert path == tmp_path / "checkpoints" / "step_00000007"
     assert sorted(p.name for p in path.iterdir()) == ["MANIFEST.json", "meta.json", "model.safetensors", "state.pt"]
     assert verify_checkpoint(path) is None
@@ -80,7 +88,11 @@ def test_round_trip_is_bit_exact_and_keeps_weights_tied(tmp_path):
         assert torch.equal(fresh.state_dict()[name], tensor), name
     assert fresh.lm_head.weight is fresh.embed.weight  # still one tensor: training updates both
     assert train_state["cursor"] == {"step": 7, "skipped": [3, 4]} and train_state["lr_scale"] == 0.5
-    assert train_state["note"] == "x" and train_state["flag"] is None and torch.equal(train_state["moments"][0], torch.ones(2))
+    assert (
+        train_state["note"] == "x"
+        and train_state["flag"] is None
+        and torch.equal(train_state["moments"][0], torch.ones(2))
+    )
     assert meta["step"] == 7 and meta["tokens"] == 700 and meta["val_loss"] == 2.5
     assert meta["config"] == {"model": {"d_model": 16}} and meta["keel_version"]
     # The state file itself must be loadable without executing code.
@@ -164,7 +176,14 @@ def truncate(file: Path) -> None:
         (lambda p: (p / "MANIFEST.json").unlink(), "MANIFEST.json missing"),
         (lambda p: (p / "MANIFEST.json").write_text("{not json"), "MANIFEST.json unreadable"),
     ],
-    ids=["flipped-weights", "flipped-state", "truncated-weights", "missing-meta", "missing-manifest", "garbled-manifest"],
+    ids=[
+        "flipped-weights",
+        "flipped-state",
+        "truncated-weights",
+        "missing-meta",
+        "missing-manifest",
+        "garbled-manifest",
+    ],
 )
 def test_damaged_latest_checkpoint_is_skipped_with_a_reason(tmp_path, damage, reason):
     for step in (10, 20, 30):
@@ -205,7 +224,9 @@ def test_crash_mid_write_is_never_picked_and_is_cleaned(tmp_path):
 
 def test_model_of_another_shape_is_a_user_error(tmp_path):
     path = save_checkpoint(tmp_path, 1, TinyLM(d_model=16), {}, {}, keep_last=1)
-    with pytest.raises(UserError, match="step_00000001 does not fit the model because the model's shape differs from the run's config"):
+    with pytest.raises(
+        UserError, match="step_00000001 does not fit the model because the model's shape differs from the run's config"
+    ):
         load_checkpoint(path, TinyLM(d_model=32))
 
     untied = TinyLM()

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
 from keel import config as config_lib
 from keel.runs.rundir import init_run_dir
 from keel.train.loop import COMPILE_MIN_MINUTES, COMPILE_MIN_STEPS, Trainer, can_compile, should_compile, train
 from keel.train.precision import autocast
-
-from conftest import TINY
 
 
 def run(data: Path, run_dir: Path, *extra: str):
@@ -70,8 +69,9 @@ def test_activation_checkpointing_trains_the_same_model(tiny_data, tmp_path):
 def test_activation_checkpointing_keeps_far_fewer_activations(tiny_data, tmp_path):
     saved_bytes = {}
     for setting in ("false", "true"):
-        config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, "model.n_layer=4",
-                                        f"train.activation_checkpointing={setting}"])
+        config = config_lib.load(
+            None, [f"data.path={tiny_data}", *TINY, "model.n_layer=4", f"train.activation_checkpointing={setting}"]
+        )
         trainer = Trainer(init_run_dir(config, tmp_path / setting), tmp_path / setting, registry=None, progress=False)
         tensors = trainer.task.batch(0).tensors
         total = 0
@@ -199,7 +199,11 @@ def test_a_rollback_throws_away_the_step_queued_on_the_old_weights(tiny_data, tm
     monkeypatch.setattr(Trainer, "read", read)
     assert run(tiny_data, tmp_path / "run", "train.max_steps=8").status == "finished"
     after_rollback = [r for r in records if r.step == 0][1]  # back at step 0's weights, on batch 6
-    fresh = Trainer(init_run_dir(config_lib.load(None, [f"data.path={tiny_data}", *TINY]), tmp_path / "fresh"),
-                    tmp_path / "fresh", registry=None, progress=False)
+    fresh = Trainer(
+        init_run_dir(config_lib.load(None, [f"data.path={tiny_data}", *TINY]), tmp_path / "fresh"),
+        tmp_path / "fresh",
+        registry=None,
+        progress=False,
+    )
     expected, _ = fresh.read(fresh.finish(fresh.launch(6)))
     assert after_rollback.grad_norm == expected.grad_norm and after_rollback.loss == expected.loss

@@ -71,7 +71,8 @@ def test_muon_gets_exactly_the_block_matrices_and_adamw_the_rest(tie):
     names = {id(p): name for name, p in model.named_parameters()}  # a tied weight is named once
     (muon,), (decay, no_decay) = opt.muon.param_groups, opt.adamw.param_groups
     assert sorted(names[id(p)] for p in muon["params"]) == sorted(
-        name for name in names.values() if name.startswith("blocks.") and name.split(".")[-2] in BLOCK_MATRICES)
+        name for name in names.values() if name.startswith("blocks.") and name.split(".")[-2] in BLOCK_MATRICES
+    )
     assert len(muon["params"]) == 2 * len(BLOCK_MATRICES)
     assert [names[id(p)] for p in decay["params"]] == ([] if tie else ["lm_head.weight"])
     assert {names[id(p)] for p in no_decay["params"]} == {n for n in names.values() if "norm" in n} | {"embed.weight"}

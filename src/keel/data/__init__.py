@@ -57,8 +57,17 @@ from keel.data.sources import Document, read_source
 from keel.data.tokenizer import EOT, MIN_VOCAB_SIZE, TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from keel.errors import UserError
 
-__all__ = ["prepare", "open_data", "TokenData", "get_batch", "eval_batches", "load_tokenizer", "open_examples",
-           "ExampleData", "Sequences"]
+__all__ = [
+    "prepare",
+    "open_data",
+    "TokenData",
+    "get_batch",
+    "eval_batches",
+    "load_tokenizer",
+    "open_examples",
+    "ExampleData",
+    "Sequences",
+]
 DEFAULT_VOCAB_SIZE = 8192
 
 
@@ -106,8 +115,18 @@ def prepare(
                 _fsync(build_dir / name)
         else:
             vocab_size, val_fraction = vocab_size or DEFAULT_VOCAB_SIZE, val_fraction or DEFAULT_VAL_FRACTION
-            manifest = _build(build_dir, sources, documents, vocab_size, val_fraction, dedup, min_chars, progress,
-                              base_tokenizer, tokenizer)
+            manifest = _build(
+                build_dir,
+                sources,
+                documents,
+                vocab_size,
+                val_fraction,
+                dedup,
+                min_chars,
+                progress,
+                base_tokenizer,
+                tokenizer,
+            )
         _move_into_place(build_dir, out_dir)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -129,7 +148,12 @@ def _reused_tokenizer(tokenizer_dir: Path, vocab_size: int | None) -> Tokenizer:
 
 
 def _check_options(
-    sources: list[str], out_dir: Path, vocab_size: int | None, val_fraction: float | None, dedup: str, force: bool,
+    sources: list[str],
+    out_dir: Path,
+    vocab_size: int | None,
+    val_fraction: float | None,
+    dedup: str,
+    force: bool,
     min_chars: int,
 ) -> None:
     if not sources:
@@ -147,7 +171,9 @@ def _check_options(
     # --force deletes the old directory: never do that to something keel did not write.
     is_empty_dir = out_dir.is_dir() and not any(out_dir.iterdir())
     if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file() and not is_empty_dir:
-        raise UserError(f"{out_dir} exists and is not a keel data directory, so --force will not replace it; choose another --out")
+        raise UserError(
+            f"{out_dir} exists and is not a keel data directory, so --force will not replace it; choose another --out"
+        )
 
 
 def _build(
@@ -192,18 +218,22 @@ def _build(
                 raise UserError(f"{source} contains no documents; check that it is the corpus you meant")
             if cleaner.num_unreadable - num_unreadable == num_read:
                 raise UserError(
-                    f"{source} has no text: all {num_read} of its files are binary or not UTF-8; point it at UTF-8 text files"
+                    f"{source} has no text: all {num_read} of its files are binary or not UTF-8; "
+                    "point it at UTF-8 text files"
                 )
             source_counts.append({"source": source, "documents": num_read, "kept": cleaner.num_kept - num_kept})
 
     report = cleaner.report()
     if cleaner.num_kept == 0:
         dropped = ", ".join(f"{s['count']} {reason}" for reason, s in report["skipped"].items() if s["count"])
-        raise UserError(f"nothing is left of {' '.join(sources)} after cleaning ({dropped}); add more text or lower min_chars")
+        raise UserError(
+            f"nothing is left of {' '.join(sources)} after cleaning ({dropped}); add more text or lower min_chars"
+        )
     if not all(splits[split]["documents"] for split in SPLITS):
         raise UserError(
-            f"the corpus is too small to split: its {cleaner.num_kept} documents gave {splits['train']['documents']} train and "
-            f"{splits['val']['documents']} validation documents at val fraction {val_fraction}; add more text or change --val-fraction"
+            f"the corpus is too small to split: its {cleaner.num_kept} documents gave "
+            f"{splits['train']['documents']} train and {splits['val']['documents']} validation documents "
+            f"at val fraction {val_fraction}; add more text or change --val-fraction"
         )
 
     # Pass 2: tokenizer from the train split only (validation text stays unseen, as it is for
@@ -217,7 +247,9 @@ def _build(
     for split in SPLITS:
         texts = _read_texts(texts_path[split])
         num_texts = splits[split]["documents"]
-        splits[split]["tokens"] = write_shard(tokenizer, texts, build_dir / splits[split]["file"], eot_id, num_texts, progress)
+        splits[split]["tokens"] = write_shard(
+            tokenizer, texts, build_dir / splits[split]["file"], eot_id, num_texts, progress
+        )
     tokenizer.save(str(build_dir / TOKENIZER_FILE))
     shutil.rmtree(work_dir)
 
@@ -226,9 +258,13 @@ def _build(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "sources": source_counts,
-        "options": {"vocab_size": vocab_size if base_tokenizer is None else tokenizer.get_vocab_size(),
-                    "val_fraction": val_fraction, "dedup": dedup, "min_chars": min_chars,
-                    **({"tokenizer_from": str(tokenizer_from)} if tokenizer_from is not None else {})},
+        "options": {
+            "vocab_size": vocab_size if base_tokenizer is None else tokenizer.get_vocab_size(),
+            "val_fraction": val_fraction,
+            "dedup": dedup,
+            "min_chars": min_chars,
+            **({"tokenizer_from": str(tokenizer_from)} if tokenizer_from is not None else {}),
+        },
         "documents": {"read": sum(s["documents"] for s in source_counts), **report},
         "splits": splits,
         "tokenizer": {"file": TOKENIZER_FILE, "vocab_size": tokenizer.get_vocab_size(), "eot": EOT, "eot_id": eot_id},

@@ -56,8 +56,13 @@ class Template:
         return {"system": self.system_id, "user": self.user_id, "assistant": self.assistant_id}[role]
 
     def to_dict(self) -> dict:
-        return {"eot_id": self.eot_id, "end_id": self.end_id, "system_id": self.system_id,
-                "user_id": self.user_id, "assistant_id": self.assistant_id}
+        return {
+            "eot_id": self.eot_id,
+            "end_id": self.end_id,
+            "system_id": self.system_id,
+            "user_id": self.user_id,
+            "assistant_id": self.assistant_id,
+        }
 
 
 class Piece(NamedTuple):

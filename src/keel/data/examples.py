@@ -94,7 +94,7 @@ FORMS = {
 
 
 def record_kind(record: dict) -> str | None:
-    """"pref", "sft" or "text", from the fields a record has; None if it has none of them."""
+    """ "pref", "sft" or "text", from the fields a record has; None if it has none of them."""
     if "chosen" in record or "rejected" in record:
         return "pref"
     if "messages" in record or "completion" in record:
@@ -371,8 +371,10 @@ def documented_functions(text: str, skipped: Counter | None = None) -> Iterator[
                 skipped["body_too_long"] += 1
             else:
                 prompt = text[line_starts[node.lineno - 1] : line_starts[docstring.end_lineno]]
-                statements = [(min([s.lineno] + [d.lineno for d in getattr(s, "decorator_list", [])]), s.end_lineno)
-                              for s in node.body[1:]]
+                statements = [
+                    (min([s.lineno] + [d.lineno for d in getattr(s, "decorator_list", [])]), s.end_lineno)
+                    for s in node.body[1:]
+                ]
                 yield Function(node.lineno, prompt, body, statements)
 
 
@@ -585,8 +587,15 @@ class _SplitWriter:
         self.files = {name: f"{split}.{name}.bin" for name in names}
         self._out = {name: open(build_dir / file, "wb") for name, file in self.files.items()}
         self._dtype, self._byte_lengths = dtype, byte_lengths
-        self.counts = {"examples": 0, "sequences": 0, "tokens": 0, "loss_tokens": 0, "truncated": 0, "max_length": 0,
-                       "bytes": 0}
+        self.counts = {
+            "examples": 0,
+            "sequences": 0,
+            "tokens": 0,
+            "loss_tokens": 0,
+            "truncated": 0,
+            "max_length": 0,
+            "bytes": 0,
+        }
         self._out["offsets"].write(np.zeros(1, np.int64).tobytes())
 
     def add(self, sequences: list[tuple[np.ndarray, np.ndarray]], num_truncated: int, p_chosen: float) -> None:
@@ -655,8 +664,12 @@ def build_examples(build_dir: Path, plan: Plan, progress: bool = True) -> dict:
         "version": EXAMPLES_VERSION,
         "kind": plan.kind,
         "sources": source_counts,
-        "options": {"context_length": plan.context_length, "too_long": plan.too_long, **plan.options,
-                    "tokenizer_from": str(plan.base.path)},
+        "options": {
+            "context_length": plan.context_length,
+            "too_long": plan.too_long,
+            **plan.options,
+            "tokenizer_from": str(plan.base.path),
+        },
         "template": template.to_dict(),
         "tokenizer": {"file": TOKENIZER_FILE, "vocab_size": vocab_size, "eot": EOT, "eot_id": template.eot_id},
         "dtype": dtype.name,

@@ -37,7 +37,7 @@ ENCODE_BATCH_CHARS = 1 << 20  # ~1 MB of text per encode_batch call: parallel en
 
 
 def split_of(text: str, val_fraction: float) -> str:
-    """"train" or "val", decided by the document's content hash.
+    """ "train" or "val", decided by the document's content hash.
 
     A hash, not a random draw, so a document lands in the same split whatever else is in the
     corpus and in whatever order the sources are read.
@@ -51,7 +51,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def write_shard(tokenizer: Tokenizer, texts: Iterable[str], path: Path, eot_id: int, num_texts: int, progress: bool) -> int:
+def write_shard(
+    tokenizer: Tokenizer, texts: Iterable[str], path: Path, eot_id: int, num_texts: int, progress: bool
+) -> int:
     """Encode `texts` in batches and write them as `[eot] + ids` each to `path`; returns the token count."""
     dtype = token_dtype(tokenizer.get_vocab_size())
     num_tokens = 0
@@ -146,7 +148,9 @@ def open_data(data_dir: Path) -> TokenData:
             "or point data.path at a data directory of text"
         )
     if manifest.get("format") != FORMAT or manifest.get("version", 0) > FORMAT_VERSION:
-        raise UserError(f"{data_dir} was written by a newer or unknown keel data format; re-create it with keel prepare --force")
+        raise UserError(
+            f"{data_dir} was written by a newer or unknown keel data format; re-create it with keel prepare --force"
+        )
     return TokenData(data_dir, manifest)
 
 
@@ -196,7 +200,8 @@ def _count_windows(num_tokens: int, context_length: int, batch_size: int, usable
     if num_windows < batch_size:
         raise UserError(
             f"context_length {context_length} is too long for {split_name} ({num_tokens} tokens make {num_windows} "
-            f"windows, fewer than batch_size {batch_size}); lower model.context_length or train.batch_size, or prepare more data"
+            f"windows, fewer than batch_size {batch_size}); lower model.context_length or train.batch_size, "
+            "or prepare more data"
         )
     return num_windows
 

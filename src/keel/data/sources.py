@@ -42,7 +42,8 @@ def read_source(source: str) -> Iterator[Document]:
     # A scheme is "word:" of two letters or more, so Windows drive letters (C:) stay paths.
     if not path.exists() and re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", source):
         raise UserError(
-            f"unknown source scheme in {source!r}; use a file or folder path, builtin:python-stdlib or hf:NAME[:CONFIG][:SPLIT]"
+            f"unknown source scheme in {source!r}; "
+            "use a file or folder path, builtin:python-stdlib or hf:NAME[:CONFIG][:SPLIT]"
         )
     if not path.exists():
         raise UserError(f"source {source} does not exist; check the path")
@@ -116,8 +117,12 @@ def _parquet_documents(path: Path) -> Iterator[Document]:
         raise UserError(f"{path} is not a readable parquet file ({err}); check the file") from err
     schema = table.schema_arrow
     if "text" not in schema.names:
-        raise UserError(f"{path} has no 'text' column (it has {', '.join(schema.names)}); rename the text column to 'text'")
-    if not pyarrow.types.is_string(schema.field("text").type) and not pyarrow.types.is_large_string(schema.field("text").type):
+        raise UserError(
+            f"{path} has no 'text' column (it has {', '.join(schema.names)}); rename the text column to 'text'"
+        )
+    if not pyarrow.types.is_string(schema.field("text").type) and not pyarrow.types.is_large_string(
+        schema.field("text").type
+    ):
         raise UserError(f"{path} has a 'text' column of type {schema.field('text').type}; it must hold strings")
     row = 0
     for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["text"]):
@@ -139,6 +144,7 @@ def _hf_documents(source: str) -> Iterator[Document]:
         raise UserError(f"could not load {source}: {err}; check the dataset name, config and split") from err
     if dataset.column_names is not None and "text" not in dataset.column_names:
         raise UserError(
-            f"{source} has no 'text' column (it has {', '.join(dataset.column_names)}); pick a dataset with a text column"
+            f"{source} has no 'text' column (it has {', '.join(dataset.column_names)}); "
+            "pick a dataset with a text column"
         )
     return ((f"{source}#{row}", record["text"] or "") for row, record in enumerate(dataset))

@@ -22,7 +22,9 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special token
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, num_texts: int | None = None, progress: bool = True) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, num_texts: int | None = None, progress: bool = True
+) -> Tokenizer:
     """Train a byte-level BPE with `vocab_size` entries (fewer if the corpus runs out of merges)."""
     assert vocab_size >= MIN_VOCAB_SIZE, "prepare checks vocab_size before reading the corpus"
     tokenizer = Tokenizer(models.BPE())

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from keel.config import ModelConfig
 from keel.errors import UserError
 
+
 def mlp_hidden_size(config: ModelConfig) -> int:
     """config.mlp_hidden, or 8/3 d_model rounded up to a multiple of 64 when it is 0."""
     # 8/3 keeps the SwiGLU MLP (three matrices) at the parameter count of a 4x two-matrix MLP.
@@ -60,8 +61,12 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     causal = torch.full((T, T), float("-inf"), device=q.device).triu(1).to(q.dtype)  # (T, T), -inf above the diagonal
     # baddbmm adds the mask inside the matmul instead of in a second pass over the scores; under
     # torch.compile it also stays a matmul rather than being rewritten into the flash kernel.
-    scores = torch.baddbmm(causal.expand(B * n_head, T, T), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
-                           alpha=1.0 / math.sqrt(head_dim))  # (B*nh, T, T)
+    scores = torch.baddbmm(
+        causal.expand(B * n_head, T, T),
+        q.flatten(0, 1),
+        k.flatten(0, 1).transpose(1, 2),
+        alpha=1.0 / math.sqrt(head_dim),
+    )  # (B*nh, T, T)
     weights = scores.float().softmax(dim=-1).to(v.dtype)  # float32 softmax: bf16 sums of T terms lose too much
     return (weights @ v.flatten(0, 1)).view(B, n_head, T, head_dim)
 
@@ -107,8 +112,14 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """mask (B, 1, T, T), True where a query may attend, replaces the causal mask (packed rows)."""
         B, T, C = x.shape  # batch, sequence length, d_model
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -131,7 +142,9 @@ class Attention(nn.Module):
             # One new token attends to everything cached, so the mask is needed only when T > 1.
             # enable_gqa lets SDPA share each k/v head among n_head/n_kv_head query heads without copying
             # them. On CPU (torch 2.13, bf16) attention alone ran ~13% faster than with repeat_interleave.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=T > 1, enable_gqa=self.n_kv_head != self.n_head
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.o_proj(y)
 
@@ -166,8 +179,14 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -186,7 +205,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(config.d_model // config.n_head, config.context_length, config.rope_theta)  # (T, hs) each
+        cos, sin = rope_tables(
+            config.d_model // config.n_head, config.context_length, config.rope_theta
+        )  # (T, hs) each
         # Not persistent: they follow from the config, so checkpoints need not carry them.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -221,7 +242,9 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = kv_caches[0].length if kv_caches else 0
-        assert start + T <= self.config.context_length, f"sequence of {start + T} tokens exceeds context_length {self.config.context_length}"
+        assert start + T <= self.config.context_length, (
+            f"sequence of {start + T} tokens exceeds context_length {self.config.context_length}"
+        )
         if positions is None:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hs)
         else:
@@ -309,7 +332,10 @@ class GPT(nn.Module):
         if T0 == 0:
             raise UserError("the prompt is empty; start it with at least one token, e.g. the end-of-text token.")
         if T0 > self.config.context_length:
-            raise UserError(f"the prompt has {T0} tokens but the model's context_length is {self.config.context_length}; shorten the prompt.")
+            raise UserError(
+                f"the prompt has {T0} tokens but the model's context_length is {self.config.context_length}; "
+                "shorten the prompt."
+            )
         num_new = min(max_new_tokens, self.config.context_length - T0)
         if num_new <= 0:
             return idx

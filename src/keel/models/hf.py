@@ -16,13 +16,21 @@ from keel.errors import UserError
 from keel.models.gpt import GPT, mlp_hidden_size, num_kv_heads
 
 # GPT's name for each part of a block -> Llama's.
-_BLOCK_PARTS = {"attn_norm": "input_layernorm", "attn": "self_attn", "mlp_norm": "post_attention_layernorm", "mlp": "mlp"}
+_BLOCK_PARTS = {
+    "attn_norm": "input_layernorm",
+    "attn": "self_attn",
+    "mlp_norm": "post_attention_layernorm",
+    "mlp": "mlp",
+}
 _LLAMA_PARTS = {llama: ours for ours, llama in _BLOCK_PARTS.items()}
 
 
 def _check_exportable(config: ModelConfig) -> None:
     if config.qk_norm:
-        raise UserError("model.qk_norm=true has no Llama equivalent, so this model cannot be mapped to Hugging Face Llama; train with model.qk_norm=false to export.")
+        raise UserError(
+            "model.qk_norm=true has no Llama equivalent, so this model cannot be mapped to Hugging Face Llama; "
+            "train with model.qk_norm=false to export."
+        )
 
 
 def llama_config(config: ModelConfig) -> dict[str, Any]:

@@ -157,7 +157,9 @@ class Registry:
             fields["run_dir"] = str(fields["run_dir"])
         assignments = ", ".join(f"{key} = ?" for key in fields)
         with self._write() as db:
-            cursor = db.execute(f"UPDATE runs SET {assignments}, updated = ? WHERE name = ?", (*fields.values(), time.time(), name))
+            cursor = db.execute(
+                f"UPDATE runs SET {assignments}, updated = ? WHERE name = ?", (*fields.values(), time.time(), name)
+            )
         assert cursor.rowcount == 1, f"run {name} is not in the registry; call start_run first"
 
     def log_metrics(self, name: str, step: int, values: dict[str, float], segment: int = 0) -> None:
@@ -168,7 +170,9 @@ class Registry:
         redoing steps after a rollback) overwrites the old values."""
         records = [(name, step, key, _to_sql(value), segment) for step, values in rows for key, value in values.items()]
         with self._write() as db:
-            db.executemany("INSERT OR REPLACE INTO metrics (run, step, key, value, segment) VALUES (?, ?, ?, ?, ?)", records)
+            db.executemany(
+                "INSERT OR REPLACE INTO metrics (run, step, key, value, segment) VALUES (?, ?, ?, ?, ?)", records
+            )
 
     def log_checkpoint(self, name: str, step: int, path: Path, val_loss: float | None = None) -> None:
         with self._write() as db:
@@ -177,7 +181,9 @@ class Registry:
                 (name, step, str(path), _to_sql(val_loss), time.time()),
             )
 
-    def log_event(self, name: str, step: int | None, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+    def log_event(
+        self, name: str, step: int | None, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
         with self._write() as db:
             db.execute(
                 "INSERT INTO events (run, time, step, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
@@ -196,7 +202,11 @@ class Registry:
 
     def metrics(self, name: str, key: str | None = None) -> dict[str, list[tuple[int, float]]]:
         """{key: [(step, value), ...]} sorted by step; only `key` when given. NaN comes back as NaN."""
-        query = "SELECT key, step, value FROM metrics WHERE run = ?" + (" AND key = ?" if key else "") + " ORDER BY key, step"
+        query = (
+            "SELECT key, step, value FROM metrics WHERE run = ?"
+            + (" AND key = ?" if key else "")
+            + " ORDER BY key, step"
+        )
         series: dict[str, list[tuple[int, float]]] = {}
         for row_key, step, value in self._db.execute(query, (name, key) if key else (name,)):
             series.setdefault(row_key, []).append((step, math.nan if value is None else value))
@@ -214,7 +224,9 @@ class Registry:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         """The run's events in the order they were logged, `data` decoded from JSON."""
-        rows = self._db.execute("SELECT id, time, step, kind, message, data FROM events WHERE run = ? ORDER BY id", (name,))
+        rows = self._db.execute(
+            "SELECT id, time, step, kind, message, data FROM events WHERE run = ? ORDER BY id", (name,)
+        )
         return [{**row, "data": None if row["data"] is None else json.loads(row["data"])} for row in map(dict, rows)]
 
 
@@ -253,7 +265,9 @@ def format_runs_table(rows: list[dict[str, Any]]) -> str:
     right = {2, 3, 4, 5}
 
     def render(cells: tuple[str, ...]) -> str:
-        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     return "\n".join(render(line) for line in (header, *lines))
 

@@ -22,11 +22,20 @@ from keel.runs.registry import Registry  # noqa: E402
 from keel.runs.rundir import LOGBOOK_FILE, load_run_config  # noqa: E402
 from keel.supervisor.logbook import read_logbook, render_chronicle  # noqa: E402
 
-PANELS = [("loss", "training loss", "val_loss"), ("grad_norm", "gradient norm (before clipping)", None),
-          ("lr", "learning rate", None)]
-MARKERS = {"skip_update": ("x", "tab:orange"), "rollback": ("<", "tab:red"), "scale_lr": ("v", "tab:purple"),
-           "set_clip": ("d", "tab:brown"), "reset_optimizer": ("o", "tab:pink"), "stop": ("s", "black"),
-           "restart": ("^", "tab:green")}
+PANELS = [
+    ("loss", "training loss", "val_loss"),
+    ("grad_norm", "gradient norm (before clipping)", None),
+    ("lr", "learning rate", None),
+]
+MARKERS = {
+    "skip_update": ("x", "tab:orange"),
+    "rollback": ("<", "tab:red"),
+    "scale_lr": ("v", "tab:purple"),
+    "set_clip": ("d", "tab:brown"),
+    "reset_optimizer": ("o", "tab:pink"),
+    "stop": ("s", "black"),
+    "restart": ("^", "tab:green"),
+}
 
 
 def write_report(run_dir: Path, registry: Registry | None = None) -> Path:
@@ -36,7 +45,9 @@ def write_report(run_dir: Path, registry: Registry | None = None) -> Path:
     registry = registry or Registry()
     series = registry.metrics(config.name)
     if not series.get("loss"):
-        raise UserError(f"the registry has no metrics for run {config.name} ({run_dir}); train it first with keel train.")
+        raise UserError(
+            f"the registry has no metrics for run {config.name} ({run_dir}); train it first with keel train."
+        )
     entries = read_logbook(run_dir / LOGBOOK_FILE) if (run_dir / LOGBOOK_FILE).exists() else []
     segment_starts = [first for _, first, _ in registry.segments(config.name)[1:]]
 
@@ -45,8 +56,15 @@ def write_report(run_dir: Path, registry: Registry | None = None) -> Path:
     images = []
     for key, title, extra in PANELS:
         path = out_dir / f"{key}.png"
-        _plot_panel(path, title, series.get(key, []), series.get(extra, []) if extra else [], entries, segment_starts,
-                    log_scale=key == "grad_norm")
+        _plot_panel(
+            path,
+            title,
+            series.get(key, []),
+            series.get(extra, []) if extra else [],
+            entries,
+            segment_starts,
+            log_scale=key == "grad_norm",
+        )
         images.append((title, path))
 
     interventions = [e for e in entries if e.get("kind") in ("action", "restart", "fault")]
@@ -61,7 +79,9 @@ def write_report(run_dir: Path, registry: Registry | None = None) -> Path:
     ]
     for title, path in images:
         encoded = base64.b64encode(path.read_bytes()).decode()
-        page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>")
+        page.append(
+            f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>"
+        )
     page.append("<h2>Logbook</h2><pre>" + html.escape(render_chronicle(entries)) + "</pre>")
     target = out_dir / "index.html"
     tmp = out_dir / ".index.html.tmp"

@@ -62,9 +62,11 @@ def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
                 f"{run_dir} holds checkpoints of a model with a different shape ({', '.join(changed)}); "
                 "use a new --run-dir or restore the run's model settings."
             )
-        if resolved.optim.optimizer != previous.optim.optimizer:  # its saved state would not fit
+        # A different optimizer could not load the saved optimizer state.
+        if resolved.optim.optimizer != previous.optim.optimizer:
             raise UserError(
-                f"{run_dir} was trained with optim.optimizer={previous.optim.optimizer}, not {resolved.optim.optimizer}; "
+                f"{run_dir} was trained with optim.optimizer={previous.optim.optimizer}, "
+                f"not {resolved.optim.optimizer}; "
                 "resume it with the same optimizer or use a new --run-dir."
             )
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,26 +97,34 @@ def init_model_config(config: RunConfig) -> ModelConfig:
 
     init_dir = Path(config.init.from_)
     if not (init_dir / CONFIG_FILE).is_file():
-        raise UserError(f"init.from={init_dir} is not a keel run directory (no {CONFIG_FILE}); "
-                        "point it at a directory `keel train` wrote.")
+        raise UserError(
+            f"init.from={init_dir} is not a keel run directory (no {CONFIG_FILE}); "
+            "point it at a directory `keel train` wrote."
+        )
     init = load_run_config(init_dir)
     ckpt.find_best(init_dir)  # a clear sentence if it has no usable checkpoint
     default = config_lib.from_dict({}).model  # resolved the same way (n_kv_head 0 -> n_head)
     for key, ours in dataclasses.asdict(config.model).items():
         theirs = getattr(init.model, key)
         if key not in ("vocab_size", "attention") and ours != getattr(default, key) and ours != theirs:
-            raise UserError(f"model.{key}={ours} does not match the init.from run {init_dir} (model.{key}={theirs}); "
-                            "the shape comes from that run: drop the model.* setting or start from another run.")
+            raise UserError(
+                f"model.{key}={ours} does not match the init.from run {init_dir} (model.{key}={theirs}); "
+                "the shape comes from that run: drop the model.* setting or start from another run."
+            )
     init_vocab = Tokenizer.from_file(str(init_dir / TOKENIZER_FILE)).get_vocab(with_added_tokens=True)
     data_vocab = Tokenizer.from_file(str(Path(config.data.path) / TOKENIZER_FILE)).get_vocab(with_added_tokens=True)
     if any(data_vocab.get(token) != token_id for token, token_id in init_vocab.items()):
-        raise UserError(f"{config.data.path} was tokenized with another tokenizer than the init.from run {init_dir}; "
-                        f"prepare it again with --tokenizer {init_dir}.")
+        raise UserError(
+            f"{config.data.path} was tokenized with another tokenizer than the init.from run {init_dir}; "
+            f"prepare it again with --tokenizer {init_dir}."
+        )
     return dataclasses.replace(init.model, vocab_size=0, attention=config.model.attention)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise UserError(f"{run_dir} is not a keel run directory (no {CONFIG_FILE}); pass the directory `keel train` wrote.")
+        raise UserError(
+            f"{run_dir} is not a keel run directory (no {CONFIG_FILE}); pass the directory `keel train` wrote."
+        )
     return config_lib.load(path)

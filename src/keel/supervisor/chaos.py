@@ -44,12 +44,34 @@ HIGH_LR_FACTOR = 10.0
 # cost some steps of progress, but a run that recovered lands close, while a diverged one does not.
 HIGH_LR_MARGIN = 0.10
 
-QUICK = ["model.n_layer=2", "model.d_model=128", "model.n_head=4", "model.n_kv_head=2",
-         "model.context_length=128", "train.batch_size=8", "train.max_steps=200", "train.eval_every=50",
-         "train.checkpoint_every=25", "train.log_every=10", "optim.warmup_steps=20", "optim.lr=2e-3"]
-FULL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.n_kv_head=2",
-        "model.context_length=256", "train.batch_size=8", "train.max_steps=600", "train.eval_every=100",
-        "train.checkpoint_every=50", "train.log_every=10", "optim.warmup_steps=50", "optim.lr=2e-3"]
+QUICK = [
+    "model.n_layer=2",
+    "model.d_model=128",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.context_length=128",
+    "train.batch_size=8",
+    "train.max_steps=200",
+    "train.eval_every=50",
+    "train.checkpoint_every=25",
+    "train.log_every=10",
+    "optim.warmup_steps=20",
+    "optim.lr=2e-3",
+]
+FULL = [
+    "model.n_layer=4",
+    "model.d_model=256",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.context_length=256",
+    "train.batch_size=8",
+    "train.max_steps=600",
+    "train.eval_every=100",
+    "train.checkpoint_every=50",
+    "train.log_every=10",
+    "optim.warmup_steps=50",
+    "optim.lr=2e-3",
+]
 
 
 @dataclass
@@ -59,13 +81,23 @@ class ScenarioResult:
     evidence: str
 
 
-def run_chaos(data_dir: Path, out_dir: Path, quick: bool, only: list[str] | None = None,
-              report: Callable[[ScenarioResult], None] = print) -> list[ScenarioResult]:
+def run_chaos(
+    data_dir: Path,
+    out_dir: Path,
+    quick: bool,
+    only: list[str] | None = None,
+    report: Callable[[ScenarioResult], None] = print,
+) -> list[ScenarioResult]:
     """Run the scenarios (all, or those named in `only`) and return their results."""
     base = config_lib.load(None, [f"data.path={data_dir}", *(QUICK if quick else FULL)])
     chaos = Chaos(base, Path(out_dir))
-    scenarios = {"high_lr": chaos.high_lr, "sigkill": chaos.sigkill, "corrupt_checkpoint": chaos.corrupt_checkpoint,
-                 "nan": chaos.nan, "hang": chaos.hang}
+    scenarios = {
+        "high_lr": chaos.high_lr,
+        "sigkill": chaos.sigkill,
+        "corrupt_checkpoint": chaos.corrupt_checkpoint,
+        "nan": chaos.nan,
+        "hang": chaos.hang,
+    }
     results = []
     for name in only or list(scenarios):
         result = scenarios[name]()
@@ -88,8 +120,14 @@ class Chaos:
 
     # -- running ----------------------------------------------------------------------------
 
-    def _train(self, name: str, *overrides: str, env: dict[str, str] | None = None,
-               during: Callable[[Path], None] | None = None, fresh: bool = True) -> Path:
+    def _train(
+        self,
+        name: str,
+        *overrides: str,
+        env: dict[str, str] | None = None,
+        during: Callable[[Path], None] | None = None,
+        fresh: bool = True,
+    ) -> Path:
         run_dir = self.out_dir / name
         if fresh and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -128,10 +166,13 @@ class Chaos:
         supervised = _final_val_loss(run_dir)
         actions = _entries(run_dir, "action")
         passed = supervised <= good * (1 + HIGH_LR_MARGIN) and bare > good * (1 + HIGH_LR_MARGIN)
-        return ScenarioResult("high_lr", passed,
-                              f"val loss good lr {good:.3f}, {HIGH_LR_FACTOR:g}x lr bare {bare:.3f}, "
-                              f"{HIGH_LR_FACTOR:g}x lr supervised {supervised:.3f} "
-                              f"(margin {HIGH_LR_MARGIN:.0%}); repairs: {_count(actions)}")
+        return ScenarioResult(
+            "high_lr",
+            passed,
+            f"val loss good lr {good:.3f}, {HIGH_LR_FACTOR:g}x lr bare {bare:.3f}, "
+            f"{HIGH_LR_FACTOR:g}x lr supervised {supervised:.3f} "
+            f"(margin {HIGH_LR_MARGIN:.0%}); repairs: {_count(actions)}",
+        )
 
     def sigkill(self, kills: int = 3) -> ScenarioResult:
         reference_dir, _ = self.reference()
@@ -153,9 +194,12 @@ class Chaos:
         run_dir = self._train("sigkill", "watchdog.backoff_s=0.5", during=killer)
         same = _weights(run_dir) == _weights(reference_dir)
         restarts = len(_entries(run_dir, "restart"))
-        return ScenarioResult("sigkill", same and restarts == kills,
-                              f"{len(killed)} SIGKILLs near steps {targets}, {restarts} restarts, final weights "
-                              f"{'bit-identical to' if same else 'DIFFERENT from'} the uninterrupted run")
+        return ScenarioResult(
+            "sigkill",
+            same and restarts == kills,
+            f"{len(killed)} SIGKILLs near steps {targets}, {restarts} restarts, final weights "
+            f"{'bit-identical to' if same else 'DIFFERENT from'} the uninterrupted run",
+        )
 
     def corrupt_checkpoint(self) -> ScenarioResult:
         half = self.base.train.max_steps // 2
@@ -168,31 +212,49 @@ class Chaos:
         self._train("corrupt_checkpoint", fresh=False)
         faults = [e for e in _entries(run_dir, "fault") if e["name"] == "corrupt_checkpoint"]
         finished = _status(run_dir) == "finished"
-        return ScenarioResult("corrupt_checkpoint", bool(faults) and finished,
-                              f"damaged {newest.name}; " + (faults[0]["message"] if faults else "NOT detected")
-                              + f"; run {'finished' if finished else 'did not finish'}")
+        return ScenarioResult(
+            "corrupt_checkpoint",
+            bool(faults) and finished,
+            f"damaged {newest.name}; "
+            + (faults[0]["message"] if faults else "NOT detected")
+            + f"; run {'finished' if finished else 'did not finish'}",
+        )
 
     def nan(self) -> ScenarioResult:
         step = self.base.train.max_steps // 3
         run_dir = self._train("nan", env={"KEEL_FAULTS": f"nan@{step}"})
         skipped = [e for e in _entries(run_dir, "action") if e["name"] == "skip_update"]
-        finite = all(math.isfinite(float(v)) for t in load_file(str(_final(run_dir) / "model.safetensors")).values()
-                     for v in (t.min(), t.max()))
+        finite = all(
+            math.isfinite(float(v))
+            for t in load_file(str(_final(run_dir) / "model.safetensors")).values()
+            for v in (t.min(), t.max())
+        )
         finished = _status(run_dir) == "finished"
-        return ScenarioResult("nan", bool(skipped) and finite and finished,
-                              f"NaN injected at step {step}: {len(skipped)} update(s) skipped, weights "
-                              f"{'all finite' if finite else 'CONTAIN NaN/inf'}, run "
-                              f"{'finished' if finished else 'did not finish'}")
+        return ScenarioResult(
+            "nan",
+            bool(skipped) and finite and finished,
+            f"NaN injected at step {step}: {len(skipped)} update(s) skipped, weights "
+            f"{'all finite' if finite else 'CONTAIN NaN/inf'}, run "
+            f"{'finished' if finished else 'did not finish'}",
+        )
 
     def hang(self, timeout_s: float = 15.0) -> ScenarioResult:
         step = self.base.train.max_steps // 3
-        run_dir = self._train("hang", f"watchdog.hang_timeout_s={timeout_s}", "watchdog.backoff_s=0.5",
-                              env={"KEEL_FAULTS": f"hang@{step}"})
+        run_dir = self._train(
+            "hang",
+            f"watchdog.hang_timeout_s={timeout_s}",
+            "watchdog.backoff_s=0.5",
+            env={"KEEL_FAULTS": f"hang@{step}"},
+        )
         hangs = [e for e in _entries(run_dir, "fault") if e["name"] == "hang"]
         finished = _status(run_dir) == "finished"
-        return ScenarioResult("hang", bool(hangs) and finished,
-                              f"trainer hung after step {step}: " + (hangs[0]["message"] if hangs else "NOT detected")
-                              + f"; run {'finished' if finished else 'did not finish'}")
+        return ScenarioResult(
+            "hang",
+            bool(hangs) and finished,
+            f"trainer hung after step {step}: "
+            + (hangs[0]["message"] if hangs else "NOT detected")
+            + f"; run {'finished' if finished else 'did not finish'}",
+        )
 
 
 # -- reading results ------------------------------------------------------------------------
@@ -234,4 +296,3 @@ def _heartbeat(run_dir: Path) -> dict | None:
         return json.loads((run_dir / HEARTBEAT_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-

@@ -90,8 +90,16 @@ def read_logbook(path: Path) -> list[dict]:
             continue
         if isinstance(entry, dict) and entry.get("kind") in KINDS:
             # Entries from other writers may leave fields out; the chronicle needs them all.
-            entries.append({"time": "", "name": "", "message": "", **entry,
-                            "step": entry.get("step") or 0, "evidence": entry.get("evidence") or {}})
+            entries.append(
+                {
+                    "time": "",
+                    "name": "",
+                    "message": "",
+                    **entry,
+                    "step": entry.get("step") or 0,
+                    "evidence": entry.get("evidence") or {},
+                }
+            )
     return entries
 
 
@@ -139,7 +147,9 @@ def _chronicle_lines(segment: list[dict]) -> list[str]:
             continue
         if entry["kind"] == "signal":
             signal_step, signal_line, answered = entry["step"], len(lines), False
-        elif entry["kind"] != "outcome" or entry["step"] != signal_step:  # an outcome at the signal's step belongs to it
+        elif (
+            entry["kind"] != "outcome" or entry["step"] != signal_step
+        ):  # an outcome at the signal's step belongs to it
             signal_step = None
         tag = "" if entry["kind"] in ("signal", "action") else f"{entry['kind']}: "
         lines.append(f"{_when(entry)}  step {entry['step']:>7} — {tag}{entry['message']}")
@@ -153,7 +163,9 @@ def summarize(entries: list[dict]) -> dict[str, Any]:
     outcomes = [e for e in entries if e["kind"] == "outcome"]
     rollbacks = [e for e in entries if e["kind"] == "action" and e["name"] == "rollback"]
     faults = [e for e in entries if e["kind"] in ("fault", "restart")]
-    ends = [e for e in entries if (e["kind"], e["name"]) in (("info", "run_end"), ("action", "stop"), ("info", "gave_up"))]
+    ends = [
+        e for e in entries if (e["kind"], e["name"]) in (("info", "run_end"), ("action", "stop"), ("info", "gave_up"))
+    ]
     if not ends:
         status = "no end recorded (still running, or the process died without a word)"
     elif ends[-1]["name"] == "run_end":
@@ -198,7 +210,8 @@ def render_chronicle(entries: list[dict]) -> str:
         f"  outcomes:      {s['repairs_worked']} worked, {s['repairs_failed']} did not hold",
         f"  rollbacks:     {s['rollbacks']}, {s['steps_lost_to_rollbacks']} steps and "
         f"{_human(s['tokens_lost_to_rollbacks'])} tokens lost",
-        f"  faults:        {s['faults']}, restarts: {s['restarts']}, {s['seconds_lost_to_faults']:.0f} s of wall time lost, "
+        f"  faults:        {s['faults']}, restarts: {s['restarts']}, "
+        f"{s['seconds_lost_to_faults']:.0f} s of wall time lost, "
         f"{s['steps_redone_after_faults']} steps redone",
         f"  final status:  {s['status']}",
     ]

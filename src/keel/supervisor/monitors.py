@@ -42,7 +42,8 @@ class StepRecord:
 class Signal:
     """One detected problem, ready for the logbook and the policy."""
 
-    name: str  # nonfinite | loss_spike | grad_spike | divergence | act_growth | logit_growth | loss_scale_collapse | slow_steps
+    # nonfinite | loss_spike | grad_spike | divergence | act_growth | logit_growth | loss_scale_collapse | slow_steps
+    name: str
     trouble: str  # update | state | warning (see the module docstring)
     step: int
     message: str  # one human line with the numbers, e.g. "loss spike: 5.91 vs mean 3.10 ± 0.05 (56σ)"
@@ -199,9 +200,12 @@ def nonfinite_signal(record: StepRecord) -> Signal | None:
         return None
     what = " and ".join(n for n, ok in (("loss", loss_ok), ("gradient norm", grad_ok)) if not ok)
     return Signal(
-        "nonfinite", "update", record.step,
+        "nonfinite",
+        "update",
+        record.step,
         f"non-finite {what}: loss {record.loss:.4g}, grad norm {record.grad_norm:.4g}",
-        {"loss": record.loss, "grad_norm": record.grad_norm}, began_step=record.step,
+        {"loss": record.loss, "grad_norm": record.grad_norm},
+        began_step=record.step,
     )
 
 
@@ -215,8 +219,17 @@ class SpikeMonitor(Monitor):
 
     state_fields = ("window", "ewm")
 
-    def __init__(self, name: str, label: str, window: int, sigma: float, warmup: int, ratio: float,
-                 ewm_span: int, ewm_warmup: int):
+    def __init__(
+        self,
+        name: str,
+        label: str,
+        window: int,
+        sigma: float,
+        warmup: int,
+        ratio: float,
+        ewm_span: int,
+        ewm_warmup: int,
+    ):
         self.name, self.label = name, label
         self.sigma, self.warmup, self.ratio, self.ewm_warmup = sigma, warmup, ratio, ewm_warmup
         self.window = Window(window)
@@ -295,11 +308,19 @@ class DivergenceMonitor(Monitor):
         self.fired = True
         rise = level / self.best - 1
         return Signal(
-            "divergence", "state", step,
+            "divergence",
+            "state",
+            step,
             f"loss diverging: its moving average {level:.4g} has been {rise:.0%} above its best {self.best:.4g} "
             f"for {self.steps_above} steps (climbing since step {self.calm_step})",
-            {"loss_ewm": level, "best": self.best, "best_step": self.best_step, "rise": rise,
-             "steps_above": self.steps_above, "calm_step": self.calm_step},
+            {
+                "loss_ewm": level,
+                "best": self.best,
+                "best_step": self.best_step,
+                "rise": rise,
+                "steps_above": self.steps_above,
+                "calm_step": self.calm_step,
+            },
             began_step=self.calm_step,
         )
 
@@ -325,7 +346,9 @@ class NormGrowthMonitor(Monitor):
 
     state_fields = ("initial", "fast", "slow", "calm_vs_initial", "calm_vs_average", "fired")
 
-    def __init__(self, name: str, label: str, init_ratio: float, ratio: float, fast_span: int, slow_span: int, warmup: int):
+    def __init__(
+        self, name: str, label: str, init_ratio: float, ratio: float, fast_span: int, slow_span: int, warmup: int
+    ):
         self.name, self.label = name, label
         self.init_ratio, self.ratio, self.warmup = init_ratio, ratio, warmup
         self.initial: float | None = None
@@ -358,9 +381,17 @@ class NormGrowthMonitor(Monitor):
             return None
         self.fired = True
         return Signal(
-            self.name, "state", step, f"{self.label} growing: {recent:.4g} is {detail}",
-            {"recent": recent, "initial": self.initial or math.nan, "long_run": self.slow.mean,
-             "vs_initial": vs_initial, "vs_long_run": vs_average},
+            self.name,
+            "state",
+            step,
+            f"{self.label} growing: {recent:.4g} is {detail}",
+            {
+                "recent": recent,
+                "initial": self.initial or math.nan,
+                "long_run": self.slow.mean,
+                "vs_initial": vs_initial,
+                "vs_long_run": vs_average,
+            },
             began_step=began,
         )
 
@@ -399,10 +430,15 @@ class LossScaleMonitor(Monitor):
             return None
         self.fired = True
         return Signal(
-            "loss_scale_collapse", "state", step,
+            "loss_scale_collapse",
+            "state",
+            step,
             f"fp16 loss scale collapsed to {scale:.3g}, "
-            + (f"{self.halvings} halvings in a row (gradients overflow step after step)" if self.halvings
-               else f"under its floor {self.floor:g} (the unscaled gradients overflow fp16)"),
+            + (
+                f"{self.halvings} halvings in a row (gradients overflow step after step)"
+                if self.halvings
+                else f"under its floor {self.floor:g} (the unscaled gradients overflow fp16)"
+            ),
             {"loss_scale": scale, "halvings": self.halvings, "floor": self.floor},
             began_step=self.run_began if self.halvings else step,
         )
@@ -434,7 +470,9 @@ class ThroughputMonitor(Monitor):
         self.fired = True
         usual = self.median.median
         return Signal(
-            "slow_steps", "warning", step,
+            "slow_steps",
+            "warning",
+            step,
             f"throughput collapse: {self.slow_steps} steps in a row took {seconds:.3g} s vs the usual {usual:.3g} s",
             {"step_seconds": seconds, "median_seconds": usual, "slow_steps": self.slow_steps},
             began_step=step - self.slow_steps + 1,

@@ -78,19 +78,44 @@ def validate_config(config: SupervisorConfig) -> None:
         value = getattr(config, f.name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             need(value >= 0, f"supervisor.{f.name} must be >= 0, got {value}.")
-    for key in ("spike_window", "spike_ewm_span", "divergence_span", "divergence_patience", "norm_fast_span",
-                "norm_slow_span", "slow_step_patience", "loss_scale_halvings", "repair_after_skips", "judge_steps"):
+    for key in (
+        "spike_window",
+        "spike_ewm_span",
+        "divergence_span",
+        "divergence_patience",
+        "norm_fast_span",
+        "norm_slow_span",
+        "slow_step_patience",
+        "loss_scale_halvings",
+        "repair_after_skips",
+        "judge_steps",
+    ):
         need(getattr(config, key) > 0, f"supervisor.{key} must be a positive integer, got {getattr(config, key)}.")
-    for key in ("spike_sigma", "loss_spike_ratio", "grad_spike_ratio", "norm_init_ratio", "norm_growth_ratio", "slow_step_factor"):
+    for key in (
+        "spike_sigma",
+        "loss_spike_ratio",
+        "grad_spike_ratio",
+        "norm_init_ratio",
+        "norm_growth_ratio",
+        "slow_step_factor",
+    ):
         need(getattr(config, key) > 1, f"supervisor.{key} must be above 1, got {getattr(config, key)}.")
-    need(2 <= config.spike_warmup <= config.spike_window,
-         f"supervisor.spike_warmup must be within [2, spike_window={config.spike_window}], got {config.spike_warmup}.")
+    need(
+        2 <= config.spike_warmup <= config.spike_window,
+        f"supervisor.spike_warmup must be within [2, spike_window={config.spike_window}], got {config.spike_warmup}.",
+    )
     need(0 < config.lr_factor <= 1, f"supervisor.lr_factor must be within (0, 1], got {config.lr_factor}.")
     need(0 < config.clip_factor <= 1, f"supervisor.clip_factor must be within (0, 1], got {config.clip_factor}.")
-    need(config.skip_min <= config.skip_max, f"supervisor.skip_min ({config.skip_min}) must not exceed supervisor.skip_max ({config.skip_max}).")
+    need(
+        config.skip_min <= config.skip_max,
+        f"supervisor.skip_min ({config.skip_min}) must not exceed supervisor.skip_max ({config.skip_max}).",
+    )
     moments = _moments(config)
-    need(bool(moments) and all(m in MOMENTS for m in moments),
-         f"supervisor.reset_moments must list exp_avg and/or exp_avg_sq separated by commas, got {config.reset_moments!r}.")
+    need(
+        bool(moments) and all(m in MOMENTS for m in moments),
+        "supervisor.reset_moments must list exp_avg and/or exp_avg_sq separated by commas, "
+        f"got {config.reset_moments!r}.",
+    )
 
 
 def _moments(config: SupervisorConfig) -> list[str]:
@@ -111,8 +136,14 @@ class Action:
 class Supervisor:
     """Watches the step records, repairs trouble through the loop's actions, and keeps the logbook."""
 
-    def __init__(self, config: SupervisorConfig, logbook: Logbook, max_steps: int, grad_clip: float,
-                 task_monitors: list | None = None):
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        logbook: Logbook,
+        max_steps: int,
+        grad_clip: float,
+        task_monitors: list | None = None,
+    ):
         validate_config(config)
         # The task's monitors of its own metrics: their signals are logged; repairs act on the standard ones.
         self.task_monitors = list(task_monitors or [])
@@ -133,24 +164,62 @@ class Supervisor:
 
     def _build_monitors(self) -> None:
         c = self.config
-        self.loss_spike = SpikeMonitor("loss_spike", "loss", c.spike_window, c.spike_sigma, c.spike_warmup,
-                                       c.loss_spike_ratio, c.spike_ewm_span, _RATIO_WARMUP)
-        self.grad_spike = SpikeMonitor("grad_spike", "grad norm", c.spike_window, c.spike_sigma, c.spike_warmup,
-                                       c.grad_spike_ratio, c.spike_ewm_span, _RATIO_WARMUP)
+        self.loss_spike = SpikeMonitor(
+            "loss_spike",
+            "loss",
+            c.spike_window,
+            c.spike_sigma,
+            c.spike_warmup,
+            c.loss_spike_ratio,
+            c.spike_ewm_span,
+            _RATIO_WARMUP,
+        )
+        self.grad_spike = SpikeMonitor(
+            "grad_spike",
+            "grad norm",
+            c.spike_window,
+            c.spike_sigma,
+            c.spike_warmup,
+            c.grad_spike_ratio,
+            c.spike_ewm_span,
+            _RATIO_WARMUP,
+        )
         self.divergence = DivergenceMonitor(c.divergence_span, c.divergence_margin, c.divergence_patience)
-        self.act_growth = NormGrowthMonitor("act_growth", "last-block activation RMS", c.norm_init_ratio,
-                                            c.norm_growth_ratio, c.norm_fast_span, c.norm_slow_span, c.norm_warmup)
-        self.logit_growth = NormGrowthMonitor("logit_growth", "logit RMS", c.norm_init_ratio,
-                                              c.norm_growth_ratio, c.norm_fast_span, c.norm_slow_span, c.norm_warmup)
+        self.act_growth = NormGrowthMonitor(
+            "act_growth",
+            "last-block activation RMS",
+            c.norm_init_ratio,
+            c.norm_growth_ratio,
+            c.norm_fast_span,
+            c.norm_slow_span,
+            c.norm_warmup,
+        )
+        self.logit_growth = NormGrowthMonitor(
+            "logit_growth",
+            "logit RMS",
+            c.norm_init_ratio,
+            c.norm_growth_ratio,
+            c.norm_fast_span,
+            c.norm_slow_span,
+            c.norm_warmup,
+        )
         self.loss_scale = LossScaleMonitor(c.loss_scale_floor, c.loss_scale_halvings)
-        self.throughput = ThroughputMonitor(c.spike_window, c.slow_step_factor, c.slow_step_patience, _THROUGHPUT_WARMUP)
+        self.throughput = ThroughputMonitor(
+            c.spike_window, c.slow_step_factor, c.slow_step_patience, _THROUGHPUT_WARMUP
+        )
 
     @property
     def monitors(self) -> dict[str, Any]:
-        return {"loss_spike": self.loss_spike, "grad_spike": self.grad_spike, "divergence": self.divergence,
-                "act_growth": self.act_growth, "logit_growth": self.logit_growth,
-                "loss_scale": self.loss_scale, "throughput": self.throughput,
-                **{m.name: m for m in self.task_monitors}}
+        return {
+            "loss_spike": self.loss_spike,
+            "grad_spike": self.grad_spike,
+            "divergence": self.divergence,
+            "act_growth": self.act_growth,
+            "logit_growth": self.logit_growth,
+            "loss_scale": self.loss_scale,
+            "throughput": self.throughput,
+            **{m.name: m for m in self.task_monitors},
+        }
 
     # -- every step -----------------------------------------------------------------------------
 
@@ -189,7 +258,10 @@ class Supervisor:
         if record.loss_scale is not None:
             signals.append(self.loss_scale.observe(record.loss_scale, record.step))
         if math.isfinite(record.loss) and math.isfinite(record.grad_norm):
-            spikes = [self.loss_spike.check(record.loss, record.step), self.grad_spike.check(record.grad_norm, record.step)]
+            spikes = [
+                self.loss_spike.check(record.loss, record.step),
+                self.grad_spike.check(record.grad_norm, record.step),
+            ]
             signals += spikes
             if not any(spikes):
                 self.loss_spike.add(record.loss)
@@ -209,12 +281,18 @@ class Supervisor:
         is 1 and either value spikes by SpikeMonitor.limits() (see `keel.train.loop.skip_update`).
         Rollbacks also drop the update, but they restore the weights and the optimizer anyway.
         """
-        return [*self.loss_spike.limits(), *self.grad_spike.limits(), self.config.spike_sigma,
-                float(self.config.skip_spikes)]
+        return [
+            *self.loss_spike.limits(),
+            *self.grad_spike.limits(),
+            self.config.spike_sigma,
+            float(self.config.skip_spikes),
+        ]
 
     # -- incidents ------------------------------------------------------------------------------
 
-    def _on_trouble(self, record: StepRecord, trouble: list[Signal], counted: bool, state: list[Signal]) -> list[Action]:
+    def _on_trouble(
+        self, record: StepRecord, trouble: list[Signal], counted: bool, state: list[Signal]
+    ) -> list[Action]:
         began = min(s.began_step for s in trouble)
         if self.incident is None:
             best = self.divergence.best
@@ -235,7 +313,9 @@ class Supervisor:
             short = f"new trouble ({state[0].name.replace('_', ' ')}) at step {record.step}"
             return self._repair(record, state[0].message, short)
         if incident["counted"] >= self.config.repair_after_skips:
-            return self._repair(record, f"{incident['counted']} spiking or non-finite steps since step {incident['began_step']}")
+            return self._repair(
+                record, f"{incident['counted']} spiking or non-finite steps since step {incident['began_step']}"
+            )
         return []
 
     def _judge(self, record: StepRecord) -> list[Action]:
@@ -245,11 +325,16 @@ class Supervisor:
         target = incident["reference_loss"] * (1 + self.config.recovery_tolerance)
         level = self.divergence.level
         if math.isfinite(target) and math.isfinite(level) and level > target:
-            return self._repair(record, f"the loss average {level:.4g} is still above {target:.4g}, "
-                                        f"{self.config.judge_steps} steps after the trouble")
+            return self._repair(
+                record,
+                f"the loss average {level:.4g} is still above {target:.4g}, "
+                f"{self.config.judge_steps} steps after the trouble",
+            )
         repair = incident["rung"] or "skip_update"
         self.logbook.write(
-            record.step, "outcome", repair,
+            record.step,
+            "outcome",
+            repair,
             f"{_DOING[repair]} worked: no trouble for {self.config.judge_steps} steps and the loss average {level:.4g} "
             f"is under {target:.4g}",
             {"loss_ewm": level, "target": target, "began_step": incident["began_step"], "recovered": 1},
@@ -269,12 +354,19 @@ class Supervisor:
         assert incident is not None
         failed = incident["rung"] or ("skip_update" if incident["counted"] else "")
         if failed:
-            self.logbook.write(record.step, "outcome", failed, f"{_DOING[failed]} did not hold: {short_cause or cause}",
-                               {"loss": record.loss, "began_step": incident["began_step"], "recovered": 0})
+            self.logbook.write(
+                record.step,
+                "outcome",
+                failed,
+                f"{_DOING[failed]} did not hold: {short_cause or cause}",
+                {"loss": record.loss, "began_step": incident["began_step"], "recovered": 0},
+            )
         rung = self._next_rung(incident)
         if not rung:
             tried = "; ".join(incident["tried"])
-            return self._give_up(record, cause, f"every repair failed ({tried})" if tried else "no repair rung is enabled")
+            return self._give_up(
+                record, cause, f"every repair failed ({tried})" if tried else "no repair rung is enabled"
+            )
         if self.repairs_used >= self.config.max_repairs:
             return self._give_up(record, cause, f"the budget of {self.config.max_repairs} repairs is spent")
         self.repairs_used += 1
@@ -288,7 +380,7 @@ class Supervisor:
             return self.first_rung
         if rung == "lower_lr" and incident["lr_cuts"] < self.config.max_lr_cuts:
             return rung
-        later = self.ladder[self.ladder.index(rung) + 1:]
+        later = self.ladder[self.ladder.index(rung) + 1 :]
         return later[0] if later else ""
 
     def _rung_actions(self, rung: str, record: StepRecord, cause: str) -> list[Action]:
@@ -299,29 +391,54 @@ class Supervisor:
         if c.rollback:
             skip = min(max(round(c.skip_fraction * self.max_steps), c.skip_min), c.skip_max)
             before = max(incident["began_step"], 0)
-            actions.append(Action("rollback", f"{cause}: roll back before step {before} and skip {skip} batches.",
-                                  {"before_step": before, "skip_batches": skip}))
+            actions.append(
+                Action(
+                    "rollback",
+                    f"{cause}: roll back before step {before} and skip {skip} batches.",
+                    {"before_step": before, "skip_batches": skip},
+                )
+            )
         if rung == "lower_lr" and c.lr_factor < 1:
             self.lr_multiplier *= c.lr_factor
-            actions.append(Action("scale_lr", f"{cause}: lower the learning rate ×{c.lr_factor:g}.", {"factor": c.lr_factor}))
-            entries.append(("scale_lr", f"lowered the learning rate ×{c.lr_factor:g} "
-                                        f"(now ×{self.lr_multiplier:.3g} of the schedule)",
-                            {"factor": c.lr_factor, "lr_multiplier": self.lr_multiplier, "lr": record.lr * c.lr_factor}))
+            actions.append(
+                Action("scale_lr", f"{cause}: lower the learning rate ×{c.lr_factor:g}.", {"factor": c.lr_factor})
+            )
+            entries.append(
+                (
+                    "scale_lr",
+                    f"lowered the learning rate ×{c.lr_factor:g} (now ×{self.lr_multiplier:.3g} of the schedule)",
+                    {"factor": c.lr_factor, "lr_multiplier": self.lr_multiplier, "lr": record.lr * c.lr_factor},
+                )
+            )
         base = self.clip if self.clip > 0 else self.grad_spike.level  # with clipping off: the typical grad norm
         if rung == "lower_lr" and c.clip_factor < 1 and math.isfinite(base):
             old, self.clip = self.clip, base * c.clip_factor
-            actions.append(Action("set_clip", f"{cause}: tighten gradient clipping to {self.clip:.3g}.", {"value": self.clip}))
-            entries.append(("set_clip", f"tightened gradient clipping to {self.clip:.3g} (was {old:.3g})",
-                            {"value": self.clip, "was": old}))
+            actions.append(
+                Action("set_clip", f"{cause}: tighten gradient clipping to {self.clip:.3g}.", {"value": self.clip})
+            )
+            entries.append(
+                (
+                    "set_clip",
+                    f"tightened gradient clipping to {self.clip:.3g} (was {old:.3g})",
+                    {"value": self.clip, "was": old},
+                )
+            )
         if rung == "reset_optimizer":
             moments = _moments(c)
-            actions.append(Action("reset_optimizer", f"{cause}: zero the AdamW moments {', '.join(moments)}.",
-                                  {"moments": moments}))
+            actions.append(
+                Action(
+                    "reset_optimizer", f"{cause}: zero the AdamW moments {', '.join(moments)}.", {"moments": moments}
+                )
+            )
             entries.append(("reset_optimizer", f"zeroed the AdamW moments {', '.join(moments)}", {}))
         incident["tried"].append(f"step {record.step}: " + " + ".join(a.kind for a in actions))
         if c.rollback:
-            self.pending_rollback = {"from_step": record.step, "from_tokens": self.last_tokens,
-                                     "skip_batches": actions[0].params["skip_batches"], "entries": entries}
+            self.pending_rollback = {
+                "from_step": record.step,
+                "from_tokens": self.last_tokens,
+                "skip_batches": actions[0].params["skip_batches"],
+                "entries": entries,
+            }
         else:
             for name, message, evidence in entries:
                 self.logbook.write(record.step, "action", name, message, evidence)
@@ -336,11 +453,17 @@ class Supervisor:
             f"{incident['began_step']} on."
         )
         self.incident = None
-        evidence = {"repairs_used": self.repairs_used, "lr_multiplier": self.lr_multiplier, "began_step": incident["began_step"]}
+        evidence = {
+            "repairs_used": self.repairs_used,
+            "lr_multiplier": self.lr_multiplier,
+            "began_step": incident["began_step"],
+        }
         if self.config.stop_on_failure:
             self.logbook.write(record.step, "action", "stop", f"stopped the run: {diagnosis}", evidence)
             return [Action("stop", diagnosis, {"diagnosis": diagnosis})]
-        self.logbook.write(record.step, "info", "unrepaired", f"gave up repairing and carries on: {diagnosis}", evidence)
+        self.logbook.write(
+            record.step, "info", "unrepaired", f"gave up repairing and carries on: {diagnosis}", evidence
+        )
         return []
 
     # -- calls from the loop outside observe() --------------------------------------------------
@@ -353,11 +476,19 @@ class Supervisor:
             self.last_tokens = self._tokens_at(restored_step, from_step, pending["from_tokens"])
             tokens_lost = max(pending["from_tokens"] - self.last_tokens, 0)
             self.logbook.write(
-                from_step, "action", "rollback",
-                f"rolled back from step {from_step} to step {restored_step} and skipped {pending['skip_batches']} batches "
+                from_step,
+                "action",
+                "rollback",
+                f"rolled back from step {from_step} to step {restored_step} "
+                f"and skipped {pending['skip_batches']} batches "
                 f"({from_step - restored_step} steps and {tokens_lost:,} tokens lost)",
-                {"from_step": from_step, "to_step": restored_step, "steps_lost": from_step - restored_step,
-                 "tokens_lost": tokens_lost, "skip_batches": pending["skip_batches"]},
+                {
+                    "from_step": from_step,
+                    "to_step": restored_step,
+                    "steps_lost": from_step - restored_step,
+                    "tokens_lost": tokens_lost,
+                    "skip_batches": pending["skip_batches"],
+                },
             )
             for name, message, evidence in pending["entries"]:
                 self.logbook.write(from_step, "action", name, message, evidence)
@@ -388,10 +519,14 @@ class Supervisor:
         """Plain Python types only, so `torch.load(weights_only=True)` reads it back."""
         return {
             "monitors": {name: monitor.state_dict() for name, monitor in self.monitors.items()},
-            "clip": self.clip, "lr_multiplier": self.lr_multiplier, "first_rung": self.first_rung,
-            "repairs_used": self.repairs_used, "incident": copy.deepcopy(self.incident),
+            "clip": self.clip,
+            "lr_multiplier": self.lr_multiplier,
+            "first_rung": self.first_rung,
+            "repairs_used": self.repairs_used,
+            "incident": copy.deepcopy(self.incident),
             "grad_spikes_in_a_row": self.grad_spikes_in_a_row,
-            "good_checkpoints": [list(pair) for pair in self.good_checkpoints], "last_tokens": self.last_tokens,
+            "good_checkpoints": [list(pair) for pair in self.good_checkpoints],
+            "last_tokens": self.last_tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -399,7 +534,9 @@ class Supervisor:
             monitor.load_state_dict(state["monitors"][name])
         self.clip, self.lr_multiplier, self.repairs_used = state["clip"], state["lr_multiplier"], state["repairs_used"]
         # A rung turned off since the checkpoint was written is not tried.
-        self.first_rung = state["first_rung"] if state["first_rung"] in self.ladder else (self.ladder[0] if self.ladder else "")
+        self.first_rung = (
+            state["first_rung"] if state["first_rung"] in self.ladder else (self.ladder[0] if self.ladder else "")
+        )
         self.incident = copy.deepcopy(state["incident"])
         self.grad_spikes_in_a_row, self.last_tokens = state["grad_spikes_in_a_row"], state["last_tokens"]
         self.good_checkpoints = [list(pair) for pair in state["good_checkpoints"]]

@@ -92,19 +92,45 @@ def run_watchdog(
             segment = _run_segment(argv, run_dir, config, restart, env, stop, poll_s)
             code = segment.returncode if segment.returncode >= 0 else 128 - segment.returncode
             stop.report()
-            if stop.requested or segment.returncode in (0, EXIT_USER_ERROR, EXIT_STOPPED_BY_SUPERVISOR, -signal.SIGINT, -signal.SIGTERM):
+            if stop.requested or segment.returncode in (
+                0,
+                EXIT_USER_ERROR,
+                EXIT_STOPPED_BY_SUPERVISOR,
+                -signal.SIGINT,
+                -signal.SIGTERM,
+            ):
                 return code
 
             checkpoint_step = newest_checkpoint_step(run_dir)
-            progressed = checkpoint_step is not None and (checkpoint_before is None or checkpoint_step > checkpoint_before)
+            progressed = checkpoint_step is not None and (
+                checkpoint_before is None or checkpoint_step > checkpoint_before
+            )
             failures_in_a_row = 1 if progressed else failures_in_a_row + 1
             failure = _describe(segment, checkpoint_step, config.hang_timeout_s)
             step = segment.heartbeat_step if segment.heartbeat_step is not None else checkpoint_step
-            evidence = {"signal": _signal_name(-segment.returncode)} if segment.returncode < 0 else {"exit_code": segment.returncode}
-            lost_steps = None if segment.heartbeat_step is None else max(0, segment.heartbeat_step - (checkpoint_step or 0))
-            emit(_entry("fault", "hang" if segment.hung else "crash", f"the trainer {failure}.", step, {
-                **evidence, "restart": restart, "checkpoint_step": checkpoint_step, "lost_steps": lost_steps,
-                "downtime_seconds": round(segment.seconds_since_life, 3)}))
+            evidence = (
+                {"signal": _signal_name(-segment.returncode)}
+                if segment.returncode < 0
+                else {"exit_code": segment.returncode}
+            )
+            lost_steps = (
+                None if segment.heartbeat_step is None else max(0, segment.heartbeat_step - (checkpoint_step or 0))
+            )
+            emit(
+                _entry(
+                    "fault",
+                    "hang" if segment.hung else "crash",
+                    f"the trainer {failure}.",
+                    step,
+                    {
+                        **evidence,
+                        "restart": restart,
+                        "checkpoint_step": checkpoint_step,
+                        "lost_steps": lost_steps,
+                        "downtime_seconds": round(segment.seconds_since_life, 3),
+                    },
+                )
+            )
 
             # Both counts include the first failure of the streak, which was no restart (or made progress).
             if failures_in_a_row - 1 >= config.max_restarts_without_progress:
@@ -114,8 +140,15 @@ def run_watchdog(
             else:
                 reason = None
             if reason:
-                emit(_entry("info", "gave_up", f"gave up after {reason}; last failure: {failure}.", step,
-                            {"restart": restart, "checkpoint_step": checkpoint_step}))
+                emit(
+                    _entry(
+                        "info",
+                        "gave_up",
+                        f"gave up after {reason}; last failure: {failure}.",
+                        step,
+                        {"restart": restart, "checkpoint_step": checkpoint_step},
+                    )
+                )
                 return code
 
             backoff_s = min(config.backoff_s * 2 ** (failures_in_a_row - 1), config.backoff_max_s)
@@ -125,14 +158,32 @@ def run_watchdog(
                 return code
             restart += 1
             where = f"checkpoint step {checkpoint_step}" if checkpoint_step is not None else "the start"
-            emit(_entry("restart", "restart", f"restarted the trainer from {where} after {backoff_s:g} s of backoff "
-                        f"(restart {restart} of at most {config.max_restarts}).", checkpoint_step,
-                        {"restart": restart, "checkpoint_step": checkpoint_step, "backoff_seconds": backoff_s,
-                         "downtime_seconds": round(waited_s, 3)}))
+            emit(
+                _entry(
+                    "restart",
+                    "restart",
+                    f"restarted the trainer from {where} after {backoff_s:g} s of backoff "
+                    f"(restart {restart} of at most {config.max_restarts}).",
+                    checkpoint_step,
+                    {
+                        "restart": restart,
+                        "checkpoint_step": checkpoint_step,
+                        "backoff_seconds": backoff_s,
+                        "downtime_seconds": round(waited_s, 3),
+                    },
+                )
+            )
 
 
-def _run_segment(argv: list[str], run_dir: Path, config: WatchdogConfig, restart: int,
-                 env: dict[str, str] | None, stop: _StopRequests, poll_s: float) -> _Segment:
+def _run_segment(
+    argv: list[str],
+    run_dir: Path,
+    config: WatchdogConfig,
+    restart: int,
+    env: dict[str, str] | None,
+    stop: _StopRequests,
+    poll_s: float,
+) -> _Segment:
     """Start the child once and watch it until it exits or its heartbeat goes stale."""
     heartbeat = _Heartbeat(run_dir / HEARTBEAT_FILE)
     forwarded = 0
@@ -220,8 +271,15 @@ class _StopRequests:
         if self.signals and not self.reported:
             self.reported = True
             name = _signal_name(self.signals[0])
-            self.emit(_entry("info", "user_stop", f"{name} received: the trainer may checkpoint and exit, "
-                             "and the watchdog will not restart it.", None, {"signal": name}))
+            self.emit(
+                _entry(
+                    "info",
+                    "user_stop",
+                    f"{name} received: the trainer may checkpoint and exit, and the watchdog will not restart it.",
+                    None,
+                    {"signal": name},
+                )
+            )
 
     def sleep(self, seconds: float, poll_s: float) -> float:
         """Sleep up to seconds, waking early on a stop request; returns the time slept."""

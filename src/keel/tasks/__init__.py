@@ -11,8 +11,13 @@ from keel.config import RunConfig
 from keel.tasks.base import Batch, LossOutput, Task
 
 
-def build_task(config: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype,
-               heartbeat: Callable[[], None] = lambda: None) -> Task:
+def build_task(
+    config: RunConfig,
+    run_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    heartbeat: Callable[[], None] = lambda: None,
+) -> Task:
     """The task of config.task.kind; `heartbeat` is called during a long set-up (DPO's reference pass)."""
     kind = config.task.kind
     if kind == "pretrain":

@@ -69,14 +69,22 @@ def preference_loss(margin: torch.Tensor, p: torch.Tensor, beta: float, kind: st
 class DPOTask(LMTask):
     kind = "dpo"
 
-    def __init__(self, config: RunConfig, run_dir: Path, device: torch.device, dtype: torch.dtype,
-                 heartbeat: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        heartbeat: Callable[[], None] = lambda: None,
+    ):
         super().__init__(config, device, dtype)
         self.data = open_examples(Path(config.data.path), kind="pref")
         self.splits = {split: self.data.sequences(split) for split in ("train", "val")}
         check_lengths(self.data.path, tuple(self.splits.values()), config.model.context_length)
-        self.p_chosen = {split: self.data.p_chosen(split) if config.dpo.soft_labels
-                         else np.ones(len(s) // 2, dtype=np.float32) for split, s in self.splits.items()}
+        self.p_chosen = {
+            split: self.data.p_chosen(split) if config.dpo.soft_labels else np.ones(len(s) // 2, dtype=np.float32)
+            for split, s in self.splits.items()
+        }
         self.reference = reference_log_probs(self, Path(run_dir), heartbeat)
 
     # -- the stream of pairs ------------------------------------------------------------------
@@ -93,9 +101,12 @@ class DPOTask(LMTask):
         sequences = self.splits[split]
         ids = np.concatenate((2 * pairs, 2 * pairs + 1))  # (2B,)
         inputs, targets, tokens = pad_rows(sequences, ids, self.config.model.context_length, self.data.eot_id)
-        tensors = {"inputs": inputs, "targets": targets,
-                   "reference": torch.from_numpy(self.reference[split][ids]),
-                   "p_chosen": torch.from_numpy(self.p_chosen[split][pairs])}
+        tensors = {
+            "inputs": inputs,
+            "targets": targets,
+            "reference": torch.from_numpy(self.reference[split][ids]),
+            "p_chosen": torch.from_numpy(self.p_chosen[split][pairs]),
+        }
         return Batch(tensors, units=len(pairs), tokens=tokens)
 
     # -- loss and evaluation --------------------------------------------------------------------
@@ -139,8 +150,9 @@ def _pairs_at(positions: np.ndarray, num_pairs: int, seed: int) -> np.ndarray:
     return pairs
 
 
-def pad_rows(sequences: Sequences, ids: np.ndarray, context_length: int,
-             pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def pad_rows(
+    sequences: Sequences, ids: np.ndarray, context_length: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """inputs, targets (len(ids), T) of whole sequences, right-padded; targets only where the mask is 1."""
     inputs = np.full((len(ids), context_length), pad_id, dtype=np.int64)
     targets = np.full((len(ids), context_length), IGNORE_INDEX, dtype=np.int64)
@@ -160,8 +172,14 @@ def pair_statistics(log_probs: torch.Tensor, reference: torch.Tensor, beta: floa
     chosen, rejected = log_probs.chunk(2)
     ratio_chosen, ratio_rejected = (log_probs - reference).chunk(2)  # log π/π_ref of each response
     h = ratio_chosen - ratio_rejected
-    return {"h": h, "reward_accuracy": (h > 0).float(), "margin": beta * h, "chosen_logp": chosen,
-            "rejected_logp": rejected, "kl": (ratio_chosen + ratio_rejected) / 2}
+    return {
+        "h": h,
+        "reward_accuracy": (h > 0).float(),
+        "margin": beta * h,
+        "chosen_logp": chosen,
+        "rejected_logp": rejected,
+        "kl": (ratio_chosen + ratio_rejected) / 2,
+    }
 
 
 # -- the reference log-probs, computed once ----------------------------------------------------
@@ -175,8 +193,9 @@ def reference_log_probs(task: DPOTask, run_dir: Path, heartbeat: Callable[[], No
     init_run = Path(task.config.init.from_)
     checkpoint = ckpt.find_best(init_run)
     weights_hash = json.loads((checkpoint / ckpt.MANIFEST).read_text())["files"][ckpt.WEIGHTS]["sha256"]
-    key = hashlib.sha256(json.dumps([weights_hash, task.data.fingerprint(), task.config.model.context_length,
-                                     str(task.dtype)]).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([weights_hash, task.data.fingerprint(), task.config.model.context_length, str(task.dtype)]).encode()
+    ).hexdigest()
     path = run_dir / CACHE_DIR / f"reference-{key[:16]}.safetensors"
     if path.is_file():
         try:
@@ -253,16 +272,28 @@ class LikelihoodDisplacementMonitor:
             return None
         self.fired = True
         return Signal(
-            self.name, "warning", record.step,
+            self.name,
+            "warning",
+            record.step,
             f"likelihood displacement: the chosen log-prob fell from {chosen0:.2f} to {self.chosen:.2f} "
             f"over {record.step - step0} steps while the margin grew from {margin0:.3f} to {self.margin:.3f}",
-            {"chosen_logp_before": chosen0, "chosen_logp": self.chosen, "margin_before": margin0,
-             "margin": self.margin, "steps": record.step - step0}, began_step=step0,
+            {
+                "chosen_logp_before": chosen0,
+                "chosen_logp": self.chosen,
+                "margin_before": margin0,
+                "margin": self.margin,
+                "steps": record.step - step0,
+            },
+            began_step=step0,
         )
 
     def state_dict(self) -> dict:
-        return {"chosen": self.chosen, "margin": self.margin, "fired": self.fired,
-                "history": [list(entry) for entry in self.history]}
+        return {
+            "chosen": self.chosen,
+            "margin": self.margin,
+            "fired": self.fired,
+            "history": [list(entry) for entry in self.history],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.chosen, self.margin, self.fired = state["chosen"], state["margin"], state["fired"]

@@ -108,8 +108,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
 
 
-
-
 def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[target] per position, float32, 0 where the target is IGNORE_INDEX.
 
@@ -174,8 +172,9 @@ class LMOutput(NamedTuple):
     act_mean_square: torch.Tensor  # of the last block's output, detached (the supervisor's activation statistic)
 
 
-def lm_hidden(model, idx: torch.Tensor, positions: torch.Tensor | None = None,
-              segments: torch.Tensor | None = None) -> LMOutput:
+def lm_hidden(
+    model, idx: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None
+) -> LMOutput:
     """The trunk and final norm of a GPT, with the activation statistic every LM task reports."""
     hidden = model.hidden_states(idx, positions, segments)  # (B, T, C)
     return LMOutput(model.norm_f(hidden), mean_square(hidden.detach()))
@@ -251,5 +250,7 @@ def load_init_weights(model: GPT, init_run: Path) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise UserError(f"the weights of init.from={init_run} do not fit this run's model ({detail[:200]}); "
-                        "leave the model.* settings to the init run.") from None
+        raise UserError(
+            f"the weights of init.from={init_run} do not fit this run's model ({detail[:200]}); "
+            "leave the model.* settings to the init run."
+        ) from None

@@ -56,8 +56,10 @@ class SFTTask(LMTask):
         """Mean loss per completion token over the val split (its first train.eval_batches batches)."""
         t = self.config.train
         rows = pack_in_order(np.arange(len(self.val)), self.val.lengths() - 1, self.config.model.context_length)
-        batches = [self._pack(self.val, rows[i : i + t.batch_size]).tensors
-                   for i in range(0, min(len(rows), t.eval_batches * t.batch_size), t.batch_size)]
+        batches = [
+            self._pack(self.val, rows[i : i + t.batch_size]).tensors
+            for i in range(0, min(len(rows), t.eval_batches * t.batch_size), t.batch_size)
+        ]
         return {"val_loss": mean_token_loss(model, batches, self.device, self.dtype)}
 
     # -- packing ------------------------------------------------------------------------------
@@ -92,8 +94,10 @@ class SFTTask(LMTask):
                 positions[r, start:end] = np.arange(n)
                 segments[r, start:end] = segment
                 start = end
-        tensors = {name: torch.from_numpy(a) for name, a in
-                   (("inputs", inputs), ("targets", targets), ("positions", positions), ("segments", segments))}
+        tensors = {
+            name: torch.from_numpy(a)
+            for name, a in (("inputs", inputs), ("targets", targets), ("positions", positions), ("segments", segments))
+        }
         return Batch(tensors, units=int((targets != IGNORE_INDEX).sum()), tokens=int((segments >= 0).sum()))
 
 
@@ -116,6 +120,7 @@ def check_lengths(path: Path, splits: tuple[Sequences, ...], context_length: int
     """Refuse data with a sequence longer than the context: it was prepared for a longer one."""
     longest = max(int(s.lengths().max()) for s in splits if len(s))
     if longest - 1 > context_length:
-        raise UserError(f"{path} holds sequences of up to {longest} tokens, longer than model.context_length "
-                        f"{context_length} + 1; prepare it again with --context-length {context_length}.")
-
+        raise UserError(
+            f"{path} holds sequences of up to {longest} tokens, longer than model.context_length "
+            f"{context_length} + 1; prepare it again with --context-length {context_length}."
+        )

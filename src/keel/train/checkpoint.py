@@ -42,7 +42,9 @@ CHECKSUMMED = (WEIGHTS, STATE, META)
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, train_state: dict[str, Any], meta: dict[str, Any], keep_last: int
+) -> Path:
     """Write the checkpoint for `step` and prune old ones; returns its directory.
 
     `model` is the plain module (not the torch.compile / DDP wrapper), so parameter names stay
@@ -72,10 +74,17 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, train_state: dic
         try:
             torch.load(tmp / STATE, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as err:
-            raise AssertionError(f"train_state must hold only tensors, dicts, lists, tuples and plain Python scalars (no numpy values or objects): {err}") from None
+            raise AssertionError(
+                "train_state must hold only tensors, dicts, lists, tuples and plain Python scalars "
+                f"(no numpy values or objects): {err}"
+            ) from None
         meta = {**meta, "step": step, "keel_version": _keel_version(), "saved_at": time.time()}
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        manifest = {"files": {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size} for name in CHECKSUMMED}}
+        manifest = {
+            "files": {
+                name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size} for name in CHECKSUMMED
+            }
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for name in (*CHECKSUMMED, MANIFEST):
             _fsync(tmp / name)
@@ -138,11 +147,15 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint(path: Path, model: nn.Module, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(
+    path: Path, model: nn.Module, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Verify a checkpoint, load its weights into `model` (strict) and return (train_state, meta)."""
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"checkpoint {path} does not exist; pass a directory such as RUN_DIR/checkpoints/step_00001000.")
+        raise UserError(
+            f"checkpoint {path} does not exist; pass a directory such as RUN_DIR/checkpoints/step_00001000."
+        )
     reason = verify_checkpoint(path)
     if reason:
         raise UserError(f"checkpoint {path} is corrupt ({reason}); load an earlier checkpoint from {path.parent}.")
@@ -161,8 +174,9 @@ def load_checkpoint(path: Path, model: nn.Module, map_location: str | torch.devi
     return train_state, meta
 
 
-def find_latest_good(run_dir: Path, before_step: int | None = None,
-                     healthy_only: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+def find_latest_good(
+    run_dir: Path, before_step: int | None = None, healthy_only: bool = False
+) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest checkpoint (with step < before_step, if given) that verifies, and the (checkpoint,
     reason) pairs of the newer ones that did not, so the caller can log why it fell back.
 

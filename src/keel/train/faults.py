@@ -29,7 +29,9 @@ class Faults:
             kind, _, step = item.partition("@")
             steps = {"nan": self.nan_batches, "spike": self.spike_batches, "hang": self.hang_steps}
             if kind not in steps or not step.isdigit():
-                raise UserError(f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP or hang@STEP; fix or unset KEEL_FAULTS.")
+                raise UserError(
+                    f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP or hang@STEP; fix or unset KEEL_FAULTS."
+                )
             steps[kind].add(int(step))
 
     @classmethod

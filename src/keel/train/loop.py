@@ -1,12 +1,13 @@
 """The training loop, the same for every task (keel.tasks: pretrain, sft, dpo).
 
 The task supplies the model, the batches, the loss and its metrics, the evaluation and monitors of
-its own; the loop knows no model family and no loss. One optimizer step = `grad_accum` micro-batches -> clipping -> the update, which the device drops
-by itself when the supervisor would skip it (`skip_update`) -> one StepRecord for the supervisor
--> its actions applied. The host reads a step's numbers only after it has queued the next step's
-forward/backward, so on a GPU the device always has work queued and never waits for the host:
-there is no per-step synchronisation that drains the queue. The supervisor still judges every
-step, one step behind the device; a rollback throws the queued step's gradients away.
+its own; the loop knows no model family and no loss. One optimizer step = `grad_accum` micro-batches
+-> clipping -> the update, which the device drops by itself when the supervisor would skip it
+(`skip_update`) -> one StepRecord for the supervisor -> its actions applied. The host reads a step's
+numbers only after it has queued the next step's forward/backward, so on a GPU the device always has
+work queued and never waits for the host: there is no per-step synchronisation that drains the
+queue. The supervisor still judges every step, one step behind the device; a rollback throws the
+queued step's gradients away.
 
 Everything a resume needs (weights, optimizer, LoopState, supervisor state, grad scaler) goes into
 each checkpoint, and the batch at cursor c is a pure function of (data, seed, c), so a resumed run
@@ -124,8 +125,9 @@ class Trainer:
         self.dtype = pick_dtype(t.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.task = build_task(config, self.run_dir, self.device, self.dtype,
-                               heartbeat=lambda: write_heartbeat(self.run_dir, 0))
+        self.task = build_task(
+            config, self.run_dir, self.device, self.dtype, heartbeat=lambda: write_heartbeat(self.run_dir, 0)
+        )
         self.model = self.task.build_model()
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
@@ -209,10 +211,17 @@ class Trainer:
         }
         # A checkpoint written while the supervisor has trouble open is no place to roll back to.
         healthy = self.supervisor.checkpoint_is_good(self.state.step) if self.supervisor else True
-        meta = {"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss, "healthy": healthy,
-                "time": time.time(), "config": self.config.to_dict()}
-        path = ckpt.save_checkpoint(self.run_dir, self.state.step, self.model, train_state, meta,
-                                    keep_last=self.config.train.keep_checkpoints)
+        meta = {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "val_loss": val_loss,
+            "healthy": healthy,
+            "time": time.time(),
+            "config": self.config.to_dict(),
+        }
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.state.step, self.model, train_state, meta, keep_last=self.config.train.keep_checkpoints
+        )
         if self.registry is not None:
             self.registry.log_checkpoint(self.config.name, self.state.step, str(path), val_loss)
 
@@ -220,9 +229,13 @@ class Trainer:
         """Load the newest good checkpoint (older than before_step); say which ones were bad."""
         path, bad = ckpt.find_latest_good(self.run_dir, before_step=before_step, healthy_only=before_step is not None)
         for bad_path, reason in bad:
-            self.logbook.write(self.state.step, "fault", "corrupt_checkpoint",
-                                f"checkpoint {bad_path.name} is unusable ({reason}); falling back to an older one.",
-                                {"checkpoint": bad_path.name, "reason": reason})
+            self.logbook.write(
+                self.state.step,
+                "fault",
+                "corrupt_checkpoint",
+                f"checkpoint {bad_path.name} is unusable ({reason}); falling back to an older one.",
+                {"checkpoint": bad_path.name, "reason": reason},
+            )
         if path is None:
             return False
         train_state, _ = ckpt.load_checkpoint(path, self.model, self.device)
@@ -304,11 +317,15 @@ class Trainer:
             if self.state.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.state.grad_clip, grad_norm)
             skip = self._skip_flag(launched.loss, grad_norm)
-            numbers = {"loss": launched.loss, "grad_norm": grad_norm,
-                       "skipped": skip if skip is not None else torch.zeros((), device=self.device)}
+            numbers = {
+                "loss": launched.loss,
+                "grad_norm": grad_norm,
+                "skipped": skip if skip is not None else torch.zeros((), device=self.device),
+            }
             for name, value in launched.metrics.items():  # mean squares become RMS for the monitors
                 numbers[{ACT_NORM: "act_norm", LOGIT_NORM: "logit_norm"}.get(name, name)] = (
-                    value.sqrt() if name in (ACT_NORM, LOGIT_NORM) else value)
+                    value.sqrt() if name in (ACT_NORM, LOGIT_NORM) else value
+                )
             if self.scaler.is_enabled():  # the scale this step used, before update() moves it (no sync)
                 numbers["loss_scale"] = self.scaler._get_scale_async().float().reshape(())
             values = torch.stack([v.float() for v in numbers.values()])
@@ -322,8 +339,15 @@ class Trainer:
                 ready.record()
             else:
                 values = values.cpu()
-        return Pending(self.state.step, lr, self.state.tokens + launched.tokens, list(numbers), values, ready,
-                       launched.seconds + time.perf_counter() - start)
+        return Pending(
+            self.state.step,
+            lr,
+            self.state.tokens + launched.tokens,
+            list(numbers),
+            values,
+            ready,
+            launched.seconds + time.perf_counter() - start,
+        )
 
     def _skip_flag(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor | None:
         if self.supervisor is not None:
@@ -341,10 +365,17 @@ class Trainer:
         if pending.ready is not None:
             pending.ready.synchronize()
         v = dict(zip(pending.names, pending.values.tolist()))
-        record = StepRecord(step=pending.step, loss=v.pop("loss"), grad_norm=v.pop("grad_norm"), lr=pending.lr,
-                            tokens=pending.tokens, step_seconds=pending.seconds + time.perf_counter() - start,
-                            act_norm=v.pop("act_norm", math.nan), logit_norm=v.pop("logit_norm", math.nan),
-                            loss_scale=v.pop("loss_scale", None))
+        record = StepRecord(
+            step=pending.step,
+            loss=v.pop("loss"),
+            grad_norm=v.pop("grad_norm"),
+            lr=pending.lr,
+            tokens=pending.tokens,
+            step_seconds=pending.seconds + time.perf_counter() - start,
+            act_norm=v.pop("act_norm", math.nan),
+            logit_norm=v.pop("logit_norm", math.nan),
+            loss_scale=v.pop("loss_scale", None),
+        )
         skipped = v.pop("skipped") > 0
         record.metrics = v  # the task's own
         return record, skipped
@@ -355,19 +386,28 @@ class Trainer:
         resumed = self.restore()
         if not resumed:
             self.save()  # step 0: rollbacks always have somewhere to go
-        self.logbook.write(self.state.step, "info", "run_start",
-                           f"trainer {'resumed' if resumed else 'started'} at step {self.state.step} "
-                           f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')}"
-                           f"{', compiled' if self.compiled else ''}, task {self.task.kind} "
-                           f"(process segment {self.segment})",
-                           {"segment": self.segment, "tokens": self.state.tokens})
+        self.logbook.write(
+            self.state.step,
+            "info",
+            "run_start",
+            f"trainer {'resumed' if resumed else 'started'} at step {self.state.step} "
+            f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')}"
+            f"{', compiled' if self.compiled else ''}, task {self.task.kind} "
+            f"(process segment {self.segment})",
+            {"segment": self.segment, "tokens": self.state.tokens},
+        )
         self.start_time, self.clock_base = time.perf_counter(), self.state.train_seconds
         step_limit = t.max_steps or math.inf
         # A resumed run whose time or token budget is already spent trains no further.
         status, diagnosis, record, val_loss = self._limit_reached() or "finished", "", None, None
         evaluation: dict[str, float] = {}
-        bar = tqdm(total=t.max_steps or None, initial=self.state.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=t.max_steps or None,
+            initial=self.state.step,
+            disable=not self.progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
         last_beat = 0.0
         pending: Pending | None = None
         with _stop_on_signals(self):
@@ -424,8 +464,11 @@ class Trainer:
                             last_beat = time.time()
                         bar.update(step - bar.n)
                         if self.state.cursor % t.log_every == 0:
-                            postfix = {"loss": f"{record.loss:.3f}", "lr": f"{record.lr:.2e}",
-                                       "tok_s": f"{self._tokens_per_s():.0f}"}
+                            postfix = {
+                                "loss": f"{record.loss:.3f}",
+                                "lr": f"{record.lr:.2e}",
+                                "tok_s": f"{self._tokens_per_s():.0f}",
+                            }
                             if t.max_minutes:
                                 postfix["left"] = f"{max(0.0, t.max_minutes - self.train_seconds() / 60):.1f}min"
                             bar.set_postfix(postfix, refresh=False)
@@ -442,16 +485,36 @@ class Trainer:
             self.save()  # a stop between checkpoints loses nothing
         self.flush_metrics()
         seconds = time.perf_counter() - self.start_time
-        end_reason = {"finished": f"reached train.max_steps={t.max_steps}", "time_limit": f"reached train.max_minutes={t.max_minutes}",
-                      "token_limit": f"reached train.max_tokens={t.max_tokens}", "stopped": f"stopped by {self.stop_signal}",
-                      "stopped_by_supervisor": f"stopped by the supervisor: {diagnosis}"}[status]
-        self.logbook.write(self.state.step, "info", "run_end", end_reason,
-                           {"status": "stopped" if status.startswith("stopped") else "finished",
-                            "tokens": self.state.tokens, "val_loss": val_loss})
-        return TrainResult(status=status, steps=self.state.step, tokens=self.state.tokens, seconds=seconds,
-                           tokens_per_s=self._tokens_per_s(),
-                           final_loss=record.loss if record else float("nan"), val_loss=val_loss,
-                           timings=dict(self.timer.seconds), diagnosis=diagnosis, evaluation=evaluation)
+        end_reason = {
+            "finished": f"reached train.max_steps={t.max_steps}",
+            "time_limit": f"reached train.max_minutes={t.max_minutes}",
+            "token_limit": f"reached train.max_tokens={t.max_tokens}",
+            "stopped": f"stopped by {self.stop_signal}",
+            "stopped_by_supervisor": f"stopped by the supervisor: {diagnosis}",
+        }[status]
+        self.logbook.write(
+            self.state.step,
+            "info",
+            "run_end",
+            end_reason,
+            {
+                "status": "stopped" if status.startswith("stopped") else "finished",
+                "tokens": self.state.tokens,
+                "val_loss": val_loss,
+            },
+        )
+        return TrainResult(
+            status=status,
+            steps=self.state.step,
+            tokens=self.state.tokens,
+            seconds=seconds,
+            tokens_per_s=self._tokens_per_s(),
+            final_loss=record.loss if record else float("nan"),
+            val_loss=val_loss,
+            timings=dict(self.timer.seconds),
+            diagnosis=diagnosis,
+            evaluation=evaluation,
+        )
 
     def _tokens_per_s(self) -> float:
         return self.tokens_applied / max(time.perf_counter() - self.start_time, 1e-9)
@@ -469,9 +532,13 @@ class Trainer:
             self.pending_metrics.clear()
             return
         self.registry.log_metrics_many(self.config.name, self.pending_metrics, segment=self.segment)
-        self.registry.update_run(self.config.name, step=self.state.step, tokens=self.state.tokens,
-                                 best_val_loss=self.state.best_val_loss,
-                                 tokens_per_s=self._tokens_per_s())
+        self.registry.update_run(
+            self.config.name,
+            step=self.state.step,
+            tokens=self.state.tokens,
+            best_val_loss=self.state.best_val_loss,
+            tokens_per_s=self._tokens_per_s(),
+        )
         self.pending_metrics.clear()
 
 
@@ -511,8 +578,15 @@ def skip_update(loss: torch.Tensor, grad_norm: torch.Tensor, limits: torch.Tenso
 
 
 def _metrics(record: StepRecord, skipped: bool) -> dict[str, float]:
-    values = {"loss": record.loss, "grad_norm": record.grad_norm, "lr": record.lr, "tokens": record.tokens,
-              "act_norm": record.act_norm, "logit_norm": record.logit_norm, "step_seconds": record.step_seconds}
+    values = {
+        "loss": record.loss,
+        "grad_norm": record.grad_norm,
+        "lr": record.lr,
+        "tokens": record.tokens,
+        "act_norm": record.act_norm,
+        "logit_norm": record.logit_norm,
+        "step_seconds": record.step_seconds,
+    }
     if record.loss_scale is not None:
         values["loss_scale"] = record.loss_scale
     values.update(record.metrics)

@@ -85,13 +85,12 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # The fused kernel does the whole update in one pass over memory (CPU and CUDA since torch 2.4).
-    adamw = torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True
-    )
+    adamw = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True)
     if config.optimizer == "adamw":
         return adamw
-    muon = torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, momentum=MUON_MOMENTUM,
-                            adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon(
+        hidden, lr=config.lr, weight_decay=config.weight_decay, momentum=MUON_MOMENTUM, adjust_lr_fn="match_rms_adamw"
+    )
     return MuonAdamW(muon, adamw)
 
 
