@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from _peers import CPU, NanoGPT, Shape, peer_dtype
+
 from keel.data import eval_batches, open_data
 from keel.train.precision import autocast
 
@@ -59,7 +59,7 @@ def byte_stream(data_dir: Path, split: str) -> tuple[np.ndarray, int]:
     tokens = np.asarray(data.tokens(split))
     starts = np.flatnonzero(tokens == data.eot_id)  # every document begins with the end-of-text id
     assert len(starts) and starts[0] == 0, "keel writes each document as [eot] + ids"
-    documents = [tokens[a + 1:b].tolist() for a, b in zip(starts, [*starts[1:], len(tokens)])]
+    documents = [tokens[a + 1 : b].tolist() for a, b in zip(starts, [*starts[1:], len(tokens)])]
     texts = data.tokenizer.decode_batch(documents, skip_special_tokens=False)
     pieces, num_bytes = [], 0
     for text in texts:
@@ -79,8 +79,9 @@ def lr_at(step: int, recipe: PeerRecipe, max_steps: int) -> float:
     return recipe.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (recipe.lr - recipe.min_lr)
 
 
-def train_and_evaluate(data_dir: Path, minutes: float, shape: Shape, recipe: PeerRecipe = PeerRecipe(),
-                       log=print) -> PeerResult:
+def train_and_evaluate(
+    data_dir: Path, minutes: float, shape: Shape, recipe: PeerRecipe = PeerRecipe(), log=print
+) -> PeerResult:
     """Train for `minutes` of wall clock (the cosine ends when the budget does), then evaluate."""
     train, _ = byte_stream(data_dir, "train")
     val, val_bytes = byte_stream(data_dir, "val")
@@ -92,9 +93,11 @@ def train_and_evaluate(data_dir: Path, minutes: float, shape: Shape, recipe: Pee
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     # nanoGPT asks for fused AdamW only on CUDA, so on a CPU it runs the default (foreach) one.
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(recipe.beta1, recipe.beta2),
+    )
     budget = 60 * minutes
     # The schedule's length is re-estimated from the measured step time (first 2 steps excluded)
     # until warm-up ends, so the cosine reaches its floor when the budget runs out.
@@ -109,7 +112,7 @@ def train_and_evaluate(data_dir: Path, minutes: float, shape: Shape, recipe: Pee
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe, max_steps)
         offsets = torch.randint(len(train_t) - T - 1, (B,))  # nanoGPT samples windows with replacement
-        window = torch.stack([train_t[i:i + T + 1] for i in offsets.tolist()])  # (B, T+1)
+        window = torch.stack([train_t[i : i + T + 1] for i in offsets.tolist()])  # (B, T+1)
         x, y = window[:, :-1], window[:, 1:]
         with autocast(CPU, dtype):
             logits = model(x)  # (B, T, vocab)
@@ -136,5 +139,13 @@ def train_and_evaluate(data_dir: Path, minutes: float, shape: Shape, recipe: Pee
     val_loss = total / count
     # As keel does: nats per predicted position, divided by ln 2 and by the split's text bytes per position.
     bits_per_byte = val_loss / math.log(2) / (val_bytes / len(val))
-    return PeerResult(step, step * B * T, seconds, loss.item(), val_loss, bits_per_byte,
-                      sum(p.numel() for p in model.parameters()), dtype)
+    return PeerResult(
+        step,
+        step * B * T,
+        seconds,
+        loss.item(),
+        val_loss,
+        bits_per_byte,
+        sum(p.numel() for p in model.parameters()),
+        dtype,
+    )

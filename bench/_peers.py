@@ -127,8 +127,9 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(d_model, bias=False)
         self.attn = CausalSelfAttention(d_model, n_head)
         self.ln_2 = nn.LayerNorm(d_model, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model, bias=False), nn.GELU(),
-                                 nn.Linear(4 * d_model, d_model, bias=False))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model, bias=False), nn.GELU(), nn.Linear(4 * d_model, d_model, bias=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -195,8 +196,9 @@ class _LlamaLogits(nn.Module):
         return self.model(input_ids=idx, use_cache=False).logits
 
 
-def llama_peer(shape: Shape, rope_theta: float, norm_eps: float,
-               tie_embeddings: bool) -> tuple[nn.Module, torch.optim.Optimizer, torch.dtype, int]:
+def llama_peer(
+    shape: Shape, rope_theta: float, norm_eps: float, tie_embeddings: bool
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.dtype, int]:
     """(model, optimizer, compute dtype, flops per token) for HF LlamaForCausalLM."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -279,5 +281,12 @@ def train_peer(
         for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             timings[key] += seconds
     seconds = time.perf_counter() - start - (probe.seconds if probe is not None else 0.0)
-    return {"tokens_per_s": tokens / seconds, "tokens_per_step": x.numel(), "step_seconds": step_seconds,
-            "seconds": seconds, "steps": steps, "final_loss": loss.item(), "timings": timings}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_step": x.numel(),
+        "step_seconds": step_seconds,
+        "seconds": seconds,
+        "steps": steps,
+        "final_loss": loss.item(),
+        "timings": timings,
+    }

@@ -27,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _charpeer import VOCAB_SIZE as PEER_VOCAB_SIZE, train_and_evaluate  # noqa: E402
+from _charpeer import VOCAB_SIZE as PEER_VOCAB_SIZE  # noqa: E402
+from _charpeer import train_and_evaluate
 from _peers import Shape  # noqa: E402
 from throughput import DATA_DIR, prepare_data, print_machine  # noqa: E402
 
@@ -42,8 +43,9 @@ def run_keel(minutes: float, overrides: list[str]) -> dict:
 
     # A max_steps given with --set fixes the schedule (the budget still caps it), so recipes compare
     # at equal steps on a noisy machine.
-    config = config_lib.load(None, [f"data.path={DATA_DIR}", "name=quality", "train.max_steps=0",
-                                    f"train.max_minutes={minutes}"] + overrides)
+    config = config_lib.load(
+        None, [f"data.path={DATA_DIR}", "name=quality", "train.max_steps=0", f"train.max_minutes={minutes}"] + overrides
+    )
     dtype = pick_dtype(config.train.dtype, pick_device(config.train.device))
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "quality"
@@ -51,13 +53,21 @@ def run_keel(minutes: float, overrides: list[str]) -> dict:
         result = train(config, run_dir, registry=None, progress=False)
         evaluation = evaluate_run(load_run(run_dir), DATA_DIR)
     m = config.model
-    return {"bits_per_byte": evaluation.bits_per_byte, "val_loss": evaluation.loss, "steps": result.steps,
-            "tokens": result.tokens, "seconds": result.seconds, "status": result.status,
-            "final_loss": result.final_loss, "params": GPT(m).num_params(),
-            "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/{m.n_kv_head}kv/T{m.context_length}/"
-                     f"B{config.train.batch_size}",
-            "recipe": f"lr {config.optim.lr:g} {config.optim.schedule}" + (" qk_norm" if m.qk_norm else "")
-                      + f", {dtype_name(dtype)}"}
+    return {
+        "bits_per_byte": evaluation.bits_per_byte,
+        "val_loss": evaluation.loss,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "status": result.status,
+        "final_loss": result.final_loss,
+        "params": GPT(m).num_params(),
+        "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/{m.n_kv_head}kv/T{m.context_length}/"
+        f"B{config.train.batch_size}",
+        "recipe": f"lr {config.optim.lr:g} {config.optim.schedule}"
+        + (" qk_norm" if m.qk_norm else "")
+        + f", {dtype_name(dtype)}",
+    }
 
 
 def run_peer(minutes: float) -> dict:
@@ -65,14 +75,22 @@ def run_peer(minutes: float) -> dict:
 
     # The peer copies the size of keel's default model, whatever --set says about keel.
     m, t = (c := config_lib.load(None, [f"data.path={DATA_DIR}"])).model, c.train
-    shape = Shape(m.n_layer, m.d_model, m.n_head, m.n_head, 4 * m.d_model, PEER_VOCAB_SIZE, m.context_length,
-                  t.batch_size)
+    shape = Shape(
+        m.n_layer, m.d_model, m.n_head, m.n_head, 4 * m.d_model, PEER_VOCAB_SIZE, m.context_length, t.batch_size
+    )
     r = train_and_evaluate(DATA_DIR, minutes, shape)
-    return {"bits_per_byte": r.bits_per_byte, "val_loss": r.val_loss, "steps": r.steps,
-            "tokens": r.tokens, "seconds": r.seconds, "status": "time_limit", "final_loss": r.final_loss,
-            "params": r.params,
-            "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/T{m.context_length}/B{t.batch_size}",
-            "recipe": f"lr 0.001 cosine, {dtype_name(r.dtype)}, bytes"}
+    return {
+        "bits_per_byte": r.bits_per_byte,
+        "val_loss": r.val_loss,
+        "steps": r.steps,
+        "tokens": r.tokens,
+        "seconds": r.seconds,
+        "status": "time_limit",
+        "final_loss": r.final_loss,
+        "params": r.params,
+        "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/T{m.context_length}/B{t.batch_size}",
+        "recipe": f"lr 0.001 cosine, {dtype_name(r.dtype)}, bytes",
+    }
 
 
 def dtype_name(dtype: object) -> str:
@@ -80,14 +98,22 @@ def dtype_name(dtype: object) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=10.0,
-                        help="wall-clock training budget of each trainer (default 10)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--minutes", type=float, default=10.0, help="wall-clock training budget of each trainer (default 10)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: a 1-minute budget")
     parser.add_argument("--only", choices=("keel", "peer"), help="run just one of the two")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="keel config override, e.g. optim.lr=1e-3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keel config override, e.g. optim.lr=1e-3 (repeatable)",
+    )
     args = parser.parse_args()
     minutes = 1.0 if args.quick else args.minutes
     if minutes <= 0:
@@ -96,8 +122,11 @@ def main() -> None:
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
     print_machine()
     prepare_data()
-    print(f"budget: {minutes:g} min of training each, one trainer after the other; "
-          "bits per byte on the whole val split\n", flush=True)
+    print(
+        f"budget: {minutes:g} min of training each, one trainer after the other; "
+        "bits per byte on the whole val split\n",
+        flush=True,
+    )
     results = {}
     for name, run in (("keel", lambda: run_keel(minutes, args.overrides)), ("peer", lambda: run_peer(minutes))):
         if args.only in (None, name):
@@ -105,13 +134,17 @@ def main() -> None:
             results[name] = run()
             results[name]["load"] = os.getloadavg()[0]
 
-    header = (f"{'trainer':<8} {'shape':<27} {'recipe':<28} {'params':>7} {'steps':>6} {'tokens':>10} "
-              f"{'train s':>7} {'tok/s':>6} {'load':>4} {'loss':>6} {'val nats':>8} {'bits/byte':>9}")
+    header = (
+        f"{'trainer':<8} {'shape':<27} {'recipe':<28} {'params':>7} {'steps':>6} {'tokens':>10} "
+        f"{'train s':>7} {'tok/s':>6} {'load':>4} {'loss':>6} {'val nats':>8} {'bits/byte':>9}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
-        print(f"{name:<8} {r['shape']:<27} {r['recipe']:<28} {r['params'] / 1e6:6.2f}M {r['steps']:>6} "
-              f"{r['tokens']:>10,} {r['seconds']:7.0f} {r['tokens'] / r['seconds']:6.0f} {r['load']:4.1f} "
-              f"{r['final_loss']:6.3f} {r['val_loss']:8.3f} {r['bits_per_byte']:9.3f}")
+        print(
+            f"{name:<8} {r['shape']:<27} {r['recipe']:<28} {r['params'] / 1e6:6.2f}M {r['steps']:>6} "
+            f"{r['tokens']:>10,} {r['seconds']:7.0f} {r['tokens'] / r['seconds']:6.0f} {r['load']:4.1f} "
+            f"{r['final_loss']:6.3f} {r['val_loss']:8.3f} {r['bits_per_byte']:9.3f}"
+        )
     if "keel" in results:
         k = results["keel"]
         print(f"\nkeel stopped by {k['status']}")

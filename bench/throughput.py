@@ -63,13 +63,28 @@ def keel_shape(size: str, quick: bool, overrides: list[str]) -> tuple[Shape, lis
     n_layer, d_model, n_head, context_length, batch_size = SIZES[size]
     if quick:
         context_length, batch_size = QUICK["context_length"], QUICK["batch_size"]
-    sets = [f"model.n_layer={n_layer}", f"model.d_model={d_model}", f"model.n_head={n_head}",
-            f"model.n_kv_head={n_head}", f"model.context_length={context_length}", f"model.vocab_size={VOCAB_SIZE}",
-            f"train.batch_size={batch_size}", f"data.path={DATA_DIR}"] + overrides
+    sets = [
+        f"model.n_layer={n_layer}",
+        f"model.d_model={d_model}",
+        f"model.n_head={n_head}",
+        f"model.n_kv_head={n_head}",
+        f"model.context_length={context_length}",
+        f"model.vocab_size={VOCAB_SIZE}",
+        f"train.batch_size={batch_size}",
+        f"data.path={DATA_DIR}",
+    ] + overrides
     config = load(None, sets)
     m, t = config.model, config.train
-    shape = Shape(m.n_layer, m.d_model, m.n_head, m.n_kv_head, mlp_hidden_size(m), m.vocab_size, m.context_length,
-                  t.batch_size * t.grad_accum)
+    shape = Shape(
+        m.n_layer,
+        m.d_model,
+        m.n_head,
+        m.n_kv_head,
+        mlp_hidden_size(m),
+        m.vocab_size,
+        m.context_length,
+        t.batch_size * t.grad_accum,
+    )
     return shape, sets
 
 
@@ -108,8 +123,16 @@ class ProbedTrainer(Trainer):
 
 def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
     # Evaluation and checkpoints happen only at the end and are not counted; the rest is keel's defaults.
-    config = load(None, sets + [f"train.max_steps={warmup + steps}", f"train.eval_every={warmup + steps}",
-                                f"train.checkpoint_every={warmup + steps}", "train.eval_batches=1"])
+    config = load(
+        None,
+        sets
+        + [
+            f"train.max_steps={warmup + steps}",
+            f"train.eval_every={warmup + steps}",
+            f"train.checkpoint_every={warmup + steps}",
+            "train.eval_batches=1",
+        ],
+    )
     if config.train.compile == "auto":
         # Decide as for a run of the default length, not for this short measurement (the compilation
         # itself falls into the warm-up steps).
@@ -121,24 +144,35 @@ def measure_keel(sets: list[str], warmup: int, steps: int) -> dict[str, object]:
         result = trainer.run()
         seconds = time.perf_counter() - trainer.step_starts[0] - sum(trainer.probe_spans[1:])
     if result.status != "finished":
-        sys.exit(f"keel stopped before its last step ({result.status} {result.diagnosis}), so its figures would be wrong")
+        sys.exit(
+            f"keel stopped before its last step ({result.status} {result.diagnosis}), so its figures would be wrong"
+        )
     timings = result.timings
     seconds -= timings.get("eval", 0.0) + timings.get("checkpoint", 0.0)
     tokens_per_step = config.train.batch_size * config.train.grad_accum * config.model.context_length
     step_seconds = trainer.step_seconds() or [seconds]
-    return {"tokens_per_s": tokens_per_step * steps / seconds, "tokens_per_step": tokens_per_step,
-            "step_seconds": step_seconds, "seconds": seconds, "final_loss": result.final_loss,
-            "timings": {k: timings.get(k, 0.0) for k in PHASES}, "dtype": str(trainer.dtype).removeprefix("torch."),
-            "flops_per_token": trainer.model.flops_per_token(), "params": trainer.model.num_params(),
-            "compiled": trainer.compiled, "probe_gflops": probe.rates}
+    return {
+        "tokens_per_s": tokens_per_step * steps / seconds,
+        "tokens_per_step": tokens_per_step,
+        "step_seconds": step_seconds,
+        "seconds": seconds,
+        "final_loss": result.final_loss,
+        "timings": {k: timings.get(k, 0.0) for k in PHASES},
+        "dtype": str(trainer.dtype).removeprefix("torch."),
+        "flops_per_token": trainer.model.flops_per_token(),
+        "params": trainer.model.num_params(),
+        "compiled": trainer.compiled,
+        "probe_gflops": probe.rates,
+    }
 
 
 def measure_peer(impl: str, shape: Shape, sets: list[str], warmup: int, steps: int) -> dict[str, object]:
     config = load(None, sets)
     torch.manual_seed(config.train.seed)
     if impl == "llama":
-        model, optimizer, dtype, flops = llama_peer(shape, config.model.rope_theta, config.model.norm_eps,
-                                                    config.model.tie_embeddings)
+        model, optimizer, dtype, flops = llama_peer(
+            shape, config.model.rope_theta, config.model.norm_eps, config.model.tie_embeddings
+        )
     else:
         model, optimizer, dtype, flops = nanogpt_peer(shape)
     tokens = open_data(Path(config.data.path)).tokens("train")
@@ -149,9 +183,13 @@ def measure_peer(impl: str, shape: Shape, sets: list[str], warmup: int, steps: i
 
     probe = GemmProbe(dtype)
     result = train_peer(model, optimizer, dtype, next_batch, steps, warmup, probe=probe)
-    return result | {"dtype": str(dtype).removeprefix("torch."), "flops_per_token": flops,
-                     "params": sum(p.numel() for p in model.parameters()), "compiled": False,
-                     "probe_gflops": probe.rates}
+    return result | {
+        "dtype": str(dtype).removeprefix("torch."),
+        "flops_per_token": flops,
+        "params": sum(p.numel() for p in model.parameters()),
+        "compiled": False,
+        "probe_gflops": probe.rates,
+    }
 
 
 def compute_dtype(impl: str, sets: list[str]) -> torch.dtype:
@@ -196,8 +234,10 @@ def print_machine() -> None:
     """The bench's first lines after the command: the CPU and its class, then the rest of the machine."""
     load_average = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print("cpu:", describe_cpu())
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"peers compute in {str(peer_dtype()).removeprefix('torch.')}, load average {load_average}")
+    print(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"peers compute in {str(peer_dtype()).removeprefix('torch.')}, load average {load_average}"
+    )
 
 
 def prepare_data() -> None:
@@ -215,8 +255,9 @@ def mfu(r: dict) -> float:
 def paired_mfu(r: dict) -> float:
     """The median over timed steps of each step's FLOP rate over the GEMM probe taken just before it."""
     flops_per_step = r["flops_per_token"] * r["tokens_per_step"]
-    return statistics.median(flops_per_step / seconds / (gflops * 1e9)
-                             for seconds, gflops in zip(r["step_seconds"], r["probe_gflops"]))
+    return statistics.median(
+        flops_per_step / seconds / (gflops * 1e9) for seconds, gflops in zip(r["step_seconds"], r["probe_gflops"])
+    )
 
 
 def percent(part: float, whole: float) -> str:
@@ -224,18 +265,26 @@ def percent(part: float, whole: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, context 128, batch 4 (~1 minute)")
-    parser.add_argument("--sizes", default=",".join(SIZES),
-                        help=f"comma-separated model sizes among {', '.join(SIZES)}")
-    parser.add_argument("--impls", default=",".join(IMPLS),
-                        help=f"comma-separated implementations among {', '.join(IMPLS)}")
+    parser.add_argument(
+        "--sizes", default=",".join(SIZES), help=f"comma-separated model sizes among {', '.join(SIZES)}"
+    )
+    parser.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma-separated implementations among {', '.join(IMPLS)}"
+    )
     parser.add_argument("--steps", type=int, help="timed steps per measurement (default 30, quick 4)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default 5, quick 2)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="keel config override, e.g. train.compile=false "
-                             "(repeatable; model.* keys reshape the peers too)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keel config override, e.g. train.compile=false (repeatable; model.* keys reshape the peers too)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement in a child process
     args = parser.parse_args()
     if args.worker:
@@ -259,45 +308,66 @@ def main() -> None:
 
     started = time.perf_counter()
     results: dict[tuple[str, str], dict] = {}
-    header = (f"{'size':<6} {'impl':<8} {'shape L/d/h/T/B':<17} {'params':>7} {'dtype':<8} {'tok/s':>7} {'mean':>7} "
-              f"{'MFU':>6} {'peak':>5} {'paired':>6} {'RSS MiB':>8} {'data':>6} {'fwd/bwd':>7} {'optim':>6} {'log':>6} "
-              f"{'other':>6} {'loss':>6}")
+    header = (
+        f"{'size':<6} {'impl':<8} {'shape L/d/h/T/B':<17} {'params':>7} {'dtype':<8} {'tok/s':>7} {'mean':>7} "
+        f"{'MFU':>6} {'peak':>5} {'paired':>6} {'RSS MiB':>8} {'data':>6} {'fwd/bwd':>7} {'optim':>6} {'log':>6} "
+        f"{'other':>6} {'loss':>6}"
+    )
     print(header)
     print("-" * len(header))
     for size in sizes:
         shape, sets = keel_shape(size, args.quick, args.overrides)
         for impl in impls:
-            job = {"impl": impl, "size": size, "shape": dataclasses.asdict(shape), "sets": sets,
-                   "warmup": warmup, "steps": steps, "gemm_seconds": plan["gemm_seconds"]}
+            job = {
+                "impl": impl,
+                "size": size,
+                "shape": dataclasses.asdict(shape),
+                "sets": sets,
+                "warmup": warmup,
+                "steps": steps,
+                "gemm_seconds": plan["gemm_seconds"],
+            }
             r = results[size, impl] = run_job(job)
             r["typical_tokens_per_s"] = r["tokens_per_step"] / statistics.median(r["step_seconds"])
             split = [r["timings"][k] for k in PHASES]
             name = impl + ("+c" if r["compiled"] else "")
             dims = f"{shape.n_layer}/{shape.d_model}/{shape.n_head}/{shape.context_length}/{shape.batch_size}"
-            print(f"{size:<6} {name:<8} {dims:<17} {r['params'] / 1e6:6.1f}M {r['dtype']:<8} "
-                  f"{r['typical_tokens_per_s']:7.0f} {r['tokens_per_s']:7.0f} {100 * mfu(r):5.1f}% "
-                  f"{r['gemm_peak']:5.0f} {100 * paired_mfu(r):5.1f}% {r['peak_rss_mib']:8.0f} "
-                  + " ".join(f"{percent(s, r['seconds']):>6}" for s in split)
-                  + f" {percent(r['seconds'] - sum(split), r['seconds']):>6} {r['final_loss']:6.3f}", flush=True)
-    print("\ntok/s = tokens per step / median step time, and 'mean' = tokens / total time: other processes on a "
-          "shared machine only ever slow steps down, so the median step is the one to compare (the GEMM peak is also "
-          "the best stretch, not the mean).\nMFU = flops_per_token x tok/s / peak, the best GFLOP/s of a 2048x2048 "
-          "GEMM in the dtype the run computes in (the dtype column), measured in the run's own process just before "
-          "and just after it trains (the better of the two); 'paired' = the median over timed steps of each step's "
-          "FLOP rate over a GEMM probe in the same dtype (best of three 2048x2048 matmuls) run just before that "
-          "step, off the clock, so that a slow stretch of the machine slows both; 'other' is step time outside the "
-          "four phases (supervisor, lr schedule, bookkeeping).")
+            print(
+                f"{size:<6} {name:<8} {dims:<17} {r['params'] / 1e6:6.1f}M {r['dtype']:<8} "
+                f"{r['typical_tokens_per_s']:7.0f} {r['tokens_per_s']:7.0f} {100 * mfu(r):5.1f}% "
+                f"{r['gemm_peak']:5.0f} {100 * paired_mfu(r):5.1f}% {r['peak_rss_mib']:8.0f} "
+                + " ".join(f"{percent(s, r['seconds']):>6}" for s in split)
+                + f" {percent(r['seconds'] - sum(split), r['seconds']):>6} {r['final_loss']:6.3f}",
+                flush=True,
+            )
+    print(
+        "\ntok/s = tokens per step / median step time, and 'mean' = tokens / total time: other processes on a "
+        "shared machine only ever slow steps down, so the median step is the one to compare (the GEMM peak is also "
+        "the best stretch, not the mean).\nMFU = flops_per_token x tok/s / peak, the best GFLOP/s of a 2048x2048 "
+        "GEMM in the dtype the run computes in (the dtype column), measured in the run's own process just before "
+        "and just after it trains (the better of the two); 'paired' = the median over timed steps of each step's "
+        "FLOP rate over a GEMM probe in the same dtype (best of three 2048x2048 matmuls) run just before that "
+        "step, off the clock, so that a slow stretch of the machine slows both; 'other' is step time outside the "
+        "four phases (supervisor, lr schedule, bookkeeping)."
+    )
 
     if "keel" in impls:
-        print("\nkeel against the peers, each in its own dtype (issue 4 targets for mid: >= 3.5x nanogpt, "
-              ">= 1.3x llama, >= 70% of the GEMM peak, data+logging < 3% of step time)")
+        print(
+            "\nkeel against the peers, each in its own dtype (issue 4 targets for mid: >= 3.5x nanogpt, "
+            ">= 1.3x llama, >= 70% of the GEMM peak, data+logging < 3% of step time)"
+        )
         for size in sizes:
             keel = results[size, "keel"]
-            ratios = [f"{keel['typical_tokens_per_s'] / results[size, peer]['typical_tokens_per_s']:.2f}x {peer}"
-                      for peer in impls if peer != "keel"]
+            ratios = [
+                f"{keel['typical_tokens_per_s'] / results[size, peer]['typical_tokens_per_s']:.2f}x {peer}"
+                for peer in impls
+                if peer != "keel"
+            ]
             data_log = sum(keel["timings"][k] for k in ("data", "logging")) / keel["seconds"]
-            print(f"  {size:<6} tokens/s {', '.join(ratios) or '(no peer run)'}; {100 * mfu(keel):.1f}% of the "
-                  f"{keel['dtype']} peak ({100 * paired_mfu(keel):.1f}% paired); data+logging {100 * data_log:.1f}%")
+            print(
+                f"  {size:<6} tokens/s {', '.join(ratios) or '(no peer run)'}; {100 * mfu(keel):.1f}% of the "
+                f"{keel['dtype']} peak ({100 * paired_mfu(keel):.1f}% paired); data+logging {100 * data_log:.1f}%"
+            )
     load_average = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now {load_average}")
 
