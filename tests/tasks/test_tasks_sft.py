@@ -1,5 +1,6 @@
 """SFT: packing that keeps examples apart, the end token inside the loss, step-wide normalisation, resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -148,3 +149,33 @@ def test_bad_fine_tuning_runs_are_refused_with_one_sentence(tiny_data, sft_data,
         "model.d_model",
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_data_of_another_tokenizer_than_the_init_run_is_refused(corpus_dir, base_run, tmp_path):
+    from keel.data import prepare
+
+    prepare([str(corpus_dir)], tmp_path / "other", vocab_size=300, val_fraction=0.2, progress=False)
+    lines = [json.dumps({"prompt": f"def f{i}():\n", "completion": f"    return {i}\n"}) for i in range(40)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(lines) + "\n")
+    prepare([str(tmp_path / "sft.jsonl")], tmp_path / "sft", tokenizer=str(tmp_path / "other"), progress=False)
+    result = keel(*tiny_train_args(tmp_path / "sft", tmp_path / "r", "task.kind=sft", f"init.from={base_run}"))
+    assert_user_error(result, "another tokenizer", f"--tokenizer {base_run}")
+    assert not (tmp_path / "r").exists()
+
+
+def test_keel_eval_reports_what_fits_each_task(sft_data, pref_data, base_run, tmp_path):
+    run(tmp_path / "sft", *sft_sets(sft_data, base_run, "train.max_steps=5"))
+    result = keel("eval", str(tmp_path / "sft"))
+    assert result.returncode == 0 and "completion loss" in result.stdout, result.stderr
+    run(
+        tmp_path / "dpo",
+        f"data.path={pref_data}",
+        "task.kind=dpo",
+        f"init.from={tmp_path / 'sft'}",
+        "train.max_steps=5",
+    )
+    result = keel("eval", str(tmp_path / "dpo"))
+    assert result.returncode == 0, result.stderr
+    for words in ("preference loss", "reward accuracy", "margin", "kl"):
+        assert words in result.stdout
+    assert_user_error(keel("eval", str(tmp_path / "dpo"), "--data", str(pref_data)), "--data")
