@@ -72,7 +72,7 @@ from tqdm import tqdm
 
 from keel.data.chat import ROLES, Piece, Template, add_chat_tokens, chat_pieces, encode_pieces, plain_pieces
 from keel.data.clean import Cleaner
-from keel.data.shards import FORMAT, MANIFEST_FILE, SPLITS, sha256_file, split_of, token_dtype
+from keel.data.shards import FORMAT, MANIFEST_FILE, SPLITS, sha256_file, split_of, token_dtype, verify_files
 from keel.data.sources import python_stdlib_files
 from keel.data.tokenizer import EOT, TOKENIZER_FILE, load_tokenizer
 from keel.errors import UserError
@@ -845,13 +845,7 @@ class ExampleData:
         return hashlib.sha256(json.dumps(self.manifest["files"], sort_keys=True).encode()).hexdigest()
 
     def verify(self) -> None:
-        """Recompute the sha256 of every file the manifest lists; raise UserError on a mismatch."""
-        for name, expected in self.manifest["files"].items():
-            path = self.path / name
-            if not path.is_file() or sha256_file(path) != expected:
-                raise UserError(
-                    f"{path} is missing or corrupted (sha256 mismatch); re-create {self.path} with keel prepare --force"
-                )
+        verify_files(self.path, self.manifest)
 
     def _file(self, split: str, name: str) -> Path:
         path = self.path / f"{split}.{name}.bin"

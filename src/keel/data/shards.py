@@ -125,13 +125,17 @@ class TokenData:
         return f"{self.path}'s {split} split"
 
     def verify(self) -> None:
-        """Recompute the sha256 of every file the manifest lists; raise UserError on a mismatch."""
-        for name, expected in self.manifest["files"].items():
-            path = self.path / name
-            if not path.is_file() or sha256_file(path) != expected:
-                raise UserError(
-                    f"{path} is missing or corrupted (sha256 mismatch); re-create {self.path} with keel prepare --force"
-                )
+        verify_files(self.path, self.manifest)
+
+
+def verify_files(data_dir: Path, manifest: dict) -> None:
+    """Recompute the sha256 of every file the manifest lists; raise UserError on a mismatch."""
+    for name, expected in manifest["files"].items():
+        path = data_dir / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise UserError(
+                f"{path} is missing or corrupted (sha256 mismatch); re-create {data_dir} with keel prepare --force"
+            )
 
 
 def open_data(data_dir: Path) -> TokenData:
