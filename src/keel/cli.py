@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     kind = [f"task.kind={args.task}"] if getattr(args, "task", None) else []
     config = config_lib.load(args.config, kind + args.set)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config, args.config)
-    return launch(config, run_dir)
+    return launch(config, run_dir, new_data=args.new_data)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -244,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-3"
         )
         p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
+        p.add_argument(
+            "--new-data",
+            action="store_true",
+            help="resume on other data or another tokenizer on purpose (refused otherwise)",
+        )
         p.set_defaults(func=cmd_train, task=task)
 
     p = sub.add_parser("sample", help="generate text from a trained run")

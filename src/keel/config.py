@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -165,6 +166,11 @@ class TrainConfig:
         "auto",
         "true | false | auto: torch.compile the model (auto: when the run has at least 500 steps and, "
         "under train.max_minutes, 4 minutes to go, enough to repay the compilation).",
+    )
+    deterministic: bool = opt(
+        True,
+        "Use deterministic kernels, so a resumed or repeated run matches the uninterrupted one bit for bit on "
+        "the same machine, compiled or not (false: a little faster on a GPU, equal only to rounding).",
     )
     activation_checkpointing: bool = opt(
         False,
@@ -369,13 +375,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # No setting means "unbounded" by inf (0 does where it can): nan or inf is always a slip.
+            if not math.isfinite(number):
+                raise UserError(f"config key {key} must be a finite number, got {value!r}.")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -475,6 +487,11 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise UserError(f"config file {path} is not valid YAML{where}; fix its syntax.") from None
+        if not isinstance(raw, dict):
+            raise UserError(
+                f"config file {path} holds a {type(raw).__name__}, not a mapping of sections; "
+                "write it as `section:` lines with `key: value` under each, as `keel config` lists them."
+            )
     return from_dict(_merge(raw, parse_overrides(overrides or [])))
 
 

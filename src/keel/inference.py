@@ -60,8 +60,7 @@ def sample(
     seed: int = 0,
 ) -> str:
     """Continue `prompt`; the returned text includes the prompt."""
-    if temperature < 0 or max_new_tokens <= 0:
-        raise UserError("--temperature must be >= 0 and --max-new-tokens positive.")
+    check_sampling(temperature, max_new_tokens, top_p)
     eot = run.tokenizer.token_to_id("<|endoftext|>")
     ids = [eot] + run.tokenizer.encode(prompt).ids  # a document starts after end-of-text in training
     ids = ids[-run.config.model.context_length + 1 :]
@@ -112,6 +111,16 @@ def fit_history(tokenizer: Tokenizer, messages: list[Message], context_length: i
     return messages[:num_system] + messages[start:]
 
 
+def check_sampling(temperature: float, max_new_tokens: int, top_p: float | None) -> None:
+    """One sentence for sampling settings that cannot work (nan passes every comparison, so test it)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}.")
+    if max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be within (0, 1], got {top_p}.")
+
+
 def chat_reply(
     run: LoadedRun,
     messages: list[Message],
@@ -130,8 +139,7 @@ def chat_reply(
     template = chat_template(run)
     context_length = run.config.model.context_length
     max_new_tokens = context_length // 2 if max_new_tokens is None else max_new_tokens
-    if temperature < 0 or max_new_tokens <= 0:
-        raise UserError("--temperature must be >= 0 and --max-new-tokens positive.")
+    check_sampling(temperature, max_new_tokens, top_p)
     history = fit_history(run.tokenizer, messages, context_length, max_new_tokens)
     ids, _ = render(run.tokenizer, history, add_generation_prompt=True)
     generator = torch.Generator(device=run.device).manual_seed(seed)
@@ -173,14 +181,14 @@ def evaluate_run(run: LoadedRun, data_dir: Path | None = None, max_batches: int 
         )
     tokens = data.tokens("val")
     context, batch = run.config.model.context_length, run.config.train.batch_size
-    num_batches = max_batches or max(1, (len(tokens) - 1) // (context * batch))
+    num_windows = (len(tokens) - 1) // context
+    num_batches = max_batches or max(1, -(-num_windows // batch))  # every whole window
     batches = eval_batches(tokens, context, batch, num_batches, split_name=data.split_name("val"))
     loss = mean_token_loss(run.model, ({"inputs": x, "targets": y} for x, y in batches), run.device, run.dtype)
     split = data.manifest["splits"]["val"]
     bytes_per_token = split["bytes"] / split["tokens"]
-    return EvalResult(
-        loss, math.exp(loss), loss / math.log(2) / bytes_per_token, min(num_batches * batch * context, len(tokens))
-    )
+    num_tokens = min(num_windows, num_batches * batch) * context
+    return EvalResult(loss, math.exp(loss), loss / math.log(2) / bytes_per_token, num_tokens)
 
 
 def evaluate_task(run: LoadedRun) -> dict[str, float]:

@@ -189,13 +189,16 @@ def eval_batches(
     """Up to `num_batches` (x, y) batches of consecutive windows from the start of the split.
 
     Always the same windows, so evaluations at different steps (and in different runs on
-    the same data) are comparable; fewer batches if the split is short.
+    the same data) are comparable. A short split gives the windows it has: fewer batches, the
+    last one possibly smaller than batch_size; one window is the least it must hold.
     """
     assert num_batches >= 1
-    num_windows = _count_windows(len(tokens), context_length, batch_size, len(tokens) - 1, split_name)
-    num_batches = min(num_batches, num_windows // batch_size)
-    window_starts = np.arange(num_batches * batch_size, dtype=np.int64) * context_length
-    return (_windows(tokens, starts, context_length) for starts in np.split(window_starts, num_batches))
+    num_windows = _count_windows(len(tokens), context_length, 1, len(tokens) - 1, split_name)
+    window_starts = np.arange(min(num_windows, num_batches * batch_size), dtype=np.int64) * context_length
+    return (
+        _windows(tokens, window_starts[i : i + batch_size], context_length)
+        for i in range(0, len(window_starts), batch_size)
+    )
 
 
 def _count_windows(num_tokens: int, context_length: int, batch_size: int, usable: int, split_name: str) -> int:
@@ -204,7 +207,7 @@ def _count_windows(num_tokens: int, context_length: int, batch_size: int, usable
     if num_windows < batch_size:
         raise UserError(
             f"context_length {context_length} is too long for {split_name} ({num_tokens} tokens make {num_windows} "
-            f"windows, fewer than batch_size {batch_size}); lower model.context_length or train.batch_size, "
+            f"windows, fewer than {batch_size}); lower model.context_length or train.batch_size, "
             "or prepare more data"
         )
     return num_windows

@@ -1,14 +1,19 @@
 """The run directory: the resolved config and tokenizer that make a run self-describing.
 
-`runs/<name>/` holds `config.yaml`, `tokenizer.json`, `checkpoints/`, `logbook.jsonl` and
-`heartbeat.json`; metrics and events live in the registry.
+`runs/<name>/` holds `config.yaml`, `tokenizer.json`, `checkpoints/`, `logbook.jsonl`,
+`heartbeat.json` and `keel.lock`; metrics and events live in the registry. keel only ever writes into
+a directory that is new, empty, or one of its own runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from keel import config as config_lib
@@ -18,6 +23,7 @@ from keel.data.examples import open_examples
 from keel.errors import UserError
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = "keel.lock"
 TOKENIZER_FILE = "tokenizer.json"
 LOGBOOK_FILE = "logbook.jsonl"
 
@@ -31,12 +37,24 @@ def has_checkpoints(run_dir: Path) -> bool:
     return any(p.name.startswith("step_") for p in (run_dir / "checkpoints").glob("step_*"))
 
 
-def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
-    """Resolve the config against its data, refuse an incompatible resume, write config + tokenizer.
+def is_run_dir(run_dir: Path) -> bool:
+    """Whether keel wrote this directory: its lock file, or (from before the lock) config + checkpoints/logbook."""
+    run_dir = Path(run_dir)
+    if (run_dir / LOCK_FILE).is_file():
+        return True
+    return (run_dir / CONFIG_FILE).is_file() and (
+        (run_dir / "checkpoints").is_dir() or (run_dir / LOGBOOK_FILE).is_file()
+    )
 
-    Returns the resolved config (name and vocab size filled in). Only the model shape and the optimizer must
-    match an existing run: changing e.g. train.max_steps to extend a run is allowed.
+
+def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> RunConfig:
+    """The config resolved against its data (name and vocab size filled in), or a UserError when it
+    cannot train in run_dir. Reads only: a refused command leaves nothing behind.
+
+    Only the model shape, the optimizer and the data must match an existing run: changing e.g.
+    train.max_steps to extend a run is allowed, and so is other data when new_data says so.
     """
+    _check_run_dir(run_dir, Path(config.data.path))
     data = open_task_data(config)
     model = init_model_config(config) if config.init.from_ else config.model
     if model.vocab_size == 0:
@@ -69,12 +87,117 @@ def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
                 f"not {resolved.optim.optimizer}; "
                 "resume it with the same optimizer or use a new --run-dir."
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{CONFIG_FILE}.tmp"
-    config_lib.save(resolved, tmp)
-    os.replace(tmp, run_dir / CONFIG_FILE)
-    shutil.copyfile(Path(config.data.path) / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+        if not new_data:
+            _check_same_data(run_dir, Path(config.data.path))
     return resolved
+
+
+def write_run_dir(config: RunConfig, run_dir: Path) -> None:
+    """Write the resolved config and the data's tokenizer into run_dir (which must exist)."""
+    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    config_lib.save(config, tmp)
+    os.replace(tmp, run_dir / CONFIG_FILE)
+    tmp = run_dir / f".{TOKENIZER_FILE}.tmp"
+    shutil.copyfile(Path(config.data.path) / TOKENIZER_FILE, tmp)
+    os.replace(tmp, run_dir / TOKENIZER_FILE)
+
+
+def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
+    """resolve_run + write_run_dir, for training in this process (tests, benches); `keel train`
+    also claims the directory in between (`claim_run_dir`)."""
+    resolved = resolve_run(config, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_dir(resolved, run_dir)
+    return resolved
+
+
+def _check_run_dir(run_dir: Path, data_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file, not a directory; pass a directory for the run.")
+    if run_dir.exists() and data_dir.exists() and run_dir.resolve() == data_dir.resolve():
+        raise UserError(f"--run-dir {run_dir} is the data directory; pass another directory for the run.")
+    if run_dir.is_dir() and not is_run_dir(run_dir):
+        theirs = sorted(p.name for p in run_dir.iterdir())
+        if theirs:
+            raise UserError(
+                f"--run-dir {run_dir} already holds files keel did not write ({', '.join(theirs[:3])}"
+                f"{', ...' if len(theirs) > 3 else ''}); pass a new or empty directory."
+            )
+
+
+def data_identity(data_dir: Path) -> str:
+    """sha256 of the data directory's manifest, which lists every file's own sha256: same data, same identity."""
+    return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def _check_same_data(run_dir: Path, data_dir: Path) -> None:
+    """Resuming on other data or another tokenizer is refused: the run would silently become another run."""
+    ours, theirs = run_dir / TOKENIZER_FILE, data_dir / TOKENIZER_FILE
+    if ours.is_file() and json.loads(ours.read_text()) != json.loads(theirs.read_text()):
+        raise UserError(
+            f"{data_dir} was tokenized with another tokenizer than the run in {run_dir}; resume on the run's own "
+            "data, or pass --new-data to switch on purpose."
+        )
+    from keel.train import checkpoint as ckpt
+
+    latest = ckpt.list_checkpoints(run_dir)
+    try:
+        recorded = json.loads((latest[-1] / ckpt.META).read_text()).get("data_identity")
+    except (OSError, ValueError, AttributeError):
+        recorded = None  # a damaged checkpoint is passed over when loaded; the tokenizer check still held
+    if recorded is not None and recorded != data_identity(data_dir):
+        raise UserError(
+            f"{data_dir} is not the data the run in {run_dir} was trained on; resume on the same data, "
+            "or pass --new-data to continue on this data on purpose."
+        )
+
+
+class RunClaim:
+    """The OS lock that makes one `keel train` the owner of a run directory while it lives.
+
+    flock on RUN_DIR/keel.lock: the kernel releases it when the last process holding the descriptor
+    exits, however it exits, so a crash never leaves a stale lock; the PID written inside only names
+    the owner in messages. `previous_owner` is the PID of an owner that died without releasing.
+    """
+
+    def __init__(self, run_dir: Path):
+        path = Path(run_dir) / LOCK_FILE
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner_of(self.fd, Path(run_dir))
+            os.close(self.fd)
+            raise UserError(
+                f"{run_dir} is in use by another keel train ({owner}); stop it first or pass another --run-dir."
+            ) from None
+        self.previous_owner = _read_pid(self.fd)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode(), 0)
+
+    def release(self) -> None:
+        os.ftruncate(self.fd, 0)  # an empty lock file: ended cleanly, nobody to take over from
+        os.close(self.fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(json.loads(os.pread(fd, 4096, 0))["pid"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _owner_of(fd: int, run_dir: Path) -> str:
+    """'PID 123, trainer PID 456' for the message that refuses a second owner."""
+    pid = _read_pid(fd)
+    parts = [f"PID {pid}" if pid else "PID unknown"]
+    try:
+        trainer = json.loads((run_dir / "heartbeat.json").read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        trainer = None
+    if trainer and trainer != pid:
+        parts.append(f"trainer PID {trainer}")
+    return ", ".join(parts)
 
 
 DATA_KIND = {"pretrain": None, "sft": "sft", "dpo": "pref"}  # the data each task.kind trains on

@@ -9,12 +9,16 @@ The child (`python -m keel.train.worker RUN_DIR`) owes the watchdog three things
 - an exit code: 0 finished or cleanly stopped, `EXIT_USER_ERROR` or `EXIT_STOPPED_BY_SUPERVISOR`
   (a restart cannot help); anything else, or death by a signal, is a crash worth a restart.
 
-Stopping. The child runs in the watchdog's process group, so Ctrl-C on the terminal sends SIGINT
-to both: the trainer checkpoints and exits, and the watchdog only notes that the user asked to
-stop and never restarts afterwards. SIGINT is therefore never forwarded (the child would see it
-twice, and the trainer takes a second signal as "stop now, skip the checkpoint"); SIGTERM is
-what `kill PID` and container runtimes send to the watchdog alone, so each one is forwarded.
+Stopping. Every SIGINT and SIGTERM the watchdog receives is forwarded to the child, which
+checkpoints and exits; the watchdog notes that someone asked to stop and never restarts afterwards.
+`kill -INT PID` or `kill PID` reach the watchdog alone, so forwarding is what stops the trainer.
+Ctrl-C on the terminal reaches both processes (one process group) and the child gets it twice
+within a moment: the trainer takes a repeat within 2 s as the same request, not as "stop now".
 A child that dies of SIGINT or SIGTERM was asked to stop by someone and is not restarted either.
+
+Ownership. `pass_fds` hands the child the descriptor of the run directory's lock, so the lock stays
+held while either process lives. The child asks the kernel for SIGTERM when the watchdog dies
+(Linux), so a SIGKILLed watchdog cannot leave a trainer training on in the background.
 
 Events (logbook entries) carry `downtime_seconds`: on a fault, the time from the trainer's last
 sign of life to the moment it was found dead or hung; on a restart, the backoff waited. Their sum
@@ -42,6 +46,7 @@ EXIT_USER_ERROR = 2
 EXIT_STOPPED_BY_SUPERVISOR = 3
 HEARTBEAT_FILE = "heartbeat.json"
 RESTART_ENV = "KEEL_RESTART"
+WATCHDOG_PID_ENV = "KEEL_WATCHDOG_PID"  # the child stops when its parent is no longer this process
 
 _CHECKPOINT_DIR = re.compile(r"step_(\d+)")  # `.tmp-*` directories are unfinished and never match
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -72,6 +77,7 @@ def run_watchdog(
     config: WatchdogConfig,
     on_event: Callable[[dict], None] | None = None,
     env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> int:
     """Run argv until it finishes, restarting it after crashes and hangs; returns the exit code.
 
@@ -89,7 +95,7 @@ def run_watchdog(
     with stop:
         while True:
             checkpoint_before = newest_checkpoint_step(run_dir)
-            segment = _run_segment(argv, run_dir, config, restart, env, stop, poll_s)
+            segment = _run_segment(argv, run_dir, config, restart, env, stop, poll_s, pass_fds)
             code = segment.returncode if segment.returncode >= 0 else 128 - segment.returncode
             stop.report()
             if stop.requested or segment.returncode in (
@@ -183,12 +189,14 @@ def _run_segment(
     env: dict[str, str] | None,
     stop: _StopRequests,
     poll_s: float,
+    pass_fds: tuple[int, ...],
 ) -> _Segment:
     """Start the child once and watch it until it exits or its heartbeat goes stale."""
     heartbeat = _Heartbeat(run_dir / HEARTBEAT_FILE)
     forwarded = 0
+    child_env = {**(os.environ if env is None else env), RESTART_ENV: str(restart), WATCHDOG_PID_ENV: str(os.getpid())}
     # Same process group as ours (no new session): Ctrl-C on the terminal reaches the child directly.
-    child = subprocess.Popen(argv, env={**(os.environ if env is None else env), RESTART_ENV: str(restart)})
+    child = subprocess.Popen(argv, env=child_env, pass_fds=pass_fds)
     try:
         while True:
             try:
@@ -198,9 +206,9 @@ def _run_segment(
             except subprocess.TimeoutExpired:
                 pass
             stop.report()
-            for _ in range(stop.sigterms - forwarded):
-                child.send_signal(signal.SIGTERM)
-            forwarded = stop.sigterms
+            for signum in stop.signals[forwarded:]:
+                child.send_signal(signum)
+            forwarded = len(stop.signals)
             heartbeat.poll()
             silent_s = time.monotonic() - heartbeat.last_life
             if silent_s > config.hang_timeout_s:
@@ -261,10 +269,6 @@ class _StopRequests:
     @property
     def requested(self) -> bool:
         return bool(self.signals)
-
-    @property
-    def sigterms(self) -> int:
-        return self.signals.count(signal.SIGTERM)
 
     def report(self) -> None:
         """Log the first stop request once."""

@@ -6,17 +6,24 @@
 - `spike@S`: multiply the loss of the step on batch S (and so its gradients) by 100, once per process;
 - `hang@S`: stop making progress (sleep forever) after step S, only in the first process of a
   run (KEEL_RESTART unset or 0), so the watchdog's restart can get past it.
+- `diskfull@S`: from step S on, the process cannot write a file past 64 KiB (RLIMIT_FSIZE: the
+  kernel fails the write with EFBIG, as a full disk fails it with ENOSPC), only in the first process
+  of a run, so a restart finds room again; checkpoints fail, small files (heartbeat) still work.
 `keel chaos` and the tests use it to prove the supervisor and watchdog repair these faults.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import time
 
 import torch
 
 from keel.errors import UserError
+
+DISK_FULL_BYTES = 64 * 1024
 
 
 class Faults:
@@ -24,15 +31,20 @@ class Faults:
         self.nan_batches: set[int] = set()
         self.spike_batches: set[int] = set()
         self.hang_steps: set[int] = set()
+        self.disk_full_step: int | None = None
         self.segment = segment
         for item in filter(None, (part.strip() for part in spec.split(","))):
             kind, _, step = item.partition("@")
-            steps = {"nan": self.nan_batches, "spike": self.spike_batches, "hang": self.hang_steps}
+            steps = {"nan": self.nan_batches, "spike": self.spike_batches, "hang": self.hang_steps, "diskfull": None}
             if kind not in steps or not step.isdigit():
                 raise UserError(
-                    f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP or hang@STEP; fix or unset KEEL_FAULTS."
+                    f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP, hang@STEP or diskfull@STEP; "
+                    "fix or unset KEEL_FAULTS."
                 )
-            steps[kind].add(int(step))
+            if kind == "diskfull":
+                self.disk_full_step = int(step)
+            else:
+                steps[kind].add(int(step))
 
     @classmethod
     def from_env(cls) -> "Faults":
@@ -53,3 +65,9 @@ class Faults:
         if self.segment == 0 and step in self.hang_steps:
             while True:
                 time.sleep(3600)
+
+    def maybe_fill_disk(self, step: int) -> None:
+        if self.segment == 0 and self.disk_full_step is not None and step >= self.disk_full_step:
+            self.disk_full_step = None
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not death by signal
+            resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL_BYTES, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

@@ -1,4 +1,4 @@
-"""`keel train`: resolve the run directory, then run the trainer process under the watchdog."""
+"""`keel train`: claim the run directory, then run the trainer process under the watchdog."""
 
 from __future__ import annotations
 
@@ -7,27 +7,59 @@ from pathlib import Path
 
 from keel.config import RunConfig
 from keel.runs.registry import Registry
-from keel.runs.rundir import LOGBOOK_FILE, init_run_dir
+from keel.runs.rundir import LOGBOOK_FILE, RunClaim, resolve_run, write_run_dir
 from keel.supervisor.logbook import Logbook
 from keel.supervisor.watchdog import run_watchdog
 
 
-def launch(config: RunConfig, run_dir: Path) -> int:
-    """Train or resume the run in run_dir; returns the process exit code."""
-    config = init_run_dir(config, run_dir)
-    registry = Registry()
+def launch(config: RunConfig, run_dir: Path, new_data: bool = False) -> int:
+    """Train or resume the run in run_dir; returns the process exit code.
 
-    def record(entry: dict) -> None:
-        print(f"watchdog: {entry['message']}", file=sys.stderr)
-        logbook.write(entry.get("step") or 0, entry["kind"], entry["name"], entry["message"], entry.get("evidence", {}))
+    Everything is checked before anything is written; the directory is then this process's (and its
+    trainer's) until both have exited. new_data: resume on other data or another tokenizer on purpose.
+    """
+    config = resolve_run(config, run_dir, new_data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    claim = RunClaim(run_dir)
+    try:
+        registry = Registry()
 
-    def mirror(entry: dict) -> None:
-        registry.log_event(config.name, entry.get("step"), entry["kind"], entry["message"], entry)
+        def record(entry: dict) -> None:
+            print(f"watchdog: {entry['message']}", file=sys.stderr)
+            logbook.write(
+                entry.get("step") or 0, entry["kind"], entry["name"], entry["message"], entry.get("evidence", {})
+            )
 
-    logbook = Logbook(run_dir / LOGBOOK_FILE, mirror=mirror)
-    argv = [sys.executable, "-m", "keel.train.worker", str(run_dir)]
-    code = run_watchdog(argv, run_dir, config.watchdog, on_event=record)
-    run = registry.get_run(config.name)
-    if code != 0 and run and run["status"] == "running":  # the trainer died without saying how it ended
-        registry.update_run(config.name, status="failed")
-    return code
+        def mirror(entry: dict) -> None:
+            registry.log_event(config.name, entry.get("step"), entry["kind"], entry["message"], entry)
+
+        logbook = Logbook(run_dir / LOGBOOK_FILE, mirror=mirror)
+        if claim.previous_owner is not None:
+            record(
+                {
+                    "kind": "info",
+                    "name": "took_over",
+                    "message": f"took over {run_dir} from PID {claim.previous_owner}, which ended without releasing "
+                    "it.",
+                    "evidence": {"previous_pid": claim.previous_owner},
+                }
+            )
+        if new_data:
+            record(
+                {
+                    "kind": "info",
+                    "name": "new_data",
+                    "message": f"resumed on {config.data.path} as asked (--new-data), whatever the run trained on "
+                    "before.",
+                    "evidence": {"data": str(config.data.path)},
+                }
+            )
+        write_run_dir(config, run_dir)
+        argv = [sys.executable, "-m", "keel.train.worker", str(run_dir)]
+        code = run_watchdog(argv, run_dir, config.watchdog, on_event=record, pass_fds=(claim.fd,))
+        run = registry.get_run(config.name)
+        if code != 0 and run and run["status"] == "running":  # the trainer died without saying how it ended
+            registry.update_run(config.name, status="failed")
+        return code
+    finally:
+        claim.release()

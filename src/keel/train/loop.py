@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,9 +32,10 @@ import torch
 from tqdm import tqdm
 
 from keel.config import RunConfig, TrainConfig
+from keel.errors import UserError
 from keel.models.memory import apply_activation_checkpointing
 from keel.runs.registry import Registry
-from keel.runs.rundir import LOGBOOK_FILE
+from keel.runs.rundir import LOGBOOK_FILE, data_identity
 from keel.supervisor.logbook import Logbook
 from keel.supervisor.monitors import StepRecord
 from keel.supervisor.policy import Action, Supervisor
@@ -43,7 +45,14 @@ from keel.tasks.base import ACT_NORM, LOGIT_NORM, step_weights
 from keel.train import checkpoint as ckpt
 from keel.train.faults import Faults
 from keel.train.optim import build_optimizer, lr_at, reset_moments, step_unless
-from keel.train.precision import autocast, grad_scaler, keep_freed_memory, pick_device, pick_dtype
+from keel.train.precision import (
+    autocast,
+    grad_scaler,
+    keep_freed_memory,
+    pick_device,
+    pick_dtype,
+    use_deterministic_kernels,
+)
 
 
 @dataclass
@@ -125,6 +134,7 @@ class Trainer:
         self.dtype = pick_dtype(t.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
+        use_deterministic_kernels(t.deterministic)
         self.task = build_task(
             config, self.run_dir, self.device, self.dtype, heartbeat=lambda: write_heartbeat(self.run_dir, 0)
         )
@@ -133,9 +143,12 @@ class Trainer:
             apply_activation_checkpointing(self.model)
         # The task's loss is compiled as a whole (trunk, head and statistics in one graph); the
         # parameters and checkpoints are those of the plain module either way.
-        self.compiled = should_compile(t, _latest_step(self.run_dir) or 0, self.device)
+        latest = ckpt.list_checkpoints(self.run_dir)
+        started = _read_meta(latest[-1]).get("compiled") if latest else None
+        self.compiled = should_compile(t, ckpt.checkpoint_step(latest[-1]) if latest else 0, self.device, started)
         self.loss_fn = torch.compile(self.task.loss) if self.compiled else self.task.loss
         self.optimizer = build_optimizer(self.model, config.optim)
+        self.data_identity = data_identity(Path(config.data.path))
         self.scaler = grad_scaler(self.device, self.dtype)
         self.state = LoopState(grad_clip=config.optim.grad_clip)
         self.segment = registry.start_run(config.name, str(run_dir), config.to_dict()) if registry else 0
@@ -149,6 +162,8 @@ class Trainer:
         self.timer = _Timer()
         self.pending_metrics: list[tuple[int, dict[str, float]]] = []
         self.stop_signal: str | None = None
+        self.checkpoint_failures = 0  # in a row
+        self.halt: str | None = None  # why the run must stop although nothing is wrong with the training
         self.steps_applied = 0  # optimizer steps applied by this process (rollbacks do not undo the work)
         self.tokens_applied = 0  # and the tokens they trained on
         self.start_time = time.perf_counter()
@@ -216,37 +231,102 @@ class Trainer:
             "tokens": self.state.tokens,
             "val_loss": val_loss,
             "healthy": healthy,
+            "data_identity": self.data_identity,  # a resume on other data is refused (runs.rundir)
+            "compiled": self.compiled,  # a resume keeps it: a run that changed kernels midway would not repeat
             "time": time.time(),
             "config": self.config.to_dict(),
         }
-        path = ckpt.save_checkpoint(
-            self.run_dir, self.state.step, self.model, train_state, meta, keep_last=self.config.train.keep_checkpoints
-        )
+        try:
+            path = ckpt.save_checkpoint(
+                self.run_dir,
+                self.state.step,
+                self.model,
+                train_state,
+                meta,
+                keep_last=self.config.train.keep_checkpoints,
+            )
+        except OSError as err:
+            self._checkpoint_failed(err)
+            return
+        self.checkpoint_failures = 0
         if self.registry is not None:
             self.registry.log_checkpoint(self.config.name, self.state.step, str(path), val_loss)
 
-    def restore(self, before_step: int | None = None) -> bool:
-        """Load the newest good checkpoint (older than before_step); say which ones were bad."""
-        path, bad = ckpt.find_latest_good(self.run_dir, before_step=before_step, healthy_only=before_step is not None)
-        for bad_path, reason in bad:
-            self.logbook.write(
-                self.state.step,
-                "fault",
-                "corrupt_checkpoint",
-                f"checkpoint {bad_path.name} is unusable ({reason}); falling back to an older one.",
-                {"checkpoint": bad_path.name, "reason": reason},
+    def _checkpoint_failed(self, err: OSError) -> None:
+        """A checkpoint that cannot be written (disk full, no permission, quota) leaves the earlier
+        ones intact (written elsewhere, renamed into place only when complete); training goes on
+        and the next checkpoint tries again. CHECKPOINT_FAILURES_TO_STOP failures in a row stop the
+        run cleanly: training on with nowhere to save would only make the loss on a crash larger."""
+        self.checkpoint_failures += 1
+        why = err.strerror or str(err)
+        step, last = self.state.step, _latest_step(self.run_dir)
+        stopping = self.checkpoint_failures >= CHECKPOINT_FAILURES_TO_STOP
+        then = "the run stops" if stopping else "training goes on and the next checkpoint tries again"
+        message = (
+            f"checkpoint at step {step} could not be written ({why}); the checkpoints before it are intact "
+            f"(newest: step {last}), {then}."
+        )
+        print(f"trainer: {message}", file=sys.stderr)
+        try:
+            self.logbook.write(step, "fault", "checkpoint_failed", message, {"error": why, "errno": err.errno})
+        except OSError:
+            pass  # the logbook is on the same full disk; stderr has the message
+        if stopping:
+            self.halt = (
+                f"{self.checkpoint_failures} checkpoints in a row could not be written ({why}); free space "
+                f"(or fix permissions) under {self.run_dir} and run the same command to resume from step {last}"
             )
-        if path is None:
-            return False
+
+    def restore(self, before_step: int | None = None) -> bool:
+        """Load the newest good checkpoint (older than before_step); say which ones were bad.
+
+        A checkpoint counts as bad when its files do not match their manifest and equally when they
+        match but do not load (state from another keel version, a file damaged before it was
+        checksummed): the next older one is tried. Returns False when there is none to load; on the
+        first start of a process that is an error if checkpoints exist, lest the run start over.
+        """
+        rollback, below, bad_ones = before_step is not None, before_step, 0
+        while True:
+            path, bad = ckpt.find_latest_good(self.run_dir, before_step=below, healthy_only=rollback)
+            for bad_path, reason in bad:
+                self._log_bad_checkpoint(bad_path, reason)
+            bad_ones += len(bad)
+            if path is None:
+                break
+            try:
+                self._load(path)
+                return True
+            except Exception as err:  # noqa: BLE001 - whatever stops a checkpoint loading makes it bad
+                first_line = (str(err).splitlines() or [""])[0][:200]
+                self._log_bad_checkpoint(path, f"does not load: {type(err).__name__}: {first_line}")
+                bad_ones += 1
+                below = ckpt.checkpoint_step(path)  # and look further back
+        if bad_ones and not rollback:  # starting over would silently throw the run away
+            raise UserError(
+                f"no checkpoint in {self.run_dir / 'checkpoints'} loads (the logbook says why); "
+                "restore them from a backup, or start again in a new --run-dir."
+            )
+        return False
+
+    def _load(self, path: Path) -> None:
         train_state, _ = ckpt.load_checkpoint(path, self.model, self.device)
         self.optimizer.load_state_dict(train_state["optimizer"])
         self.scaler.load_state_dict(train_state["scaler"])
-        self.state = LoopState(**train_state["loop"])
+        state = LoopState(**train_state["loop"])
         if self.supervisor and train_state["supervisor"]:
             self.supervisor.load_state_dict(train_state["supervisor"])
         self.task.load_state_dict(train_state.get("task", {}))
         ckpt.restore_rng_state(train_state["rng"])
-        return True
+        self.state = state
+
+    def _log_bad_checkpoint(self, path: Path, reason: str) -> None:
+        self.logbook.write(
+            self.state.step,
+            "fault",
+            "corrupt_checkpoint",
+            f"checkpoint {path.name} is unusable ({reason}); falling back to an older one.",
+            {"checkpoint": path.name, "reason": reason},
+        )
 
     # -- supervisor actions -----------------------------------------------------------------
 
@@ -439,6 +519,7 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         launched = None
                     self.faults.maybe_hang(self.state.step)
+                    self.faults.maybe_fill_disk(self.state.step)
                     if stop_reason:
                         status, diagnosis = "stopped_by_supervisor", stop_reason
                         break
@@ -456,6 +537,9 @@ class Trainer:
                     if not skip and (step % t.checkpoint_every == 0 or last):
                         with self.timer("checkpoint"):
                             self.save(val_loss if step % t.eval_every == 0 or last else None)
+                        if self.halt:
+                            status, diagnosis = "stopped_by_supervisor", self.halt
+                            break
                     with self.timer("logging"):
                         if len(self.pending_metrics) >= t.log_every:
                             self.flush_metrics()
@@ -481,7 +565,7 @@ class Trainer:
                 elif self.state.step >= step_limit:
                     break
         bar.close()
-        if _latest_step(self.run_dir) != self.state.step:
+        if _latest_step(self.run_dir) != self.state.step and not self.halt:
             self.save()  # a stop between checkpoints loses nothing
         self.flush_metrics()
         seconds = time.perf_counter() - self.start_time
@@ -542,14 +626,25 @@ class Trainer:
         self.pending_metrics.clear()
 
 
+CHECKPOINT_FAILURES_TO_STOP = 3
+
 # Compiling the model takes ~40 s on a 2-core CPU (~4 s from the warm cache) and makes a step about a
 # fifth faster (README), so it pays for itself after a few hundred steps, or a few minutes.
 COMPILE_MIN_STEPS = 500
 COMPILE_MIN_MINUTES = 4.0
 
 
-def should_compile(train: TrainConfig, start_step: int, device: torch.device) -> bool:
-    """train.compile, with auto deciding by the length of the run still to go and by what the machine has."""
+def should_compile(
+    train: TrainConfig, start_step: int, device: torch.device, started_compiled: bool | None = None
+) -> bool:
+    """train.compile, with auto deciding by the length of the run still to go and by what the machine has.
+
+    A resumed run under auto keeps the decision its run started with (started_compiled, from the
+    checkpoint): compiled and eager kernels round differently, so switching midway would end in
+    other weights than the uninterrupted run.
+    """
+    if train.compile == "auto" and started_compiled is not None:
+        return started_compiled and can_compile(device)
     if train.compile == "auto":
         steps_enough = not train.max_steps or train.max_steps - start_step >= COMPILE_MIN_STEPS
         time_enough = not train.max_minutes or train.max_minutes >= COMPILE_MIN_MINUTES
@@ -593,6 +688,13 @@ def _metrics(record: StepRecord, skipped: bool) -> dict[str, float]:
     if skipped:
         values["skipped"] = 1.0
     return values
+
+
+def _read_meta(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / ckpt.META).read_text())
+    except (OSError, ValueError):
+        return {}  # a damaged checkpoint is found and passed over when it is loaded
 
 
 def _latest_step(run_dir: Path) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 
 import torch
@@ -93,3 +94,19 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL("libc.so.6")
     # mallopt returns 1 on success; trimming only gives back free memory at the top of the heap.
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def use_deterministic_kernels(enabled: bool) -> None:
+    """Make a step's numbers a function of its inputs alone, so resume and repeat are bit-exact.
+
+    Eager CPU kernels already are; compiled code is not: Inductor lowers the embedding's backward
+    (an index_put with accumulation) to parallel atomic adds, whose order changes from process to
+    process. In deterministic mode it calls the serial aten kernel instead (the embedding gradient
+    is a small share of a step). warn_only: a kernel without a deterministic version (some CUDA
+    backward passes) warns instead of stopping the run. cuBLAS needs its workspace pinned for
+    deterministic GEMMs; that must happen before CUDA initialises, so set it here if the user has not.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.benchmark = not enabled

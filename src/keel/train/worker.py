@@ -7,18 +7,41 @@ supervisor (neither is worth a restart); anything else is a crash.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from keel.errors import UserError
-from keel.supervisor.watchdog import EXIT_STOPPED_BY_SUPERVISOR, EXIT_USER_ERROR, HEARTBEAT_FILE
+from keel.supervisor.watchdog import (
+    EXIT_STOPPED_BY_SUPERVISOR,
+    EXIT_USER_ERROR,
+    HEARTBEAT_FILE,
+    WATCHDOG_PID_ENV,
+)
+
+
+def stop_with_watchdog() -> None:
+    """Ask the kernel for SIGTERM when the watchdog dies (Linux), so the trainer never outlives it.
+
+    SIGTERM makes the trainer checkpoint and exit. Elsewhere the trainer is stopped only by its own
+    signals; the run directory's lock still keeps a second `keel train` out while it lives.
+    """
+    parent = os.environ.get(WATCHDOG_PID_ENV)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the watchdog died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str]) -> int:
     run_dir = Path(argv[0])
+    stop_with_watchdog()
     # A first sign of life before the slow imports (torch takes seconds to load on a busy machine).
     (run_dir / HEARTBEAT_FILE).write_text(json.dumps({"step": None, "time": time.time(), "pid": os.getpid()}))
     from keel.runs.registry import Registry

@@ -1,0 +1,157 @@
+"""A run directory has one owner, holds nothing of the user's, and trains on the data it started with."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import TINY, assert_user_error, keel, run, tiny_train_args
+
+from keel.data.shards import sha256_file
+from keel.supervisor.logbook import read_logbook
+from keel.train import checkpoint as ckpt
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait(condition, what: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _heartbeat(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "heartbeat.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _names(run_dir: Path) -> list[str]:
+    return [entry["name"] for entry in read_logbook(run_dir / "logbook.jsonl")]
+
+
+def test_one_owner_per_run_dir_and_the_trainer_never_outlives_its_watchdog(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_train_args(tiny_data, run_dir, "train.max_steps=1000000", "train.checkpoint_every=20")
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "keel.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait(lambda: (_heartbeat(run_dir).get("step") or 0) >= 3, "the first keel train never started training")
+        trainer = _heartbeat(run_dir)["pid"]
+        assert_user_error(keel(*args), "in use", f"PID {owner.pid}", f"trainer PID {trainer}")
+        owner.send_signal(signal.SIGKILL)  # the watchdog alone dies, as under an OOM killer
+        owner.wait()
+        _wait(lambda: not _alive(trainer), "the trainer went on training without its watchdog")
+    finally:
+        if owner.poll() is None:
+            os.killpg(owner.pid, signal.SIGKILL)
+    # It was stopped, not killed: it checkpointed on its way out.
+    assert "stopped by SIGTERM" in [e["message"] for e in read_logbook(run_dir / "logbook.jsonl")][-1]
+    step = ckpt.checkpoint_step(ckpt.list_checkpoints(run_dir)[-1])
+
+    resumed = keel(*tiny_train_args(tiny_data, run_dir, f"train.max_steps={step + 3}"))
+    assert resumed.returncode == 0, resumed.stderr
+    took_over = [e for e in read_logbook(run_dir / "logbook.jsonl") if e["name"] == "took_over"]
+    assert len(took_over) == 1 and took_over[0]["evidence"]["previous_pid"] == owner.pid
+    assert (run_dir / "keel.lock").read_text() == ""  # released: the next start takes over from nobody
+
+
+def test_a_directory_keel_did_not_write_is_never_trained_into(tiny_data, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my own notes\n")
+    (mine / "tokenizer.json").write_text("{}")
+    assert_user_error(keel(*tiny_train_args(tiny_data, mine)), "did not write", "config.yaml")
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "tokenizer.json"]
+    assert (mine / "config.yaml").read_text() == "my own notes\n" and (mine / "tokenizer.json").read_text() == "{}"
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert_user_error(keel(*tiny_train_args(tiny_data, a_file)), "is a file")
+    assert_user_error(keel(*tiny_train_args(tiny_data, tiny_data)), "is the data directory")
+    # A refused command leaves no half-written run directory behind.
+    for bad in ("optim.lr=inf", "train.max_minutes=.inf", "optim.lr=nan"):
+        assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "new", bad)), "finite")
+    assert not (tmp_path / "new").exists()
+
+
+def test_resuming_on_other_data_or_tokenizer_is_refused_unless_asked(tiny_data, corpus_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(run_dir, f"data.path={tiny_data}", *TINY, "train.max_steps=10").status == "finished"
+    tokenizer_before = (run_dir / "tokenizer.json").read_bytes()
+    other_tokenizer = tmp_path / "other-tokenizer"
+    same_tokenizer = tmp_path / "same-tokenizer"
+    some = [str(p) for p in sorted(corpus_dir.iterdir())[:12]]
+    for out, extra in ((other_tokenizer, ["--vocab-size", "512"]), (same_tokenizer, ["--tokenizer", str(run_dir)])):
+        assert keel("prepare", *some, "--out", str(out), "--val-fraction", "0.3", *extra).returncode == 0
+
+    more = "train.max_steps=15"
+    assert_user_error(keel(*tiny_train_args(other_tokenizer, run_dir, more)), "another tokenizer", "--new-data")
+    assert_user_error(keel(*tiny_train_args(same_tokenizer, run_dir, more)), "not the data", "--new-data")
+    assert (run_dir / "tokenizer.json").read_bytes() == tokenizer_before
+    assert ckpt.checkpoint_step(ckpt.list_checkpoints(run_dir)[-1]) == 10
+
+    switched = keel(*tiny_train_args(same_tokenizer, run_dir, more), "--new-data")
+    assert switched.returncode == 0, switched.stderr
+    assert ckpt.checkpoint_step(ckpt.list_checkpoints(run_dir)[-1]) == 15 and "new_data" in _names(run_dir)
+    # ... and from then on the run's data is the new one.
+    assert keel(*tiny_train_args(same_tokenizer, run_dir, "train.max_steps=16")).returncode == 0
+
+
+def test_a_checkpoint_that_verifies_but_does_not_load_is_passed_over(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(run_dir, f"data.path={tiny_data}", *TINY, "train.max_steps=20").status == "finished"
+    newest = ckpt.list_checkpoints(run_dir)[-1]
+    # Damaged before it was checksummed: the manifest agrees with the broken file.
+    (newest / ckpt.STATE).write_bytes(b"not a torch file")
+    manifest = json.loads((newest / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.STATE] = {"sha256": sha256_file(newest / ckpt.STATE), "size": 16}
+    (newest / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+    result = run(run_dir, f"data.path={tiny_data}", *TINY, "train.max_steps=25")
+    assert result.status == "finished" and result.steps == 25
+    bad = [e for e in read_logbook(run_dir / "logbook.jsonl") if e["name"] == "corrupt_checkpoint"]
+    assert len(bad) == 1 and "does not load" in bad[0]["message"] and newest.name in bad[0]["message"]
+    start = [e for e in read_logbook(run_dir / "logbook.jsonl") if e["name"] == "run_start"][-1]
+    assert start["step"] == 10  # resumed from the checkpoint before it
+
+
+def test_no_checkpoint_that_loads_is_an_error_not_a_fresh_start(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(run_dir, f"data.path={tiny_data}", *TINY, "train.max_steps=10").status == "finished"
+    for path in ckpt.list_checkpoints(run_dir):
+        (path / ckpt.WEIGHTS).write_bytes(b"x")
+    assert_user_error(keel(*tiny_train_args(tiny_data, run_dir, "train.max_steps=12")), "no checkpoint", "loads")
+
+
+def test_a_full_disk_during_checkpoints_stops_cleanly_and_the_run_resumes(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_train_args(tiny_data, run_dir, "train.max_steps=60")
+    full = keel(*args, env={"KEEL_FAULTS": "diskfull@15"})
+    assert full.returncode == 3, full.stderr  # stopped, and not restarted into the same full disk
+    assert "Traceback" not in full.stderr and "could not be written" in full.stderr
+    failed = [e for e in read_logbook(run_dir / "logbook.jsonl") if e["name"] == "checkpoint_failed"]
+    assert [e["step"] for e in failed] == [20, 30, 40]
+    assert "File too large" in failed[0]["message"] and "intact (newest: step 10)" in failed[0]["message"]
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)][-1] == "step_00000010"
+    assert all(ckpt.verify_checkpoint(p) is None for p in ckpt.list_checkpoints(run_dir))
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+    again = keel(*args)  # room on the disk again
+    assert again.returncode == 0, again.stderr
+    assert ckpt.checkpoint_step(ckpt.list_checkpoints(run_dir)[-1]) == 60
