@@ -55,6 +55,7 @@ def prepared(tmp_path_factory) -> tuple[Path, dict, Path]:
 def test_prepare_writes_data_dir_and_manifest(prepared):
     out, manifest, corpus = prepared
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert manifest["sizes"] == {name: (out / name).stat().st_size for name in manifest["files"]}
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["documents"]["read"] == manifest["documents"]["kept"] == len(MODULES)
     assert manifest["sources"] == [{"source": str(corpus), "documents": len(MODULES), "kept": len(MODULES)}]
@@ -191,6 +192,47 @@ def test_force_refuses_to_replace_a_folder_keel_did_not_write(tmp_path):
     with pytest.raises(UserError, match="not a keel data directory"):
         prepare([str(corpus)], corpus, force=True, **OPTIONS)
     assert sorted(p.name for p in corpus.iterdir()) == sorted(MODULES)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ['{"name": "my web app", "icons": []}', '{"format": "keel-data", "files": {"../../etc": "x"}}', "not json"],
+)
+def test_force_refuses_a_folder_whose_manifest_is_not_keels(prepared, tmp_path, manifest):
+    project = copy_modules(tmp_path / "project", MODULES[:3])
+    (project / "manifest.json").write_text(manifest)
+    before = {p.name: p.read_bytes() for p in project.iterdir()}
+    with pytest.raises(UserError, match=f"{project} exists and is not a keel data directory .* choose another --out"):
+        prepare([str(prepared[2])], project, force=True, **OPTIONS)
+    assert {p.name: p.read_bytes() for p in project.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no build dir left either
+
+
+def test_force_replaces_only_the_files_keel_wrote(prepared, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(prepared[0], out)
+    open_data(out)  # writes the verification stamp, which is keel's too
+    (out / "NOTES.md").write_text("where this data came from\n")
+    (out / "extra").mkdir()
+    (out / "extra" / "train.bin").write_bytes(b"a user's file, whatever its name")
+    old_manifest = json.loads((out / "manifest.json").read_text())
+    old_manifest["files"]["stale.bin"] = "0" * 64  # a file an older keel wrote and the new build no longer does
+    (out / "manifest.json").write_text(json.dumps(old_manifest))
+    (out / "stale.bin").write_bytes(b"old")
+    manifest = prepare([str(copy_modules(tmp_path / "other", MODULES[:8]))], out, force=True, **OPTIONS)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "NOTES.md", "extra", "manifest.json", "tokenizer.json", "train.bin", "val.bin",
+    ]  # fmt: skip
+    assert (out / "NOTES.md").read_text() == "where this data came from\n"
+    assert (out / "extra" / "train.bin").read_bytes() == b"a user's file, whatever its name"
+    assert open_data(out).manifest == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other"]
+
+
+def test_force_fills_an_empty_folder(prepared, tmp_path):
+    (tmp_path / "data").mkdir()
+    prepare([str(prepared[2])], tmp_path / "data", force=True, **OPTIONS)
+    open_data(tmp_path / "data")
 
 
 # Every bad input ends in a UserError naming the input.

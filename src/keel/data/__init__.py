@@ -12,8 +12,10 @@ With `tokenizer=DIR` the tokenizer of a data or run directory is reused instead 
 JSONL sources of SFT examples or preference pairs (and builtin:stdlib-sft / -pref) make a
 DATA_DIR of token sequences with loss masks instead: see `keel.data.examples`.
 
-Everything is built in a hidden sibling directory that is renamed into place only when
-complete; on any failure it is deleted, and an existing DATA_DIR is left untouched.
+Everything is built in a hidden sibling directory that is moved into place only when
+complete; on any failure it is deleted, and an existing DATA_DIR is left untouched. `force`
+replaces only what keel wrote in an existing data directory (its manifest, the files the
+manifest lists, the verification stamp) and refuses any other non-empty folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +50,7 @@ from keel.data.shards import (
     TokenData,
     eval_batches,
     get_batch,
+    keel_files,
     open_data,
     sha256_file,
     split_of,
@@ -168,12 +172,23 @@ def _check_options(
         raise UserError(f"min_chars {min_chars} must not be negative")
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
-    # --force deletes the old directory: never do that to something keel did not write.
-    is_empty_dir = out_dir.is_dir() and not any(out_dir.iterdir())
-    if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file() and not is_empty_dir:
+    _replaceable_files(out_dir)
+
+
+def _replaceable_files(out_dir: Path) -> set[str]:
+    """The files of `out_dir` that --force may replace: none if it does not exist or is empty, those keel
+    wrote if it is a keel data directory; a UserError for anything else, which keel must not touch."""
+    if not out_dir.exists():
+        return set()
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        return set()
+    names = keel_files(out_dir) if out_dir.is_dir() else None
+    if names is None:
         raise UserError(
-            f"{out_dir} exists and is not a keel data directory, so --force will not replace it; choose another --out"
+            f"{out_dir} exists and is not a keel data directory (it has no manifest.json written by keel prepare), "
+            "so --force will not replace it; choose another --out"
         )
+    return names
 
 
 def _build(
@@ -270,6 +285,7 @@ def _build(
         "tokenizer": {"file": TOKENIZER_FILE, "vocab_size": tokenizer.get_vocab_size(), "eot": EOT, "eot_id": eot_id},
         "dtype": token_dtype(tokenizer.get_vocab_size()).name,
         "files": {name: sha256_file(build_dir / name) for name in files},
+        "sizes": {name: (build_dir / name).stat().st_size for name in files},
     }
     (build_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     for name in files + [MANIFEST_FILE]:
@@ -284,20 +300,35 @@ def _read_texts(path: Path) -> Iterator[str]:
 
 
 def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    """Flush a file, or a folder's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _move_into_place(build_dir: Path, out_dir: Path) -> None:
-    """Rename the finished build to `out_dir`, replacing an old one only now that the new one is complete."""
+    """Move the finished build to `out_dir`; in an existing keel data directory replace only the files keel wrote.
+
+    Other files there stay. The new manifest is moved last and the old files it no longer lists
+    are removed before it, so a half-done replacement still has the old manifest, whose sha256
+    sums refuse the new files at the next open, and a second `--force` can finish the job.
+    Stop signals wait for the few renames.
+    """
     if not out_dir.exists():
         build_dir.rename(out_dir)
         return
-    old_dir = build_dir.with_name(build_dir.name + ".old")  # build_dir's name is unique, so is this one
-    out_dir.rename(old_dir)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        build_dir.rename(out_dir)
-    except BaseException:
-        old_dir.rename(out_dir)
-        raise
-    shutil.rmtree(old_dir)
+        old_names = _replaceable_files(out_dir)  # again: the folder may have changed while prepare ran
+        new_names = {path.name for path in build_dir.iterdir()} - {MANIFEST_FILE}
+        for name in new_names:
+            os.replace(build_dir / name, out_dir / name)
+        for name in old_names - new_names - {MANIFEST_FILE}:
+            (out_dir / name).unlink(missing_ok=True)
+        os.replace(build_dir / MANIFEST_FILE, out_dir / MANIFEST_FILE)
+        _fsync(out_dir)
+        build_dir.rmdir()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
