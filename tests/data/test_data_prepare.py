@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from keel.data import open_data, prepare
+from keel.data import clean, open_data, prepare
 from keel.data.shards import token_dtype
 from keel.errors import UserError
 
@@ -266,7 +267,8 @@ def test_folder_with_only_binary_files(tmp_path):
     corpus.mkdir()
     for name in MODULES[:3]:  # real text, but saved as UTF-16
         (corpus / name.replace(".py", ".txt")).write_bytes((STDLIB / name).read_text().encode("utf-16"))
-    with pytest.raises(UserError, match=f"{corpus} has no text: all 3 of its files are binary or not UTF-8"):
+    message = f"{corpus} has no text: all 3 of its files are binary, not UTF-8 or unreadable"
+    with pytest.raises(UserError, match=message):
         prepare([str(corpus)], tmp_path / "out", **OPTIONS)
 
 
@@ -312,3 +314,39 @@ def test_corpus_too_small_to_split(tmp_path):
 def test_ids_above_uint16_use_uint32():
     # A corpus this small cannot supply 65k merges, so check the rule prepare applies directly.
     assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+
+
+def test_unreadable_files_and_broken_symlinks_are_skipped_and_counted(tmp_path):
+    corpus = copy_modules(tmp_path / "corpus")
+    (corpus / "gone.py").symlink_to(corpus / "deleted.py")  # dangling
+    (corpus / "loop.py").symlink_to(corpus / "loop.py")  # points at itself
+    (corpus / "loop.jsonl").symlink_to(corpus / "loop.jsonl")
+    unreadable = [corpus / "gone.py", corpus / "loop.jsonl", corpus / "loop.py"]
+    if os.geteuid() != 0:  # root reads a chmod 000 file all the same
+        shutil.copy(STDLIB / "this.py", corpus / "secret.py")
+        (corpus / "secret.py").chmod(0)
+        unreadable.append(corpus / "secret.py")
+    manifest = prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+    skipped = manifest["documents"]["skipped"]["unreadable"]
+    assert skipped == {"count": len(unreadable), "examples": [str(path) for path in sorted(unreadable)]}
+    assert manifest["documents"]["kept"] == len(MODULES)
+
+
+def test_long_documents_are_cut_into_pieces_that_encode_as_the_whole(tmp_path, monkeypatch):
+    corpus = copy_modules(tmp_path / "corpus", MODULES[:8])
+    (corpus / "notes.txt").write_bytes("Grüße aus 東京 🐍, line\r\n".encode() * 300)
+    whole = prepare([str(corpus)], tmp_path / "whole", **OPTIONS)
+    monkeypatch.setattr(clean, "PIECE_CHARS", 500)
+    monkeypatch.setattr(clean, "READ_BYTES", 333)  # chunks that end inside CRLFs and UTF-8 sequences
+    pieces = prepare([str(corpus)], tmp_path / "pieces", **OPTIONS)
+    # Cut before whitespace, where the pre-tokenizer splits anyway: the same merges, the same ids.
+    assert pieces["files"] == whole["files"] and pieces["splits"] == whole["splits"]
+
+
+def test_a_line_without_spaces_longer_than_a_piece_round_trips(tmp_path, monkeypatch):
+    corpus = copy_modules(tmp_path / "corpus", MODULES[:8])
+    (corpus / "one_line.txt").write_text("x" * 3_000 + "é" * 2_000 + " tail")
+    monkeypatch.setattr(clean, "PIECE_CHARS", 500)
+    prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+    decoded = documents_of(tmp_path / "out", "train") + documents_of(tmp_path / "out", "val")
+    assert sorted(decoded) == sorted(normalised(path) for path in corpus.iterdir())

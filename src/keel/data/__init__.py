@@ -1,10 +1,10 @@
 """Data: sources -> clean/dedup -> byte-level BPE -> token shards + manifest, and batches from them.
 
 `prepare` builds a DATA_DIR in two streaming passes, so memory stays flat however large the
-corpus is (only the dedup index grows, by a few dozen bytes per document):
+corpus is and however long its documents or lines are (see MEMORY_BOUND):
 
-1. read every source, clean and dedup each document, and append it to a temporary JSONL of
-   its split (chosen by content hash);
+1. read every source, clean and dedup each document, and append it, cut into pieces, to a
+   temporary JSONL of its split (chosen by content hash);
 2. train the tokenizer from the train JSONL, then encode both JSONLs in batches and append
    the ids to train.bin / val.bin.
 
@@ -20,6 +20,7 @@ manifest lists, the verification stamp) and refuses any other non-empty folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from keel.data.clean import DEDUP_MODES, Cleaner
+from keel.data.clean import DEDUP_MODES, PIECE_CHARS, READ_BYTES, Cleaner
 from keel.data.examples import (
     DEFAULT_VAL_FRACTION,
     ExampleData,
@@ -53,7 +54,7 @@ from keel.data.shards import (
     keel_files,
     open_data,
     sha256_file,
-    split_of,
+    split_of_sha256,
     token_dtype,
     write_shard,
 )
@@ -73,6 +74,12 @@ __all__ = [
     "Sequences",
 ]
 DEFAULT_VOCAB_SIZE = 8192
+MEMORY_BOUND = (
+    f"text files are read {READ_BYTES // 2**20} MiB at a time and cut into pieces of at most {PIECE_CHARS // 1024} Ki "
+    "characters before the tokenizer sees them, so peak memory does not depend on the length of a line or document; "
+    "it grows only with the number of documents (the dedup index, ~16 bytes each, more with minhash) and of distinct "
+    "words (the BPE trainer's counts). A JSONL, parquet or HF record is held whole while it is read."
+)
 
 
 def prepare(
@@ -90,6 +97,10 @@ def prepare(
     too_long: str | None = None,
 ) -> dict:
     """Build DATA_DIR `out_dir` from `sources` and return its manifest.
+
+    Memory is bounded by design: text files are read 1 MiB at a time and every document reaches
+    the tokenizer in pieces of at most 64 Ki characters, so peak memory does not depend on the
+    length of a line or a document (MEMORY_BOUND says what it does grow with).
 
     For text, the manifest holds what a summary needs: documents read, kept and skipped (count
     and example origins per reason), and documents / tokens / UTF-8 bytes per split. Defaults:
@@ -207,36 +218,42 @@ def _build(
     work_dir.mkdir()
     texts_path = {split: work_dir / f"{split}.jsonl" for split in SPLITS}
     splits = {split: {"file": f"{split}.bin", "documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS}
+    num_pieces = dict.fromkeys(SPLITS, 0)
     cleaner = Cleaner(min_chars, dedup)
     source_counts = []
 
-    # Pass 1: clean, dedup and split into two JSONL files of texts.
+    # Pass 1: clean, dedup and split into two JSONL files of [starts_a_document, text] pieces.
     with (
         open(texts_path["train"], "w", encoding="utf-8") as train_out,
         open(texts_path["val"], "w", encoding="utf-8") as val_out,
         tqdm(desc="reading", unit=" docs", disable=not progress) as bar,
     ):
         outs = {"train": train_out, "val": val_out}
+        document = _PendingDocument(work_dir / "document.jsonl")
         for source, source_documents in zip(sources, documents):
             num_read, num_kept, num_unreadable = 0, cleaner.num_kept, cleaner.num_unreadable
             for origin, content in source_documents:
                 num_read += 1
                 bar.update()
-                text = cleaner.clean(origin, content)
-                if text is None:
+                document.start()
+                for piece in cleaner.pieces(origin, content):
+                    document.add(piece)
+                if not cleaner.kept:
                     continue
-                split = split_of(text, val_fraction)
-                outs[split].write(json.dumps(text, ensure_ascii=False) + "\n")
+                split = split_of_sha256(document.sha256, val_fraction)
                 splits[split]["documents"] += 1
-                splits[split]["bytes"] += len(text.encode("utf-8"))
+                splits[split]["bytes"] += document.num_bytes
+                num_pieces[split] += document.num_pieces
+                document.move_to(outs[split])
             if num_read == 0:
                 raise UserError(f"{source} contains no documents; check that it is the corpus you meant")
             if cleaner.num_unreadable - num_unreadable == num_read:
                 raise UserError(
-                    f"{source} has no text: all {num_read} of its files are binary or not UTF-8; "
-                    "point it at UTF-8 text files"
+                    f"{source} has no text: all {num_read} of its files are binary, not UTF-8 or unreadable; "
+                    "point it at UTF-8 text files you may read"
                 )
             source_counts.append({"source": source, "documents": num_read, "kept": cleaner.num_kept - num_kept})
+        document.close()
 
     report = cleaner.report()
     if cleaner.num_kept == 0:
@@ -256,14 +273,13 @@ def _build(
     # A reused tokenizer (--tokenizer) replaces the trained one.
     tokenizer = base_tokenizer
     if tokenizer is None:
-        num_texts = splits["train"]["documents"]
-        tokenizer = train_tokenizer(_read_texts(texts_path["train"]), vocab_size, num_texts, progress)
+        texts = (text for _, text in _read_pieces(texts_path["train"]))
+        tokenizer = train_tokenizer(texts, vocab_size, num_pieces["train"], progress)
     eot_id = tokenizer.token_to_id(EOT)
     for split in SPLITS:
-        texts = _read_texts(texts_path[split])
-        num_texts = splits[split]["documents"]
+        pieces = _read_pieces(texts_path[split])
         splits[split]["tokens"] = write_shard(
-            tokenizer, texts, build_dir / splits[split]["file"], eot_id, num_texts, progress
+            tokenizer, pieces, build_dir / splits[split]["file"], eot_id, num_pieces[split], progress
         )
     tokenizer.save(str(build_dir / TOKENIZER_FILE))
     shutil.rmtree(work_dir)
@@ -293,10 +309,55 @@ def _build(
     return manifest
 
 
-def _read_texts(path: Path) -> Iterator[str]:
+class _PendingDocument:
+    """The pieces of the document being cleaned, held until the cleaner keeps or drops it: in memory while
+    it is one piece (nearly every document), in a spool file beyond that, so a long one costs no memory."""
+
+    def __init__(self, spool_path: Path):
+        self._spool_path = spool_path
+        self._spool = None
+        self.start()
+
+    def start(self) -> None:
+        """Forget the pieces held so far and wait for the next document's."""
+        self.close()
+        self._first = ""
+        self.sha256 = hashlib.sha256()  # of the whole text, for its split
+        self.num_bytes = self.num_pieces = 0
+
+    def add(self, piece: str) -> None:
+        self.sha256.update(encoded := piece.encode("utf-8"))
+        self.num_bytes += len(encoded)
+        self.num_pieces += 1
+        line = json.dumps([self.num_pieces == 1, piece], ensure_ascii=False) + "\n"
+        if self.num_pieces == 1:
+            self._first = line
+            return
+        if self._spool is None:
+            self._spool = open(self._spool_path, "w+", encoding="utf-8")
+            self._spool.write(self._first)
+        self._spool.write(line)
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def move_to(self, out) -> None:
+        """Append the document's lines to `out`."""
+        if self._spool is None:
+            out.write(self._first)
+        else:
+            self._spool.seek(0)
+            shutil.copyfileobj(self._spool, out)
+        self.start()
+
+
+def _read_pieces(path: Path) -> Iterator[tuple[bool, str]]:
     with open(path, encoding="utf-8") as lines:
         for line in lines:
-            yield json.loads(line)
+            starts_document, text = json.loads(line)
+            yield starts_document, text
 
 
 def _fsync(path: Path) -> None:

@@ -490,7 +490,7 @@ def stdlib_examples(
     found = []  # (where, split, function, digest) of every documented function, in file order
     splits_of_function: dict[bytes, set[str]] = {}
     for path in python_stdlib_files() if files is None else files:
-        text = cleaner.clean(str(path), path.read_bytes())
+        text = cleaner.clean(str(path), path)
         if text is None:  # not in the pretraining data either
             skipped["file_dropped_by_cleaner"] += 1
             continue

@@ -45,8 +45,12 @@ def split_of(text: str, val_fraction: float) -> str:
     A hash, not a random draw, so a document lands in the same split whatever else is in the
     corpus and in whatever order the sources are read.
     """
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
+    return split_of_sha256(hashlib.sha256(text.encode("utf-8")), val_fraction)
+
+
+def split_of_sha256(sha256: hashlib._Hash, val_fraction: float) -> str:
+    """`split_of` for a text whose UTF-8 bytes were fed to `sha256` (piece by piece, for long documents)."""
+    return "val" if int.from_bytes(sha256.digest()[:8], "big") < val_fraction * 2**64 else "train"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -55,17 +59,26 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def write_shard(
-    tokenizer: Tokenizer, texts: Iterable[str], path: Path, eot_id: int, num_texts: int, progress: bool
+    tokenizer: Tokenizer,
+    pieces: Iterable[tuple[bool, str]],
+    path: Path,
+    eot_id: int,
+    num_pieces: int,
+    progress: bool,
 ) -> int:
-    """Encode `texts` in batches and write them as `[eot] + ids` each to `path`; returns the token count."""
+    """Encode the documents given as (starts_a_document, text) pieces in batches and write `[eot] + ids` of each
+    to `path`; returns the token count. A long document comes in several pieces, cut where the
+    pre-tokenizer splits anyway (see keel.data.clean), so its ids are those of the whole text."""
     dtype = token_dtype(tokenizer.get_vocab_size())
     num_tokens = 0
-    bar = tqdm(total=num_texts, desc=f"encoding {path.stem}", unit=" docs", disable=not progress)
+    bar = tqdm(total=num_pieces, desc=f"encoding {path.stem}", unit=" pieces", disable=not progress)
     with open(path, "wb") as out, bar:
-        for batch in _batches_of_chars(texts, ENCODE_BATCH_CHARS):
+        for batch in _batches_of_chars(pieces, ENCODE_BATCH_CHARS):
             ids = []
-            for encoding in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
-                ids.append(eot_id)
+            encodings = tokenizer.encode_batch_fast([text for _, text in batch], add_special_tokens=False)
+            for (starts_document, _), encoding in zip(batch, encodings):
+                if starts_document:
+                    ids.append(eot_id)
                 ids.extend(encoding.ids)
             np.asarray(ids, dtype=dtype).tofile(out)
             num_tokens += len(ids)
@@ -73,11 +86,11 @@ def write_shard(
     return num_tokens
 
 
-def _batches_of_chars(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+def _batches_of_chars(pieces: Iterable[tuple[bool, str]], max_chars: int) -> Iterator[list[tuple[bool, str]]]:
     batch, num_chars = [], 0
-    for text in texts:
-        batch.append(text)
-        num_chars += len(text)
+    for piece in pieces:
+        batch.append(piece)
+        num_chars += len(piece[1])
         if num_chars >= max_chars:
             yield batch
             batch, num_chars = [], 0
