@@ -1,5 +1,11 @@
 """`keel prepare` as a user runs it, in a subprocess: unreachable hubs, stop signals, folders it must not touch."""
 
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 from conftest import assert_user_error, keel
 
 
@@ -20,3 +26,38 @@ def test_force_refuses_a_folder_that_is_not_keel_data(tmp_path):
     result = keel("prepare", "builtin:python-stdlib", "--out", str(tmp_path / "site"), "--force")
     assert_user_error(result, f"{tmp_path / 'site'} exists and is not a keel data directory", "choose another --out")
     assert sorted(p.name for p in (tmp_path / "site").iterdir()) == ["index.html", "manifest.json"]
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "message", "inherit_ignored_sigint"),
+    [
+        (signal.SIGINT, 130, "interrupted", False),
+        (signal.SIGTERM, 143, "interrupted (SIGTERM)", False),
+        # A shell starts a background job (`keel prepare ... &` in a script) with SIGINT ignored.
+        (signal.SIGINT, 130, "interrupted", True),
+    ],
+)
+def test_stop_signals_end_prepare_cleanly(tmp_path, signum, code, message, inherit_ignored_sigint):
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keel.cli", "prepare", "builtin:python-stdlib", "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ignore_sigint if inherit_ignored_sigint else None,
+    )
+    try:
+        # The whole standard library takes prepare far longer than this to read, train on and encode.
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".out.*.tmp")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(tmp_path.glob(".out.*.tmp")), "prepare ended or hung before creating its temporary folder"
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == message and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []  # neither the temporary folder nor a half-written DATA_DIR

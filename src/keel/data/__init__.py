@@ -26,7 +26,8 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -274,7 +275,7 @@ def _build(
     tokenizer = base_tokenizer
     if tokenizer is None:
         texts = (text for _, text in _read_pieces(texts_path["train"]))
-        tokenizer = train_tokenizer(texts, vocab_size, num_pieces["train"], progress)
+        tokenizer = _in_thread(train_tokenizer, texts, vocab_size, num_pieces["train"], progress)
     eot_id = tokenizer.token_to_id(EOT)
     for split in SPLITS:
         pieces = _read_pieces(texts_path[split])
@@ -351,6 +352,31 @@ class _PendingDocument:
             self._spool.seek(0)
             shutil.copyfileobj(self._spool, out)
         self.start()
+
+
+def _in_thread(function: Callable, *args):
+    """function(*args), run in a daemon thread while this one waits, so that a stop signal is handled at once.
+
+    Python runs signal handlers in the main thread between bytecodes only, and the BPE trainer's
+    Rust code does not come back for tens of seconds on a large corpus. After a signal the
+    exception propagates here (prepare deletes its temporary folder) and the trainer is left to
+    die with the process.
+    """
+    outcome = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as err:  # handed to the waiting thread, which raises it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name=f"keel-{function.__name__}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _read_pieces(path: Path) -> Iterator[tuple[bool, str]]:
