@@ -1,12 +1,13 @@
 """`keel prepare` as a user runs it, in a subprocess: unreachable hubs, stop signals, folders it must not touch."""
 
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import assert_user_error, keel
+from conftest import assert_user_error, keel, tiny_train_args
 
 
 def test_an_unreachable_hub_fails_at_once_with_one_sentence(tmp_path):
@@ -61,3 +62,15 @@ def test_stop_signals_end_prepare_cleanly(tmp_path, signum, code, message, inher
     assert process.returncode == code, stderr
     assert stderr.strip().splitlines()[-1] == message and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []  # neither the temporary folder nor a half-written DATA_DIR
+
+
+def test_training_refuses_damaged_data_with_one_sentence(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns(".verified.json"))
+    with open(data / "train.bin", "r+b") as f:
+        f.truncate((data / "train.bin").stat().st_size - 1)
+    result = keel(*tiny_train_args(data, tmp_path / "run"))
+    assert_user_error(result, str(data / "train.bin"), "cut short", "keel prepare")
+    (data / "manifest.json").write_text('{"format": "keel-data", "version": 1, "splits": ')
+    result = keel(*tiny_train_args(data, tmp_path / "run"))
+    assert_user_error(result, str(data / "manifest.json"), "damaged", "keel prepare")
