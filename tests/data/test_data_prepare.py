@@ -321,11 +321,17 @@ def test_unreadable_files_and_broken_symlinks_are_skipped_and_counted(tmp_path):
     (corpus / "gone.py").symlink_to(corpus / "deleted.py")  # dangling
     (corpus / "loop.py").symlink_to(corpus / "loop.py")  # points at itself
     (corpus / "loop.jsonl").symlink_to(corpus / "loop.jsonl")
-    unreadable = [corpus / "gone.py", corpus / "loop.jsonl", corpus / "loop.py"]
+    (corpus / "zeros.txt").symlink_to("/dev/zero")  # would never end
+    os.mkfifo(corpus / "pipe.txt")  # would block the open
+    unreadable = [corpus / name for name in ("gone.py", "loop.jsonl", "loop.py", "pipe.txt", "zeros.txt")]
     if os.geteuid() != 0:  # root reads a chmod 000 file all the same
         shutil.copy(STDLIB / "this.py", corpus / "secret.py")
         (corpus / "secret.py").chmod(0)
         unreadable.append(corpus / "secret.py")
+        shutil.copy(STDLIB / "this.py", tmp_path / "secret.jsonl")
+        (tmp_path / "secret.jsonl").chmod(0)
+        with pytest.raises(UserError, match="secret.jsonl has no text: all 1 of its files are .* unreadable"):
+            prepare([str(tmp_path / "secret.jsonl")], tmp_path / "out", **OPTIONS)
     manifest = prepare([str(corpus)], tmp_path / "out", **OPTIONS)
     skipped = manifest["documents"]["skipped"]["unreadable"]
     assert skipped == {"count": len(unreadable), "examples": [str(path) for path in sorted(unreadable)]}

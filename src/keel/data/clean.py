@@ -170,6 +170,8 @@ class _chunks:
     def __enter__(self) -> Iterator[bytes]:
         if isinstance(self._content, bytes):
             return iter([self._content])
+        if not self._content.is_file():  # a FIFO would block the open, a device (/dev/zero) never end
+            raise FileNotFoundError(f"{self._content} is not a regular file")
         self._file = open(self._content, "rb")
         return iter(lambda: self._file.read(READ_BYTES), b"")
 

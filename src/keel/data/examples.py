@@ -59,6 +59,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import tokenize
 from collections import Counter
@@ -121,8 +122,8 @@ def source_kind(source: str) -> str:
     if source in BUILTIN_SOURCES:
         return BUILTIN_SOURCES[source]
     path = Path(source)
-    if path.suffix != ".jsonl" or not path.is_file():
-        return "text"
+    if path.suffix != ".jsonl" or not path.is_file() or not os.access(path, os.R_OK):
+        return "text"  # the text reader counts a file it may not read as unreadable and says so
     for line_number, record in _jsonl_records(path):
         if not isinstance(record, dict):
             return "text"  # the text reader names the line

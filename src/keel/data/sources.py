@@ -92,6 +92,8 @@ def _files_documents(files: list[Path]) -> Iterator[Document]:
 
 
 def _can_open(path: Path) -> bool:
+    if not path.is_file():  # opening a FIFO would block
+        return False
     try:
         open(path, "rb").close()
     except OSError:
