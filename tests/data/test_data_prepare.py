@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import signal
 import shutil
 import sysconfig
 from pathlib import Path
@@ -230,6 +231,19 @@ def test_force_replaces_only_the_files_keel_wrote(prepared, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other"]
 
 
+def test_force_never_overwrites_a_file_keel_did_not_write(prepared, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(prepared[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"]["val.bin"], manifest["sizes"]["val.bin"]  # so val.bin is not keel's any more
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "val.bin").write_bytes(b"the user's own file")
+    with pytest.raises(UserError, match=f"{out / 'val.bin'} was not written by keel prepare and would be overwritten"):
+        prepare([str(prepared[2])], out, force=True, **OPTIONS)
+    assert (out / "val.bin").read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 def test_force_fills_an_empty_folder(prepared, tmp_path):
     (tmp_path / "data").mkdir()
     prepare([str(prepared[2])], tmp_path / "data", force=True, **OPTIONS)
@@ -356,3 +370,15 @@ def test_a_line_without_spaces_longer_than_a_piece_round_trips(tmp_path, monkeyp
     prepare([str(corpus)], tmp_path / "out", **OPTIONS)
     decoded = documents_of(tmp_path / "out", "train") + documents_of(tmp_path / "out", "val")
     assert sorted(decoded) == sorted(normalised(path) for path in corpus.iterdir())
+
+
+def test_a_stop_signal_waits_for_the_files_to_be_swapped():
+    import keel.data
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with keel.data._signals_held():
+            signal.raise_signal(signal.SIGINT)
+            steps.append("the swap went on")
+    assert steps == ["the swap went on"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

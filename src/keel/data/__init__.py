@@ -20,6 +20,7 @@ manifest lists, the verification stamp) and refuses any other non-empty folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -75,6 +76,7 @@ __all__ = [
     "Sequences",
 ]
 DEFAULT_VOCAB_SIZE = 8192
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 MEMORY_BOUND = (
     f"text files are read {READ_BYTES // 2**20} MiB at a time and cut into pieces of at most {PIECE_CHARS // 1024} Ki "
     "characters before the tokenizer sees them, so peak memory does not depend on the length of a line or document; "
@@ -406,16 +408,40 @@ def _move_into_place(build_dir: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         build_dir.rename(out_dir)
         return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    with _signals_held():
         old_names = _replaceable_files(out_dir)  # again: the folder may have changed while prepare ran
-        new_names = {path.name for path in build_dir.iterdir()} - {MANIFEST_FILE}
-        for name in new_names:
+        new_names = {path.name for path in build_dir.iterdir()}
+        taken = sorted(name for name in new_names - old_names if os.path.lexists(out_dir / name))
+        if taken:
+            raise UserError(
+                f"{out_dir / taken[0]} was not written by keel prepare and would be overwritten; "
+                "move it away or choose another --out"
+            )
+        for name in new_names - {MANIFEST_FILE}:
             os.replace(build_dir / name, out_dir / name)
-        for name in old_names - new_names - {MANIFEST_FILE}:
+        for name in old_names - new_names:
             (out_dir / name).unlink(missing_ok=True)
         os.replace(build_dir / MANIFEST_FILE, out_dir / MANIFEST_FILE)
         _fsync(out_dir)
         build_dir.rmdir()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then raise them again for their usual handlers.
+
+    Blocking them with pthread_sigmask would not do: a signal delivered to another thread (tqdm's
+    monitor) still runs its Python handler in this one.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, _: received.append(signum)) for signum in STOP_SIGNALS}
+    try:
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in received:
+            signal.raise_signal(signum)
