@@ -3,8 +3,8 @@
 import hashlib
 import json
 import os
-import signal
 import shutil
+import signal
 import sysconfig
 from pathlib import Path
 
