@@ -56,7 +56,7 @@ from keel.data.shards import (
     keel_files,
     open_data,
     sha256_file,
-    split_of_sha256,
+    split_of_digest,
     token_dtype,
     write_shard,
 )
@@ -243,7 +243,7 @@ def _build(
                     document.add(piece)
                 if not cleaner.kept:
                     continue
-                split = split_of_sha256(document.sha256, val_fraction)
+                split = split_of_digest(document.sha256.digest(), val_fraction)
                 splits[split]["documents"] += 1
                 splits[split]["bytes"] += document.num_bytes
                 num_pieces[split] += document.num_pieces

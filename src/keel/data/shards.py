@@ -45,12 +45,12 @@ def split_of(text: str, val_fraction: float) -> str:
     A hash, not a random draw, so a document lands in the same split whatever else is in the
     corpus and in whatever order the sources are read.
     """
-    return split_of_sha256(hashlib.sha256(text.encode("utf-8")), val_fraction)
+    return split_of_digest(hashlib.sha256(text.encode("utf-8")).digest(), val_fraction)
 
 
-def split_of_sha256(sha256: hashlib._Hash, val_fraction: float) -> str:
-    """`split_of` for a text whose UTF-8 bytes were fed to `sha256` (piece by piece, for long documents)."""
-    return "val" if int.from_bytes(sha256.digest()[:8], "big") < val_fraction * 2**64 else "train"
+def split_of_digest(sha256: bytes, val_fraction: float) -> str:
+    """`split_of` a text from the sha256 of its UTF-8 bytes (hashed piece by piece, for a long document)."""
+    return "val" if int.from_bytes(sha256[:8], "big") < val_fraction * 2**64 else "train"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -151,6 +151,8 @@ def read_manifest(data_dir: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(manifest_path.read_bytes())
+    except OSError as err:
+        raise UserError(f"{manifest_path} cannot be read ({err.strerror}); check its permissions") from err
     except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
         manifest = None
     if not isinstance(manifest, dict):
