@@ -3,27 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from keel.errors import UserError
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt is for SIGINT, so that cleanup code runs on the way out."""
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated while the block runs.
+
+    Set explicitly because neither is certain otherwise: SIGTERM kills at once by default,
+    skipping every cleanup, and a shell starts background jobs (`keel prepare ... &` in a
+    script) with SIGINT ignored, which Python then keeps.
+    """
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from keel.data import prepare
     from keel.data.examples import summary
 
-    manifest = prepare(
-        args.sources,
-        Path(args.out),
-        vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction,
-        dedup=args.dedup,
-        force=args.force,
-        tokenizer=args.tokenizer,
-        context_length=args.context_length,
-        too_long=args.too_long,
-    )
+    with stop_signals_raise():  # prepare deletes its temporary folder on the way out
+        manifest = prepare(
+            args.sources,
+            Path(args.out),
+            vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction,
+            dedup=args.dedup,
+            force=args.force,
+            tokenizer=args.tokenizer,
+            context_length=args.context_length,
+            too_long=args.too_long,
+        )
     print(summary(manifest, args.out) if "kind" in manifest else format_prepare_summary(manifest, args.out))
     return 0
 
@@ -335,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT  # 130, as a shell reports a command ended by SIGINT
+    except Terminated:
+        print("interrupted (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM  # 143
 
 
 if __name__ == "__main__":

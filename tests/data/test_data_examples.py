@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import CORPUS_MODULES, assert_user_error, keel
 
-from keel.data import open_data, open_examples, prepare
+from keel.data import ExampleData, open_data, open_examples, prepare
 from keel.data.chat import ASSISTANT, CHAT_TOKENS, END, SYSTEM, USER, add_chat_tokens, render
 from keel.data.clean import Cleaner
 from keel.data.examples import Function, build_examples, corrupt, documented_functions, plan_examples, stdlib_examples
@@ -213,12 +213,44 @@ def test_fingerprint_and_verify(sft_dir, tmp_path):
     mask = bytearray((copy / "train.mask.bin").read_bytes())
     mask[3] ^= 1
     (copy / "train.mask.bin").write_bytes(mask)
-    with pytest.raises(UserError, match=f"{copy / 'train.mask.bin'} is missing or corrupted"):
-        open_examples(copy).verify()
+    with pytest.raises(UserError, match=f"{copy / 'train.mask.bin'} is corrupted"):
+        open_examples(copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["train.mask.bin"] = "0" * 64
+    assert ExampleData(copy, manifest).fingerprint() != open_examples(out).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda m: m.pop("template"), "no template"),
+        (lambda m: m.update(kind="rlhf"), "kind is 'rlhf', not one of sft, pref"),
+        (lambda m: m["splits"]["val"].update(sequences=None), "splits.val.sequences is not int"),
+        (lambda m: m["files"].pop("val.offsets.bin"), "files has no sha256 of val.offsets.bin"),
+        (lambda m: m["files"].update({"../x": "0" * 64}), "it names '../x', which is not a file of its own directory"),
+    ],
+)
+def test_a_damaged_manifest_of_examples_is_refused(sft_dir, tmp_path, edit, problem):
+    copy = tmp_path / "copy"
+    shutil.copytree(sft_dir[0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert open_examples(copy).fingerprint() != open_examples(out).fingerprint()
+    with pytest.raises(UserError) as error:
+        open_examples(copy)
+    fix = f"re-create {copy} with keel prepare --force"
+    assert str(error.value) == f"{copy / 'manifest.json'} is damaged ({problem}); {fix}"
+    (copy / "manifest.json").write_text('{"format": "keel-data", "kind": "sft", ')
+    with pytest.raises(UserError, match="manifest.json is damaged \\(not a JSON object\\)"):
+        open_examples(copy)
+
+
+def test_missing_tokenizer_of_examples_is_refused(sft_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(sft_dir[0], copy)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=f"{copy / 'tokenizer.json'} is missing; re-create {copy} with keel prepare"):
+        open_examples(copy)
 
 
 def test_truncation_keeps_the_prompt_and_is_counted(tiny_data, tmp_path):

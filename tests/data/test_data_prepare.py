@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import sysconfig
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from keel.data import open_data, prepare
+from keel.data import clean, open_data, prepare
 from keel.data.shards import token_dtype
 from keel.errors import UserError
 
@@ -55,6 +57,7 @@ def prepared(tmp_path_factory) -> tuple[Path, dict, Path]:
 def test_prepare_writes_data_dir_and_manifest(prepared):
     out, manifest, corpus = prepared
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert manifest["sizes"] == {name: (out / name).stat().st_size for name in manifest["files"]}
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["documents"]["read"] == manifest["documents"]["kept"] == len(MODULES)
     assert manifest["sources"] == [{"source": str(corpus), "documents": len(MODULES), "kept": len(MODULES)}]
@@ -193,6 +196,60 @@ def test_force_refuses_to_replace_a_folder_keel_did_not_write(tmp_path):
     assert sorted(p.name for p in corpus.iterdir()) == sorted(MODULES)
 
 
+@pytest.mark.parametrize(
+    "manifest",
+    ['{"name": "my web app", "icons": []}', '{"format": "keel-data", "files": {"../../etc": "x"}}', "not json"],
+)
+def test_force_refuses_a_folder_whose_manifest_is_not_keels(prepared, tmp_path, manifest):
+    project = copy_modules(tmp_path / "project", MODULES[:3])
+    (project / "manifest.json").write_text(manifest)
+    before = {p.name: p.read_bytes() for p in project.iterdir()}
+    with pytest.raises(UserError, match=f"{project} exists and is not a keel data directory .* choose another --out"):
+        prepare([str(prepared[2])], project, force=True, **OPTIONS)
+    assert {p.name: p.read_bytes() for p in project.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no build dir left either
+
+
+def test_force_replaces_only_the_files_keel_wrote(prepared, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(prepared[0], out)
+    open_data(out)  # writes the verification stamp, which is keel's too
+    (out / "NOTES.md").write_text("where this data came from\n")
+    (out / "extra").mkdir()
+    (out / "extra" / "train.bin").write_bytes(b"a user's file, whatever its name")
+    old_manifest = json.loads((out / "manifest.json").read_text())
+    old_manifest["files"]["stale.bin"] = "0" * 64  # a file an older keel wrote and the new build no longer does
+    (out / "manifest.json").write_text(json.dumps(old_manifest))
+    (out / "stale.bin").write_bytes(b"old")
+    manifest = prepare([str(copy_modules(tmp_path / "other", MODULES[:8]))], out, force=True, **OPTIONS)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "NOTES.md", "extra", "manifest.json", "tokenizer.json", "train.bin", "val.bin",
+    ]  # fmt: skip
+    assert (out / "NOTES.md").read_text() == "where this data came from\n"
+    assert (out / "extra" / "train.bin").read_bytes() == b"a user's file, whatever its name"
+    assert open_data(out).manifest == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other"]
+
+
+def test_force_never_overwrites_a_file_keel_did_not_write(prepared, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(prepared[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"]["val.bin"], manifest["sizes"]["val.bin"]  # so val.bin is not keel's any more
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "val.bin").write_bytes(b"the user's own file")
+    with pytest.raises(UserError, match=f"{out / 'val.bin'} was not written by keel prepare and would be overwritten"):
+        prepare([str(prepared[2])], out, force=True, **OPTIONS)
+    assert (out / "val.bin").read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_force_fills_an_empty_folder(prepared, tmp_path):
+    (tmp_path / "data").mkdir()
+    prepare([str(prepared[2])], tmp_path / "data", force=True, **OPTIONS)
+    open_data(tmp_path / "data")
+
+
 # Every bad input ends in a UserError naming the input.
 
 
@@ -224,7 +281,8 @@ def test_folder_with_only_binary_files(tmp_path):
     corpus.mkdir()
     for name in MODULES[:3]:  # real text, but saved as UTF-16
         (corpus / name.replace(".py", ".txt")).write_bytes((STDLIB / name).read_text().encode("utf-16"))
-    with pytest.raises(UserError, match=f"{corpus} has no text: all 3 of its files are binary or not UTF-8"):
+    message = f"{corpus} has no text: all 3 of its files are binary, not UTF-8 or unreadable"
+    with pytest.raises(UserError, match=message):
         prepare([str(corpus)], tmp_path / "out", **OPTIONS)
 
 
@@ -270,3 +328,57 @@ def test_corpus_too_small_to_split(tmp_path):
 def test_ids_above_uint16_use_uint32():
     # A corpus this small cannot supply 65k merges, so check the rule prepare applies directly.
     assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+
+
+def test_unreadable_files_and_broken_symlinks_are_skipped_and_counted(tmp_path):
+    corpus = copy_modules(tmp_path / "corpus")
+    (corpus / "gone.py").symlink_to(corpus / "deleted.py")  # dangling
+    (corpus / "loop.py").symlink_to(corpus / "loop.py")  # points at itself
+    (corpus / "loop.jsonl").symlink_to(corpus / "loop.jsonl")
+    (corpus / "zeros.txt").symlink_to("/dev/zero")  # would never end
+    os.mkfifo(corpus / "pipe.txt")  # would block the open
+    unreadable = [corpus / name for name in ("gone.py", "loop.jsonl", "loop.py", "pipe.txt", "zeros.txt")]
+    if os.geteuid() != 0:  # root reads a chmod 000 file all the same
+        shutil.copy(STDLIB / "this.py", corpus / "secret.py")
+        (corpus / "secret.py").chmod(0)
+        unreadable.append(corpus / "secret.py")
+        shutil.copy(STDLIB / "this.py", tmp_path / "secret.jsonl")
+        (tmp_path / "secret.jsonl").chmod(0)
+        with pytest.raises(UserError, match="secret.jsonl has no text: all 1 of its files are .* unreadable"):
+            prepare([str(tmp_path / "secret.jsonl")], tmp_path / "out", **OPTIONS)
+    manifest = prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+    skipped = manifest["documents"]["skipped"]["unreadable"]
+    assert skipped == {"count": len(unreadable), "examples": [str(path) for path in sorted(unreadable)]}
+    assert manifest["documents"]["kept"] == len(MODULES)
+
+
+def test_long_documents_are_cut_into_pieces_that_encode_as_the_whole(tmp_path, monkeypatch):
+    corpus = copy_modules(tmp_path / "corpus", MODULES[:8])
+    (corpus / "notes.txt").write_bytes("Grüße aus 東京 🐍, line\r\n".encode() * 300)
+    whole = prepare([str(corpus)], tmp_path / "whole", **OPTIONS)
+    monkeypatch.setattr(clean, "PIECE_CHARS", 500)
+    monkeypatch.setattr(clean, "READ_BYTES", 333)  # chunks that end inside CRLFs and UTF-8 sequences
+    pieces = prepare([str(corpus)], tmp_path / "pieces", **OPTIONS)
+    # Cut before whitespace, where the pre-tokenizer splits anyway: the same merges, the same ids.
+    assert pieces["files"] == whole["files"] and pieces["splits"] == whole["splits"]
+
+
+def test_a_line_without_spaces_longer_than_a_piece_round_trips(tmp_path, monkeypatch):
+    corpus = copy_modules(tmp_path / "corpus", MODULES[:8])
+    (corpus / "one_line.txt").write_text("x" * 3_000 + "é" * 2_000 + " tail")
+    monkeypatch.setattr(clean, "PIECE_CHARS", 500)
+    prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+    decoded = documents_of(tmp_path / "out", "train") + documents_of(tmp_path / "out", "val")
+    assert sorted(decoded) == sorted(normalised(path) for path in corpus.iterdir())
+
+
+def test_a_stop_signal_waits_for_the_files_to_be_swapped():
+    import keel.data
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with keel.data._signals_held():
+            signal.raise_signal(signal.SIGINT)
+            steps.append("the swap went on")
+    assert steps == ["the swap went on"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

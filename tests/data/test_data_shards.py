@@ -1,5 +1,7 @@
 """Reading a DATA_DIR and the batch sampler's determinism contract."""
 
+import json
+import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from keel.data import eval_batches, get_batch, open_data, prepare
+from keel.data import eval_batches, get_batch, open_data, prepare, shards
+from keel.data.shards import sha256_file
 from keel.errors import UserError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -55,14 +58,122 @@ def test_open_data_on_a_folder_that_is_not_data(tmp_path):
         open_data(tmp_path)
 
 
-def test_verify_names_a_corrupted_file(data_dir, tmp_path):
+@pytest.fixture
+def copy(data_dir, tmp_path) -> Path:
+    """A private copy of the data dir, without the stamp of earlier opens."""
     copy = tmp_path / "copy"
-    shutil.copytree(data_dir, copy)
+    shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns(".verified.json"))
+    return copy
+
+
+@pytest.fixture
+def hashes(monkeypatch) -> list[str]:
+    """Names of the files verify_files hashes, in order."""
+    hashed = []
+
+    def counting_sha256_file(path):
+        hashed.append(Path(path).name)
+        return sha256_file(path)
+
+    monkeypatch.setattr(shards, "sha256_file", counting_sha256_file)
+    return hashed
+
+
+def test_a_flipped_bit_is_refused_at_open(copy):
     tokens = bytearray((copy / "val.bin").read_bytes())
     tokens[10] ^= 1  # one flipped bit
     (copy / "val.bin").write_bytes(tokens)
-    with pytest.raises(UserError, match=f"{copy / 'val.bin'} is missing or corrupted"):
-        open_data(copy).verify()
+    with pytest.raises(UserError, match=f"{copy / 'val.bin'} is corrupted .*; re-create {copy} with keel prepare"):
+        open_data(copy)
+
+
+def test_a_file_cut_by_one_byte_is_refused(copy):
+    open_data(copy)  # verified once, so the stamp has an entry for it
+    with open(copy / "train.bin", "r+b") as f:
+        f.truncate((copy / "train.bin").stat().st_size - 1)
+    with pytest.raises(UserError, match=f"{copy / 'train.bin'} is .* bytes where the manifest says .*cut short"):
+        open_data(copy)
+
+
+def test_an_overwrite_of_the_same_size_is_refused_even_with_its_mtime_put_back(copy, hashes):
+    open_data(copy)
+    path = copy / "train.bin"
+    before = path.stat()
+    tokens = bytearray(path.read_bytes())
+    tokens[-1] ^= 1
+    path.write_bytes(tokens)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(UserError, match=f"{path} is corrupted"):
+        open_data(copy)
+
+
+def test_a_second_open_only_stats(copy, hashes):
+    open_data(copy)
+    assert sorted(hashes) == ["tokenizer.json", "train.bin", "val.bin"]
+    stamp = json.loads((copy / ".verified.json").read_text())
+    assert sorted(stamp) == sorted(hashes) and stamp["train.bin"]["size"] == (copy / "train.bin").stat().st_size
+    hashes.clear()
+    assert open_data(copy).vocab_size == 400
+    assert hashes == []
+    (copy / "val.bin").write_bytes((copy / "val.bin").read_bytes())  # same bytes, new ctime: hashed again
+    open_data(copy)
+    assert hashes == ["val.bin"]
+
+
+def test_a_data_dir_that_cannot_hold_the_stamp_keeps_it_under_keel_home(copy, hashes, keel_home):
+    # A folder where the stamp should be stands for a read-only data dir (root can write anywhere).
+    (copy / ".verified.json").mkdir()
+    open_data(copy)
+    [stamp] = (keel_home / "verified").iterdir()
+    assert sorted(json.loads(stamp.read_text())) == ["tokenizer.json", "train.bin", "val.bin"]
+    hashes.clear()
+    open_data(copy)
+    assert hashes == []
+
+
+def test_a_missing_tokenizer_is_refused(copy):
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=f"{copy / 'tokenizer.json'} is missing; re-create {copy} with keel prepare"):
+        open_data(copy)
+
+
+OUTSIDE = ", which is not a file of its own directory"
+
+
+def edit_manifest(data_dir: Path, edit) -> None:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    edit(manifest)
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda m: m.pop("splits"), "no splits"),
+        (lambda m: m["splits"]["val"].pop("file"), "no splits.val.file"),
+        (lambda m: m["tokenizer"].update(vocab_size="400"), "tokenizer.vocab_size is not int"),
+        (lambda m: m.update(dtype="float64"), "dtype is 'float64', not one of uint16, uint32"),
+        (lambda m: m.update(files=["train.bin"]), "files is not dict"),
+        (lambda m: m["files"].pop("tokenizer.json"), "files has no sha256 of tokenizer.json"),
+        (lambda m: m["splits"]["train"].update(file="../train.bin"), f"it names '../train.bin'{OUTSIDE}"),
+        (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), f"it names '/etc/passwd'{OUTSIDE}"),
+    ],
+)
+def test_a_damaged_manifest_is_refused_with_one_sentence(copy, edit, problem):
+    edit_manifest(copy, edit)
+    with pytest.raises(UserError) as error:
+        open_data(copy)
+    assert str(error.value) == (
+        f"{copy / 'manifest.json'} is damaged ({problem}); re-create {copy} with keel prepare --force"
+    )
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_a_manifest_that_is_not_a_json_object_is_refused(copy, text):
+    (copy / "manifest.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match=f"{copy / 'manifest.json'} is damaged \\(not a JSON object\\); re-create"):
+        open_data(copy)
 
 
 def test_get_batch_is_a_pure_function_of_its_arguments(data_dir):

@@ -41,4 +41,4 @@ def test_folder_listing_is_recursive_sorted_and_skips_hidden_and_other_suffixes(
 def test_a_named_file_is_read_as_text_whatever_its_suffix(tmp_path):
     readme = tmp_path / "README"
     readme.write_bytes(b"plain text without a suffix\r\n")
-    assert list(read_source(str(readme))) == [(str(readme), b"plain text without a suffix\r\n")]
+    assert list(read_source(str(readme))) == [(str(readme), readme)]

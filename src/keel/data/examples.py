@@ -59,6 +59,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import tokenize
 from collections import Counter
@@ -72,7 +73,17 @@ from tqdm import tqdm
 
 from keel.data.chat import ROLES, Piece, Template, add_chat_tokens, chat_pieces, encode_pieces, plain_pieces
 from keel.data.clean import Cleaner
-from keel.data.shards import FORMAT, MANIFEST_FILE, SPLITS, sha256_file, split_of, token_dtype, verify_files
+from keel.data.shards import (
+    FORMAT,
+    MANIFEST_FILE,
+    SPLITS,
+    check_manifest,
+    read_manifest,
+    sha256_file,
+    split_of,
+    token_dtype,
+    verify_files,
+)
 from keel.data.sources import python_stdlib_files
 from keel.data.tokenizer import EOT, TOKENIZER_FILE, load_tokenizer
 from keel.errors import UserError
@@ -111,8 +122,8 @@ def source_kind(source: str) -> str:
     if source in BUILTIN_SOURCES:
         return BUILTIN_SOURCES[source]
     path = Path(source)
-    if path.suffix != ".jsonl" or not path.is_file():
-        return "text"
+    if path.suffix != ".jsonl" or not path.is_file() or not os.access(path, os.R_OK):
+        return "text"  # the text reader counts a file it may not read as unreadable and says so
     for line_number, record in _jsonl_records(path):
         if not isinstance(record, dict):
             return "text"  # the text reader names the line
@@ -176,15 +187,10 @@ def resolve_base(path: Path) -> Base:
             )
         data_path = (config.get("data") or {}).get("path")
         context_length = (config.get("model") or {}).get("context_length")
-        manifest = _read_manifest(Path(data_path)) if data_path else None
+        manifest = read_manifest(Path(data_path)) if data_path else None
         return Base(path, _split_options(manifest) if manifest else None, context_length)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     return Base(path, _split_options(manifest) if manifest else {}, None)
-
-
-def _read_manifest(data_dir: Path) -> dict | None:
-    manifest_path = data_dir / MANIFEST_FILE
-    return json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
 
 
 def _split_options(manifest: dict) -> dict:
@@ -485,7 +491,7 @@ def stdlib_examples(
     found = []  # (where, split, function, digest) of every documented function, in file order
     splits_of_function: dict[bytes, set[str]] = {}
     for path in python_stdlib_files() if files is None else files:
-        text = cleaner.clean(str(path), path.read_bytes())
+        text = cleaner.clean(str(path), path)
         if text is None:  # not in the pretraining data either
             skipped["file_dropped_by_cleaner"] += 1
             continue
@@ -675,6 +681,7 @@ def build_examples(build_dir: Path, plan: Plan, progress: bool = True) -> dict:
         "dtype": dtype.name,
         "splits": splits,
         "files": {name: sha256_file(build_dir / name) for name in files},
+        "sizes": {name: (build_dir / name).stat().st_size for name in files},
     }
     (build_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -854,14 +861,34 @@ class ExampleData:
         return path
 
 
+# The fields ExampleData and the tasks read; check_manifest refuses a manifest without them.
+EXAMPLES_SCHEMA = {
+    "format": str,
+    "version": int,
+    "kind": KINDS,
+    "template": {"eot_id": int, "end_id": int},
+    "tokenizer": {"vocab_size": int},
+    "dtype": ("uint16", "uint32"),
+    "splits": {split: {"examples": int, "sequences": int, "tokens": int} for split in SPLITS},
+    "files": dict,
+}
+
+
+def _example_reads(manifest: dict) -> list[str]:
+    names = ["tokens", "mask", "offsets"] + (["p_chosen"] if manifest["kind"] == "pref" else [])
+    return [TOKENIZER_FILE] + [f"{split}.{name}.bin" for split in SPLITS for name in names]
+
+
 def open_examples(data_dir: Path, kind: str | None = None) -> ExampleData:
-    """Open a DATA_DIR of SFT examples or preference pairs (of `kind`, if given); files are read lazily."""
+    """Open a DATA_DIR of SFT examples or preference pairs (of `kind`, if given): check its manifest and verify
+    its files (see `keel.data.shards.verify_files`); sequences are read lazily."""
     assert kind in (None, *KINDS), kind
     data_dir = Path(data_dir)
-    manifest = _read_manifest(data_dir)
+    manifest = read_manifest(data_dir)
     if manifest is None:
         raise UserError(f"{data_dir} is not a keel data directory; create it with keel prepare")
-    if manifest.get("format") != FORMAT or manifest.get("version", 0) > EXAMPLES_VERSION:
+    version = manifest.get("version", 0)
+    if manifest.get("format") != FORMAT or not isinstance(version, int) or version > EXAMPLES_VERSION:
         raise UserError(
             f"{data_dir} was written by a newer or unknown keel data format; re-create it with keel prepare --force"
         )
@@ -871,9 +898,11 @@ def open_examples(data_dir: Path, kind: str | None = None) -> ExampleData:
             f"{data_dir} holds pretraining text, not SFT examples or preference pairs; prepare a JSONL of examples "
             "with keel prepare FILE.jsonl --tokenizer DIR --out DATA_DIR"
         )
-    if kind is not None and found != kind:
+    if kind is not None and found != kind and found in KINDS:
         raise UserError(
             f"{data_dir} holds {KIND_NAMES[found]}, not {KIND_NAMES[kind]}; point data.path at a directory of "
             f"{KIND_NAMES[kind]}"
         )
+    check_manifest(data_dir, manifest, EXAMPLES_SCHEMA, _example_reads)
+    verify_files(data_dir, manifest)
     return ExampleData(data_dir, manifest)

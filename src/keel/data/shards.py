@@ -14,16 +14,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from keel.data.tokenizer import load_tokenizer
+from keel.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from keel.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 FORMAT = "keel-data"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+STAMP_FILE = ".verified.json"  # which files were already checked against the manifest: see verify_files
 SPLITS = ("train", "val")
 ENCODE_BATCH_CHARS = 1 << 20  # ~1 MB of text per encode_batch call: parallel enough, small in memory
 
@@ -42,8 +45,12 @@ def split_of(text: str, val_fraction: float) -> str:
     A hash, not a random draw, so a document lands in the same split whatever else is in the
     corpus and in whatever order the sources are read.
     """
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
+    return split_of_digest(hashlib.sha256(text.encode("utf-8")).digest(), val_fraction)
+
+
+def split_of_digest(sha256: bytes, val_fraction: float) -> str:
+    """`split_of` a text from the sha256 of its UTF-8 bytes (hashed piece by piece, for a long document)."""
+    return "val" if int.from_bytes(sha256[:8], "big") < val_fraction * 2**64 else "train"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -52,17 +59,26 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def write_shard(
-    tokenizer: Tokenizer, texts: Iterable[str], path: Path, eot_id: int, num_texts: int, progress: bool
+    tokenizer: Tokenizer,
+    pieces: Iterable[tuple[bool, str]],
+    path: Path,
+    eot_id: int,
+    num_pieces: int,
+    progress: bool,
 ) -> int:
-    """Encode `texts` in batches and write them as `[eot] + ids` each to `path`; returns the token count."""
+    """Encode the documents given as (starts_a_document, text) pieces in batches and write `[eot] + ids` of each
+    to `path`; returns the token count. A long document comes in several pieces, cut where the
+    pre-tokenizer splits anyway (see keel.data.clean), so its ids are those of the whole text."""
     dtype = token_dtype(tokenizer.get_vocab_size())
     num_tokens = 0
-    bar = tqdm(total=num_texts, desc=f"encoding {path.stem}", unit=" docs", disable=not progress)
+    bar = tqdm(total=num_pieces, desc=f"encoding {path.stem}", unit=" pieces", disable=not progress)
     with open(path, "wb") as out, bar:
-        for batch in _batches_of_chars(texts, ENCODE_BATCH_CHARS):
+        for batch in _batches_of_chars(pieces, ENCODE_BATCH_CHARS):
             ids = []
-            for encoding in tokenizer.encode_batch_fast(batch, add_special_tokens=False):
-                ids.append(eot_id)
+            encodings = tokenizer.encode_batch_fast([text for _, text in batch], add_special_tokens=False)
+            for (starts_document, _), encoding in zip(batch, encodings):
+                if starts_document:
+                    ids.append(eot_id)
                 ids.extend(encoding.ids)
             np.asarray(ids, dtype=dtype).tofile(out)
             num_tokens += len(ids)
@@ -70,11 +86,11 @@ def write_shard(
     return num_tokens
 
 
-def _batches_of_chars(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+def _batches_of_chars(pieces: Iterable[tuple[bool, str]], max_chars: int) -> Iterator[list[tuple[bool, str]]]:
     batch, num_chars = [], 0
-    for text in texts:
-        batch.append(text)
-        num_chars += len(text)
+    for piece in pieces:
+        batch.append(piece)
+        num_chars += len(piece[1])
         if num_chars >= max_chars:
             yield batch
             batch, num_chars = [], 0
@@ -128,33 +144,207 @@ class TokenData:
         verify_files(self.path, self.manifest)
 
 
-def verify_files(data_dir: Path, manifest: dict) -> None:
-    """Recompute the sha256 of every file the manifest lists; raise UserError on a mismatch."""
+def read_manifest(data_dir: Path) -> dict | None:
+    """The parsed manifest.json of `data_dir`, None if it has none; a UserError if it is not a JSON object."""
+    manifest_path = Path(data_dir) / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except OSError as err:
+        raise UserError(f"{manifest_path} cannot be read ({err.strerror}); check its permissions") from err
+    except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise UserError(
+            f"{manifest_path} is damaged (not a JSON object); re-create {data_dir} with keel prepare --force"
+        )
+    return manifest
+
+
+def is_file_name(name: object) -> bool:
+    """True for a plain file name: keel writes DATA_DIR flat, so "../x", "/etc/x" or "a/b" in a manifest is refused."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def keel_files(data_dir: Path) -> set[str] | None:
+    """The names of the files keel wrote in `data_dir`, or None if its manifest is missing or not keel's.
+
+    This is what `keel prepare --force` may remove: the manifest, the files it lists and the
+    verification stamp; nothing else, whatever else the folder holds.
+    """
+    try:
+        manifest = read_manifest(data_dir)
+    except UserError:
+        return None
+    files = manifest.get("files") if manifest is not None and manifest.get("format") == FORMAT else None
+    if not isinstance(files, dict) or not all(is_file_name(name) for name in files):
+        return None
+    return {MANIFEST_FILE, STAMP_FILE, *files}
+
+
+def check_manifest(data_dir: Path, manifest: dict, schema: dict, reads: Callable[[dict], list[str]]) -> None:
+    """A UserError naming `data_dir` if the manifest lacks a field of `schema` or has one of another type, or if
+    a file it names is outside `data_dir` or has no sha256 (so would be read unverified).
+
+    `schema` maps keys to a type, a tuple of allowed values, or a nested schema; `reads(manifest)`
+    lists the files the reader will open.
+    """
+    problem = _schema_problem(manifest, schema, "")
+    if problem is None:
+        files = manifest["files"]
+        outside = [name for name in [*files, *reads(manifest)] if not is_file_name(name)]
+        unlisted = [name for name in reads(manifest) if name not in files]
+        if outside:
+            problem = f"it names {outside[0]!r}, which is not a file of its own directory"
+        elif unlisted:
+            problem = f"files has no sha256 of {unlisted[0]}"
+        elif not all(isinstance(digest, str) for digest in files.values()):
+            problem = "files: a sha256 is not a string"
+    if problem is not None:
+        raise UserError(
+            f"{data_dir / MANIFEST_FILE} is damaged ({problem}); re-create {data_dir} with keel prepare --force"
+        )
+
+
+def _schema_problem(value: object, schema: object, where: str) -> str | None:
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the manifest'} is not an object"
+        for key, inner in schema.items():
+            if key not in value:
+                return f"no {where}{key}"
+            if (problem := _schema_problem(value[key], inner, f"{where}{key}.")) is not None:
+                return problem
+        return None
+    where = where.rstrip(".")
+    if isinstance(schema, tuple):
+        return None if value in schema else f"{where} is {value!r}, not one of {', '.join(map(str, schema))}"
+    is_int_for_bool = schema is int and isinstance(value, bool)
+    return None if isinstance(value, schema) and not is_int_for_bool else f"{where} is not {schema.__name__}"
+
+
+def _text_reads(manifest: dict) -> list[str]:
+    return [TOKENIZER_FILE] + [manifest["splits"][split]["file"] for split in SPLITS]
+
+
+def verify_files(data_dir: Path, manifest: dict) -> int:
+    """Check every file the manifest lists against its sha256 before use; a UserError names the first bad one.
+
+    Cheap enough for every start: sizes are compared always (a stat), and a file is hashed only
+    when the verification stamp does not say that this exact file -- same size, mtime, ctime,
+    inode and device -- already matched this sha256. So the first open of a data directory reads
+    its files once at disk speed, and every later one (a restart after a crash, the frequent
+    case) only stats them. Rewriting a file changes its ctime, which no user can set back (utime
+    sets ctime to now), so an overwritten file is always hashed again, even with its mtime reset.
+
+    The stamp is DATA_DIR/.verified.json, written atomically; when DATA_DIR is read-only it goes to
+    $KEEL_HOME/verified/<hash of DATA_DIR's absolute path>.json. Returns the number of files hashed.
+    """
+    data_dir = Path(data_dir)
+    stamp = {**_read_stamp(_home_stamp_path(data_dir)), **_read_stamp(data_dir / STAMP_FILE)}
+    sizes = manifest.get("sizes") if isinstance(manifest.get("sizes"), dict) else {}  # absent before sizes were kept
+    verified, num_hashed = {}, 0
     for name, expected in manifest["files"].items():
         path = data_dir / name
-        if not path.is_file() or sha256_file(path) != expected:
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None
+        if stat is None or not S_ISREG(stat.st_mode):
+            raise UserError(f"{path} is missing; re-create {data_dir} with keel prepare --force")
+        if isinstance(sizes.get(name), int) and stat.st_size != sizes[name]:
             raise UserError(
-                f"{path} is missing or corrupted (sha256 mismatch); re-create {data_dir} with keel prepare --force"
+                f"{path} is {stat.st_size:,} bytes where the manifest says {sizes[name]:,} (cut short or overwritten); "
+                f"re-create {data_dir} with keel prepare --force"
             )
+        # Stat before hashing: a write during the hash changes ctime, so the stamp will not match next time.
+        key = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "ctime_ns": stat.st_ctime_ns,
+            "inode": stat.st_ino,
+            "device": stat.st_dev,
+            "sha256": expected,
+        }
+        if stamp.get(name) != key:
+            num_hashed += 1
+            if sha256_file(path) != expected:
+                raise UserError(
+                    f"{path} is corrupted (its sha256 differs from the manifest's); "
+                    f"re-create {data_dir} with keel prepare --force"
+                )
+        verified[name] = key
+    if verified != stamp:
+        _write_stamp(data_dir, verified)
+    return num_hashed
+
+
+def _home_stamp_path(data_dir: Path) -> Path:
+    home = Path(os.environ.get("KEEL_HOME") or Path.home() / ".keel")
+    key = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:32]
+    return home / "verified" / f"{key}.json"
+
+
+def _read_stamp(path: Path) -> dict:
+    try:
+        stamp = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # none yet, unreadable, or torn: every file is hashed again, nothing worse
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _write_stamp(data_dir: Path, stamp: dict) -> None:
+    """Write the stamp next to the data, or under KEEL_HOME if the data is read-only; a stamp is only a cache."""
+    text = json.dumps(stamp, indent=1) + "\n"
+    for path in (data_dir / STAMP_FILE, _home_stamp_path(data_dir)):
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: DDP ranks write at once
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(text)
+            os.replace(temporary, path)
+            return
+        except OSError:
+            try:
+                temporary.unlink(missing_ok=True)
+            except OSError:  # its folder could not be created
+                pass
+    # Neither place is writable: the next start hashes again, which is slower but still safe.
+
+
+# The fields TokenData reads; check_manifest refuses a manifest without them.
+TEXT_SCHEMA = {
+    "format": str,
+    "version": int,
+    "splits": {split: {"file": str, "tokens": int} for split in SPLITS},
+    "tokenizer": {"vocab_size": int, "eot_id": int},
+    "dtype": ("uint16", "uint32"),
+    "files": dict,
+}
 
 
 def open_data(data_dir: Path) -> TokenData:
-    """Open a DATA_DIR written by `keel prepare` (cheap: files are read lazily)."""
+    """Open a DATA_DIR written by `keel prepare`: check its manifest and verify its files (see `verify_files`).
+
+    Token arrays are read lazily.
+    """
     data_dir = Path(data_dir)
-    manifest_path = data_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
+    manifest = read_manifest(data_dir)
+    if manifest is None:
         raise UserError(f"{data_dir} is not a keel data directory; create it with keel prepare")
-    manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") == FORMAT and manifest.get("kind", "text") != "text":
         holds = {"sft": "SFT examples", "pref": "preference pairs"}.get(manifest["kind"], manifest["kind"])
         raise UserError(
             f"{data_dir} holds {holds}, not pretraining text; train on it with the task made for it, "
             "or point data.path at a data directory of text"
         )
-    if manifest.get("format") != FORMAT or manifest.get("version", 0) > FORMAT_VERSION:
+    version = manifest.get("version", 0)
+    if manifest.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(
             f"{data_dir} was written by a newer or unknown keel data format; re-create it with keel prepare --force"
         )
+    check_manifest(data_dir, manifest, TEXT_SCHEMA, _text_reads)
+    verify_files(data_dir, manifest)
     return TokenData(data_dir, manifest)
 
 

@@ -2,8 +2,9 @@
 
 `read_source(SOURCE)` checks SOURCE at once (so a typo in the last source fails before the
 first one is read) and returns a lazy iterator of `(origin, content)` pairs: `origin` names the
-document for the summary (a path, `path:line` or `path#row`), `content` is the raw bytes of a
-text file (decoding and binary detection belong to `clean`) or a `str` from a structured record.
+document for the summary (a path, `path:line` or `path#row`), `content` is the path of a text
+file (reading it in chunks, decoding, and telling binary or unreadable files belong to `clean`)
+or a `str` from a structured record.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sysconfig
+import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 from keel.errors import UserError
 
-Document = tuple[str, str | bytes]
+Document = tuple[str, str | Path]
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
@@ -25,6 +29,7 @@ SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
 # stdlib are not part of it; hidden folders (.git, .venv) and caches never hold corpus text.
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 PARQUET_BATCH_ROWS = 1024
+HUB_TIMEOUT_SECONDS = 5  # a reachable hub answers a TCP connect in well under a second
 
 
 def read_source(source: str) -> Iterator[Document]:
@@ -76,13 +81,24 @@ def python_stdlib_files() -> list[Path]:
 
 def _files_documents(files: list[Path]) -> Iterator[Document]:
     for path in files:
-        if path.suffix == ".jsonl":
+        if path.suffix == ".jsonl" and _can_open(path):
             yield from _jsonl_documents(path)
-        elif path.suffix == ".parquet":
+        elif path.suffix == ".parquet" and _can_open(path):
             yield from _parquet_documents(path)
         else:
-            # A file named explicitly is read as text whatever its suffix (README, notes.text).
-            yield str(path), path.read_bytes()
+            # A file named explicitly is read as text whatever its suffix (README, notes.text); one that
+            # cannot be opened (a dangling or looping symlink, no permission) is counted as unreadable there.
+            yield str(path), path
+
+
+def _can_open(path: Path) -> bool:
+    if not path.is_file():  # opening a FIFO would block
+        return False
+    try:
+        open(path, "rb").close()
+    except OSError:
+        return False
+    return True
 
 
 def _jsonl_documents(path: Path) -> Iterator[Document]:
@@ -132,12 +148,14 @@ def _parquet_documents(path: Path) -> Iterator[Document]:
 
 
 def _hf_documents(source: str) -> Iterator[Document]:
-    import datasets  # imported here: it is slow to import and only hf: sources need it
-
     parts = source[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 3:
         raise UserError(f"cannot read {source!r}; write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
     name, config, split = (parts + ["", ""])[:3]
+    if not Path(name).exists():  # a dataset folder on disk needs no hub
+        _check_hub_reachable(source)  # before importing datasets, which alone takes seconds
+    import datasets  # imported here: it is slow to import and only hf: sources need it
+
     try:
         dataset = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as err:  # the hub, the builders and the network raise many kinds
@@ -148,3 +166,36 @@ def _hf_documents(source: str) -> Iterator[Document]:
             "pick a dataset with a text column"
         )
     return ((f"{source}#{row}", record["text"] or "") for row, record in enumerate(dataset))
+
+
+def _check_hub_reachable(source: str) -> None:
+    """A UserError within HUB_TIMEOUT_SECONDS if the hub's host cannot be reached.
+
+    Without it, the hub client retries and waits out its own timeouts for minutes on a machine
+    without network before it says anything. The connection is made in a thread because name
+    resolution (getaddrinfo) takes no timeout of its own.
+    """
+    from huggingface_hub import constants  # its ENDPOINT honours HF_ENDPOINT
+
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if constants.HF_HUB_OFFLINE or offline:
+        return  # the user asked for the cache only: datasets says itself if the dataset is not there
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    errors: list[OSError] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((endpoint.hostname, port), timeout=HUB_TIMEOUT_SECONDS).close()
+        except OSError as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=connect, daemon=True)  # daemon: a hung lookup must not hold up the exit
+    thread.start()
+    thread.join(HUB_TIMEOUT_SECONDS)
+    if thread.is_alive() or errors:
+        reason = f"{errors[0].strerror or errors[0]}" if errors else f"no answer within {HUB_TIMEOUT_SECONDS} s"
+        raise UserError(
+            f"cannot reach the Hugging Face hub at {constants.ENDPOINT} to load {source} ({reason}); check the "
+            "network, or set HF_HUB_OFFLINE=1 to read datasets already in the Hugging Face cache"
+        )
