@@ -15,7 +15,6 @@ from keel.supervisor.watchdog import run_watchdog
 def launch(config: RunConfig, run_dir: Path) -> int:
     """Train or resume the run in run_dir; returns the process exit code."""
     config = init_run_dir(config, run_dir)
-    registry = Registry()
 
     def record(entry: dict) -> None:
         print(f"watchdog: {entry['message']}", file=sys.stderr)
@@ -24,10 +23,12 @@ def launch(config: RunConfig, run_dir: Path) -> int:
     def mirror(entry: dict) -> None:
         registry.log_event(config.name, entry.get("step"), entry["kind"], entry["message"], entry)
 
-    logbook = Logbook(run_dir / LOGBOOK_FILE, mirror=mirror)
-    argv = [sys.executable, "-m", "keel.train.worker", str(run_dir)]
-    code = run_watchdog(argv, run_dir, config.watchdog, on_event=record)
-    run = registry.get_run(config.name)
-    if code != 0 and run and run["status"] == "running":  # the trainer died without saying how it ended
-        registry.update_run(config.name, status="failed")
+    # The registry's writes never raise (an unusable registry holds them back and says so once), and
+    # the watchdog only writes to it: a broken registry cannot take the watchdog down.
+    with Registry() as registry:
+        logbook = Logbook(run_dir / LOGBOOK_FILE, mirror=mirror)
+        argv = [sys.executable, "-m", "keel.train.worker", str(run_dir)]
+        code = run_watchdog(argv, run_dir, config.watchdog, on_event=record)
+        if code != 0:
+            registry.fail_if_running(config.name)  # unless the trainer said how it ended
     return code
