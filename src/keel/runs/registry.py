@@ -235,7 +235,7 @@ class Registry:
             _warn(
                 f"{self._queued_rows + self._dropped_rows:,} rows never reached the run registry {self.path} "
                 f"({self._outage}); once it is usable, `keel runs --import {run_dirs}` restores the run's row, "
-                "checkpoints and events from its directory, but these per-step metrics are lost."
+                "checkpoints and events from its directory, but the per-step metrics among these rows are lost."
             )
             self._queue.clear()
             self._queued_rows = 0
