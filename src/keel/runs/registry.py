@@ -175,7 +175,7 @@ class Registry:
     """A connection to the registry; use as a context manager or call close(), which saves queued writes.
 
     Opening connects lazily: a registry that cannot be opened is an outage for writers and a
-    UserError for readers, at their first use.
+    UserError for readers, at their first use. Reads see what reached the file, not the queue.
     """
 
     def __init__(self, path: Path | None = None) -> None:
