@@ -91,6 +91,18 @@ def test_writes_during_an_exclusive_lock_do_not_raise_and_land_in_order_after_it
     assert warnings(stderr, "usable again: 4 delayed writes saved") == 1
 
 
+def test_an_import_into_a_locked_registry_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry_lib, "_READ_BUSY_TIMEOUT_S", 0.1)  # a person would wait a few seconds
+    Registry().runs()
+    run = registry_lib.RunRecord("r", "/runs/r", {}, "finished", 0, 30, 100, None, 0.0, 0.0)
+    with locked(registry_path()), Registry() as registry:
+        with pytest.raises(UserError, match=f"run registry {registry_path()} is locked by another process"):
+            registry.import_run(run)
+    with Registry() as registry:
+        registry.import_run(run)
+        assert registry.get_run("r")["status"] == "finished"
+
+
 @pytest.mark.parametrize("how", ["text", "truncated"])
 def test_a_corrupt_registry_takes_writes_and_gets_them_once_moved_aside(how, capsys):
     corrupt(registry_path(), how)
