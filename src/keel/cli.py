@@ -294,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="import_dirs",
         nargs="+",
         metavar="RUN_DIR",
-        help="rebuild these runs' rows, checkpoints and events in the registry from their directories "
-        "(after the registry was unusable or replaced); per-step metrics live only in the registry",
+        help="rebuild these runs' rows, checkpoints, events and the metrics a registry outage left in "
+        "RUN_DIR/registry-backlog.jsonl, from their directories (after the registry was unusable or replaced)",
     )
     p.set_defaults(func=cmd_runs)
 

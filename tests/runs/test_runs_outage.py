@@ -18,6 +18,7 @@ from keel.errors import UserError
 from keel.runs import registry as registry_lib
 from keel.runs.importer import import_run
 from keel.runs.registry import Registry, registry_path
+from keel.runs.report import write_report
 from keel.runs.rundir import LOGBOOK_FILE, init_run_dir
 from keel.supervisor.logbook import read_logbook
 from keel.supervisor.watchdog import HEARTBEAT_FILE
@@ -140,13 +141,17 @@ def test_an_unwritable_registry_directory_stops_nothing(tmp_path, monkeypatch, c
     home = tmp_path / "not-a-directory" / "keel-home"
     home.parent.write_text("a file where KEEL_HOME's parent should be")
     monkeypatch.setenv("KEEL_HOME", str(home))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
     with Registry() as registry:
-        registry.start_run("r", "/runs/r", {})
+        registry.start_run("r", run_dir, {})
         registry.log_metrics("r", 1, {"loss": 3.0})
         with pytest.raises(UserError, match="cannot be opened for writing .* set KEEL_HOME to a writable directory"):
             registry.runs()
     stderr = capsys.readouterr().err
-    assert warnings(stderr, "cannot be written") == 1 and warnings(stderr, "2 rows never reached") == 1
+    assert warnings(stderr, "cannot be written") == 1 and warnings(stderr, "still unusable") == 1
+    backlog = (run_dir / registry_lib.BACKLOG_FILE).read_text()
+    assert json.loads(backlog) == {"step": 1, "segment": 0, "metrics": {"loss": 3.0}}
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -164,7 +169,7 @@ def test_a_read_only_registry_directory_stops_nothing(tmp_path, monkeypatch, cap
     assert warnings(capsys.readouterr().err, "cannot be written") == 1
 
 
-def test_the_queue_is_bounded_and_says_what_it_dropped(tmp_path, monkeypatch, capsys):
+def test_the_queue_is_bounded_and_moves_its_oldest_metrics_to_the_run_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(registry_lib, "MAX_QUEUED_ROWS", 10)
     run_dir = tmp_path / "tiny"
     run_dir.mkdir()
@@ -175,14 +180,18 @@ def test_the_queue_is_bounded_and_says_what_it_dropped(tmp_path, monkeypatch, ca
     assert segment == 1  # numbered by the logbook while the registry cannot
     for step in range(30):
         registry.log_metrics("r", step, {"loss": float(step)}, segment)
+    backlog = [json.loads(line) for line in (run_dir / registry_lib.BACKLOG_FILE).read_text().splitlines()]
+    assert len(backlog) >= 20 and all(line["segment"] == 1 for line in backlog)
     move_aside(registry_path())
     assert registry.flush()
     registry.close()
     with Registry() as reader:
-        assert reader.metrics("r")["loss"] == [(step, float(step)) for step in range(20, 30)]
-        assert reader.segments("r") == [(1, 20, 29)]
-        assert reader.get_run("r")["segment"] == 1  # the start itself was dropped; its row was re-created
-    assert warnings(capsys.readouterr().err, "21 older rows did not fit in memory and are lost") == 1
+        in_registry = reader.metrics("r")["loss"]
+        assert reader.get_run("r")["segment"] == 1  # the start itself left the queue; its row was re-created
+    # In order, nothing twice, nothing lost: the oldest in the backlog, the newest in the registry.
+    backlog_losses = [(line["step"], line["metrics"]["loss"]) for line in backlog]
+    assert backlog_losses + in_registry == [(step, float(step)) for step in range(30)]
+    assert warnings(capsys.readouterr().err, f"{len(backlog)} older metric rows did not fit in memory") == 1
 
 
 # -- training on a broken registry ---------------------------------------------------------------------
@@ -200,6 +209,7 @@ def test_training_under_another_process_lock_loses_no_row(tiny_data, tmp_path, c
         result = train(config, tmp_path / "tiny", registry, progress=False)
         assert result.status == "finished" and result.steps == 30
     registry.close()  # the lock is gone: the queue lands
+    assert not (tmp_path / "tiny" / registry_lib.BACKLOG_FILE).exists()
     with Registry() as reader:
         assert [step for step, _ in reader.metrics("tiny", "loss")["loss"]] == list(range(30))
         run = reader.get_run("tiny")
@@ -229,7 +239,10 @@ def test_training_finishes_on_a_corrupt_registry_and_import_rebuilds_the_run(tin
                 ckpt.checkpoint_step(path) for path in ckpt.list_checkpoints(run_dir)
             ]
             assert [e["data"] for e in registry.events("tiny")] == read_logbook(run_dir / LOGBOOK_FILE)
-            assert "loss" not in registry.metrics("tiny")  # per-step metrics were only ever in the registry
+            # The trainer ended with every metric still queued: they waited in the run directory.
+            assert [step for step, _ in registry.metrics("tiny", "loss")["loss"]] == list(range(30))
+            assert registry.segments("tiny") == [(0, 0, 30)]
+        assert write_report(run_dir, registry).is_file()
 
 
 def test_import_keeps_the_metrics_the_registry_has_and_reads_a_crash(tiny_data, tmp_path):
@@ -275,5 +288,6 @@ def test_keel_train_and_its_watchdog_on_a_corrupt_registry_then_runs_import(tiny
     imported = keel("runs", "--import", str(run_dir))
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith("imported tiny from") and "stopped at step" in imported.stdout
+    assert keel("report", str(run_dir)).returncode == 0  # the curves came back from the backlog
     assert keel("runs").stdout.splitlines()[1].split()[:2] == ["tiny", "stopped"]
     assert_user_error(keel("runs", "--import", str(tmp_path / "nowhere")), "not a keel run directory")

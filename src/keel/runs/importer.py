@@ -9,9 +9,10 @@ was replaced by a fresh one. The run directory is the source of truth for what i
   of trainer starts (`info run_start`, one per trainer process);
 - checkpoints: every `checkpoints/step_*/meta.json` on disk;
 - events: every logbook entry (the registry's events are the logbook's mirror, so they are replaced);
-- metrics: only the validation loss at each checkpoint kept on disk. Per-step metrics (loss,
-  gradient norm, lr, ...) exist only in the registry: what it already has is kept, and what it
-  missed is lost.
+- metrics: the validation loss at each checkpoint kept on disk, and the per-step metrics a registry
+  outage sent to `registry-backlog.jsonl` (those the trainer could not keep in memory, or still
+  held when it ended). Otherwise per-step metrics (loss, gradient norm, lr, ...) live only in the
+  registry, which keeps what it has.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from keel.runs.registry import Registry, RunRecord
+from keel.runs.registry import BACKLOG_FILE, Registry, RunRecord
 from keel.runs.rundir import CONFIG_FILE, LOGBOOK_FILE, load_run_config
 from keel.supervisor.logbook import read_logbook
 from keel.supervisor.watchdog import HEARTBEAT_FILE
@@ -80,6 +81,11 @@ def read_run(run_dir: Path) -> RunRecord:
         for c in checkpoints
         if c["val_loss"] is not None
     ]
+    metrics += [
+        {"step": line["step"], "key": key, "value": value, "segment": line["segment"]}
+        for line in _read_backlog(run_dir / BACKLOG_FILE)
+        for key, value in line["metrics"].items()
+    ]
     val_losses = [c["val_loss"] for c in checkpoints] + [
         e["evidence"].get("val_loss") for e in entries if (e["kind"], e["name"]) == ("info", "run_end")
     ]
@@ -106,6 +112,21 @@ def read_run(run_dir: Path) -> RunRecord:
         ],
         metrics=metrics,
     )
+
+
+def _read_backlog(path: Path) -> list[dict]:
+    """The backlog's lines in file order; a line torn by a crash mid-write is skipped."""
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("metrics"), dict) and isinstance(line.get("step"), int):
+            lines.append({"segment": 0, **line})
+    return lines
 
 
 def _status(run_dir: Path, entries: list[dict]) -> str:

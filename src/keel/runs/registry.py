@@ -9,11 +9,12 @@ The registry must never be the reason a run dies, so writers (trainer, watchdog)
 registry error. Every write joins an in-memory queue that goes to the file in order, in one
 transaction, whenever the registry is usable. When it is not (locked by another process beyond a
 short busy timeout, missing and impossible to create, read-only, corrupt), the queue waits and is
-retried with backoff; past MAX_QUEUED_ROWS the oldest writes are dropped. stderr hears once when an
-outage begins and once when it ends, not per write. A registry file moved aside under a running
+retried with backoff. stderr hears once when an outage begins and once when it ends, not per write.
+Metrics that cannot wait in memory (the queue passed MAX_QUEUED_ROWS, or the process ends during
+the outage) are appended to `RUN_DIR/registry-backlog.jsonl`; other writes are dropped then, since
+the run directory holds them already (config, checkpoints, logbook). `keel runs --import RUN_DIR`
+rebuilds the run from its directory, backlog included. A registry file moved aside under a running
 writer (to repair it) is noticed: a fresh one is created and the run's row re-created in it.
-`keel runs --import RUN_DIR` rebuilds from the run directory whatever never arrived, except the
-per-step metrics, which exist only here.
 
 Readers are people at a terminal: an unusable registry raises a UserError naming the file and the fix.
 
@@ -52,9 +53,10 @@ _READ_BUSY_TIMEOUT_S = 5.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 30.0
 # Rows held in memory while the registry is unusable (a metric value, a checkpoint, an event or a
 # run update is one row; each takes ~150 bytes, so ~15 MB): about an hour of a CPU run logging a
-# dozen metrics every step. Dropping the oldest beyond that loses only metrics for good: the run
-# directory holds the rest, for `keel runs --import`.
+# dozen metrics every step. Past it the oldest half moves to the run directory: memory stays
+# bounded, and the writes to the run directory (one fsynced append) come once per half-queue.
 MAX_QUEUED_ROWS = 100_000
+BACKLOG_FILE = "registry-backlog.jsonl"  # in the run directory: {"step", "segment", "metrics"} per line
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
     name TEXT PRIMARY KEY,
@@ -131,6 +133,7 @@ class RunRecord:
 class _Write:
     rows: int  # what it counts against MAX_QUEUED_ROWS
     apply: Callable[[sqlite3.Connection], None]
+    metrics: list[tuple] | None = None  # a metrics write's (run, step, key, value, segment) rows: they can wait on disk
 
 
 @dataclass
@@ -184,7 +187,8 @@ class Registry:
         self._file_id: tuple[int, int] | None = None  # the file the connection has open
         self._queue: deque[_Write] = deque()
         self._queued_rows = 0
-        self._dropped_rows = 0  # lost to a full queue during the current outage
+        self._backlog_rows = 0  # metric rows moved to run directories during the current outage
+        self._lost_rows = 0  # metric rows that had no run directory to go to
         self._outage: str | None = None  # why the registry is unusable, None while it works
         self._retry_s = _RETRY_FIRST_S
         self._next_try = 0.0  # time.monotonic() of the next attempt during an outage
@@ -231,14 +235,14 @@ class Registry:
         if self._queue:
             self._flush(_CLOSE_BUSY_TIMEOUT_S)
         if self._queue:
+            self._move_to_backlog(len(self._queue))
             run_dirs = " ".join(start.run_dir for start in self._started.values()) or "RUN_DIR"
+            lost = f"; {self._lost_rows:,} metric rows had no run directory to go to" if self._lost_rows else ""
             _warn(
-                f"{self._queued_rows + self._dropped_rows:,} rows never reached the run registry {self.path} "
-                f"({self._outage}); once it is usable, `keel runs --import {run_dirs}` restores the run's row, "
-                "checkpoints and events from its directory, but the per-step metrics among these rows are lost."
+                f"the run registry {self.path} is still unusable ({self._outage}): the metrics it missed wait in "
+                f"{BACKLOG_FILE} in the run directory{lost}. Once it is usable (a corrupt one moved aside), "
+                f"`keel runs --import {run_dirs}` brings it up to date."
             )
-            self._queue.clear()
-            self._queued_rows = 0
         self._disconnect()
 
     def __enter__(self) -> Registry:
@@ -249,17 +253,44 @@ class Registry:
 
     # -- writing (never raises for the registry's sake) -------------------------------------------
 
-    def _submit(self, rows: int, apply: Callable[[sqlite3.Connection], None]) -> bool:
+    def _submit(self, write: _Write) -> bool:
         """Queue a write and save the queue unless an outage's backoff says not yet; True if saved."""
-        self._queue.append(_Write(rows, apply))
-        self._queued_rows += rows
-        while self._queued_rows > MAX_QUEUED_ROWS and len(self._queue) > 1:
-            dropped = self._queue.popleft()
-            self._queued_rows -= dropped.rows
-            self._dropped_rows += dropped.rows
+        self._queue.append(write)
+        self._queued_rows += write.rows
+        if self._queued_rows > MAX_QUEUED_ROWS:
+            oldest, rows = 0, 0
+            while rows < self._queued_rows // 2 and oldest < len(self._queue) - 1:
+                rows += self._queue[oldest].rows
+                oldest += 1
+            self._move_to_backlog(oldest)
         if self._outage is not None and time.monotonic() < self._next_try:
             return False
         return self._flush(_WRITE_BUSY_TIMEOUT_S)
+
+    def _move_to_backlog(self, count: int) -> None:
+        """Take the oldest `count` writes off the queue; their metrics go to their runs' backlog files.
+
+        The rest (run updates, checkpoints, events) is dropped: the run directory has it already.
+        """
+        lines: dict[str, list[str]] = {}  # run directory -> JSON lines
+        for _ in range(count):
+            write = self._queue.popleft()
+            self._queued_rows -= write.rows
+            by_step: dict[tuple[str, int, int], dict[str, float | None]] = {}
+            for run, step, key, value, segment in write.metrics or []:
+                start = self._started.get(run)
+                if start is None:  # metrics of a run this process did not start: nowhere to put them
+                    self._lost_rows += 1
+                    continue
+                by_step.setdefault((start.run_dir, step, segment), {})[key] = value
+            for (run_dir, step, segment), values in by_step.items():
+                lines.setdefault(run_dir, []).append(json.dumps({"step": step, "segment": segment, "metrics": values}))
+                self._backlog_rows += len(values)
+        for run_dir, run_lines in lines.items():
+            try:
+                _append(Path(run_dir) / BACKLOG_FILE, "".join(line + "\n" for line in run_lines))
+            except OSError:
+                self._lost_rows += sum(len(json.loads(line)["metrics"]) for line in run_lines)
 
     def flush(self) -> bool:
         """Try to save the queued writes now, whatever the backoff; True when none is left waiting."""
@@ -291,11 +322,15 @@ class Registry:
         self._queue.clear()
         self._queued_rows = 0
         if self._outage is not None:
-            lost = (
-                f"; {self._dropped_rows:,} older rows did not fit in memory and are lost" if self._dropped_rows else ""
-            )
-            _warn(f"the run registry {self.path} is usable again: {saved} delayed writes saved{lost}.")
-            self._outage, self._dropped_rows, self._retry_s = None, 0, _RETRY_FIRST_S
+            moved = ""
+            if self._backlog_rows:
+                run_dirs = " ".join(start.run_dir for start in self._started.values())
+                moved = (
+                    f"; {self._backlog_rows:,} older metric rows did not fit in memory and wait in {BACKLOG_FILE}: "
+                    f"`keel runs --import {run_dirs}` loads them"
+                )
+            _warn(f"the run registry {self.path} is usable again: {saved} delayed writes saved{moved}.")
+            self._outage, self._backlog_rows, self._retry_s = None, 0, _RETRY_FIRST_S
         return True
 
     def start_run(self, name: str, run_dir: Path, config: dict[str, Any]) -> int:
@@ -306,7 +341,7 @@ class Registry:
         it saw start), and the registry takes that number when it catches up.
         """
         start = _Start(name, str(run_dir), json.dumps(config), time.time())
-        if not self._submit(1, start.write):
+        if not self._submit(_Write(1, start.write)):
             from keel.runs.importer import trainer_starts  # it reads run directories, and imports this module
 
             start.segment = len(trainer_starts(Path(run_dir)))
@@ -328,16 +363,18 @@ class Registry:
             cursor = db.execute(f"UPDATE runs SET {assignments}, updated = ? WHERE name = ?", values)
             assert cursor.rowcount == 1, f"run {name} is not in the registry; call start_run first"
 
-        self._submit(1, write)
+        self._submit(_Write(1, write))
 
     def fail_if_running(self, name: str) -> None:
         """Mark the run failed if it is still marked running: its trainer died without saying how it ended."""
         now = time.time()
         self._submit(
-            1,
-            lambda db: db.execute(
-                "UPDATE runs SET status = 'failed', updated = ? WHERE name = ? AND status = 'running'", (now, name)
-            ),
+            _Write(
+                1,
+                lambda db: db.execute(
+                    "UPDATE runs SET status = 'failed', updated = ? WHERE name = ? AND status = 'running'", (now, name)
+                ),
+            )
         )
 
     def log_metrics(self, name: str, step: int, values: dict[str, float], segment: int = 0) -> None:
@@ -348,19 +385,25 @@ class Registry:
         redoing steps after a rollback) overwrites the old values."""
         records = [(name, step, key, _to_sql(value), segment) for step, values in rows for key, value in values.items()]
         self._submit(
-            len(records),
-            lambda db: db.executemany(
-                "INSERT OR REPLACE INTO metrics (run, step, key, value, segment) VALUES (?, ?, ?, ?, ?)", records
-            ),
+            _Write(
+                len(records),
+                lambda db: db.executemany(
+                    "INSERT OR REPLACE INTO metrics (run, step, key, value, segment) VALUES (?, ?, ?, ?, ?)", records
+                ),
+                metrics=records,
+            )
         )
 
     def log_checkpoint(self, name: str, step: int, path: Path, val_loss: float | None = None) -> None:
         row = (name, step, str(path), _to_sql(val_loss), time.time())
         self._submit(
-            1,
-            lambda db: db.execute(
-                "INSERT OR REPLACE INTO checkpoints (run, step, path, val_loss, created) VALUES (?, ?, ?, ?, ?)", row
-            ),
+            _Write(
+                1,
+                lambda db: db.execute(
+                    "INSERT OR REPLACE INTO checkpoints (run, step, path, val_loss, created) VALUES (?, ?, ?, ?, ?)",
+                    row,
+                ),
+            )
         )
 
     def log_event(
@@ -368,18 +411,22 @@ class Registry:
     ) -> None:
         row = (name, time.time(), step, kind, message, None if data is None else json.dumps(data))
         self._submit(
-            1,
-            lambda db: db.execute(
-                "INSERT INTO events (run, time, step, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)", row
-            ),
+            _Write(
+                1,
+                lambda db: db.execute(
+                    "INSERT INTO events (run, time, step, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)", row
+                ),
+            )
         )
 
     # -- importing a run directory (a person waits for it: errors are UserErrors) -----------------
 
     def import_run(self, run: RunRecord) -> None:
         """Make the registry's record of a run match its directory: the run's row and events are
-        replaced, its checkpoints on disk written; metrics are added only where the registry has none,
-        since per-step metrics exist only here. Importing twice changes nothing."""
+        replaced, its checkpoints on disk written. Metrics (from the checkpoints, then the backlog) are
+        applied in order, each replacing the registry's value of its step unless that came from a
+        later trainer process, whose redo of the step is the one that stands. Importing twice
+        changes nothing."""
         events = [
             (
                 run.name,
@@ -423,7 +470,9 @@ class Registry:
                 [(run.name, c["step"], c["path"], _to_sql(c["val_loss"]), c["created"]) for c in run.checkpoints],
             )
             db.executemany(
-                "INSERT OR IGNORE INTO metrics (run, step, key, value, segment) VALUES (?, ?, ?, ?, ?)",
+                """INSERT INTO metrics (run, step, key, value, segment) VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (run, step, key) DO UPDATE SET value = excluded.value, segment = excluded.segment
+                   WHERE excluded.segment >= metrics.segment""",
                 [(run.name, m["step"], m["key"], _to_sql(m["value"]), m["segment"]) for m in run.metrics],
             )
 
@@ -535,6 +584,16 @@ def _unusable(path: Path, err: Exception) -> str:
         f"the run registry {path} is damaged ({err}); move it aside with its -wal and -shm files (keel starts a "
         "fresh one; run directories are untouched) and rebuild each run with `keel runs --import RUN_DIR`."
     )
+
+
+def _append(path: Path, text: str) -> None:
+    # One write() with O_APPEND, fsynced: the trainer and its successor may append to the same file.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _warn(message: str) -> None:
