@@ -239,8 +239,8 @@ class Registry:
             run_dirs = " ".join(start.run_dir for start in self._started.values()) or "RUN_DIR"
             lost = f"; {self._lost_rows:,} metric rows had no run directory to go to" if self._lost_rows else ""
             _warn(
-                f"the run registry {self.path} is still unusable ({self._outage}): the metrics it missed wait in "
-                f"{BACKLOG_FILE} in the run directory{lost}. Once it is usable (a corrupt one moved aside), "
+                f"the run registry {self.path} is still unusable ({self._outage}): what it missed is in the run "
+                f"directory (metrics in {BACKLOG_FILE}){lost}; once it is usable (a corrupt one moved aside), "
                 f"`keel runs --import {run_dirs}` brings it up to date."
             )
         self._disconnect()
