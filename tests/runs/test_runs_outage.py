@@ -194,6 +194,16 @@ def test_the_queue_is_bounded_and_moves_its_oldest_metrics_to_the_run_dir(tmp_pa
     assert warnings(capsys.readouterr().err, f"{len(backlog)} older metric rows did not fit in memory") == 1
 
 
+def test_the_watchdog_marks_failed_only_a_run_that_never_said_how_it_ended():
+    with Registry() as registry:
+        registry.start_run("died", "/runs/died", {})
+        registry.start_run("ended", "/runs/ended", {})
+        registry.update_run("ended", status="stopped")
+        for name in ("died", "ended", "never-started"):
+            registry.fail_if_running(name)
+        assert {run["name"]: run["status"] for run in registry.runs()} == {"ended": "stopped", "died": "failed"}
+
+
 # -- training on a broken registry ---------------------------------------------------------------------
 
 
