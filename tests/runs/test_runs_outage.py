@@ -65,7 +65,7 @@ def move_aside(path: Path) -> None:
         file.rename(file.with_name("broken-" + file.name))
 
 
-def warnings(stderr: str, words: str) -> int:
+def registry_messages(stderr: str, words: str) -> int:
     return sum(line.startswith("registry: ") and words in line for line in stderr.splitlines())
 
 
@@ -88,8 +88,8 @@ def test_writes_during_an_exclusive_lock_do_not_raise_and_land_in_order_after_it
         assert [e["message"] for e in reader.events("r")] == ["first", "second"]
         assert reader.get_run("r")["status"] == "finished" and reader.get_run("r")["step"] == 2
     stderr = capsys.readouterr().err
-    assert warnings(stderr, "cannot be written (database is locked)") == 1  # once per outage, not per write
-    assert warnings(stderr, "usable again: 4 delayed writes saved") == 1
+    assert registry_messages(stderr, "cannot be written (database is locked)") == 1  # once per outage, not per write
+    assert registry_messages(stderr, "usable again: 4 delayed writes saved") == 1
 
 
 def test_an_import_into_a_locked_registry_is_one_sentence(tmp_path, monkeypatch):
@@ -121,7 +121,7 @@ def test_a_corrupt_registry_takes_writes_and_gets_them_once_moved_aside(how, cap
         assert reader.metrics("r") == {"loss": [(1, 3.0)]}
         assert [e["message"] for e in reader.events("r")] == ["hello"]
     registry.close()
-    assert warnings(capsys.readouterr().err, "cannot be written") == 1
+    assert registry_messages(capsys.readouterr().err, "cannot be written") == 1
 
 
 def test_a_registry_moved_aside_under_a_writer_is_recreated_with_the_run():
@@ -149,7 +149,7 @@ def test_an_unwritable_registry_directory_stops_nothing(tmp_path, monkeypatch, c
         with pytest.raises(UserError, match="cannot be opened for writing .* set KEEL_HOME to a writable directory"):
             registry.runs()
     stderr = capsys.readouterr().err
-    assert warnings(stderr, "cannot be written") == 1 and warnings(stderr, "still unusable") == 1
+    assert registry_messages(stderr, "cannot be written") == 1 and registry_messages(stderr, "still unusable") == 1
     backlog = (run_dir / registry_lib.BACKLOG_FILE).read_text()
     assert json.loads(backlog) == {"step": 1, "segment": 0, "metrics": {"loss": 3.0}}
 
@@ -166,7 +166,7 @@ def test_a_read_only_registry_directory_stops_nothing(tmp_path, monkeypatch, cap
             registry.log_metrics("r", 1, {"loss": 3.0})
     finally:
         registry_path().parent.chmod(0o755)
-    assert warnings(capsys.readouterr().err, "cannot be written") == 1
+    assert registry_messages(capsys.readouterr().err, "cannot be written") == 1
 
 
 def test_the_queue_is_bounded_and_moves_its_oldest_metrics_to_the_run_dir(tmp_path, monkeypatch, capsys):
@@ -191,7 +191,7 @@ def test_the_queue_is_bounded_and_moves_its_oldest_metrics_to_the_run_dir(tmp_pa
     # In order, nothing twice, nothing lost: the oldest in the backlog, the newest in the registry.
     backlog_losses = [(line["step"], line["metrics"]["loss"]) for line in backlog]
     assert backlog_losses + in_registry == [(step, float(step)) for step in range(30)]
-    assert warnings(capsys.readouterr().err, f"{len(backlog)} older metric rows did not fit in memory") == 1
+    assert registry_messages(capsys.readouterr().err, f"{len(backlog)} older metric rows did not fit in memory") == 1
 
 
 def test_the_watchdog_marks_failed_only_a_run_that_never_said_how_it_ended():
@@ -225,7 +225,7 @@ def test_training_under_another_process_lock_loses_no_row(tiny_data, tmp_path, c
         run = reader.get_run("tiny")
         assert run["status"] == "finished" and run["step"] == 30 and run["segment"] == 0
         assert [e["data"] for e in reader.events("tiny")] == read_logbook(tmp_path / "tiny" / LOGBOOK_FILE)
-    assert warnings(capsys.readouterr().err, "cannot be written") == 1
+    assert registry_messages(capsys.readouterr().err, "cannot be written") == 1
 
 
 def test_training_finishes_on_a_corrupt_registry_and_import_rebuilds_the_run(tiny_data, tmp_path, capsys):
@@ -234,7 +234,7 @@ def test_training_finishes_on_a_corrupt_registry_and_import_rebuilds_the_run(tin
     with Registry() as registry:
         result = train(tiny_config(tiny_data, run_dir), run_dir, registry, progress=False)
     assert result.status == "finished" and result.steps == 30
-    assert warnings(capsys.readouterr().err, "cannot be written (file is not a database)") == 1
+    assert registry_messages(capsys.readouterr().err, "cannot be written (file is not a database)") == 1
 
     move_aside(registry_path())
     with Registry() as registry:
@@ -288,7 +288,8 @@ def test_keel_train_and_its_watchdog_on_a_corrupt_registry_then_runs_import(tiny
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
-    assert warnings(stderr, "cannot be written (file is not a database)") == 2  # trainer and watchdog, once each
+    # Once in the trainer and once in the watchdog: once per outage and process, not per write.
+    assert registry_messages(stderr, "cannot be written (file is not a database)") == 2
     names = [e["name"] for e in read_logbook(run_dir / LOGBOOK_FILE)]
     assert "user_stop" in names and names[-1] == "run_end"
 
