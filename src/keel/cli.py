@@ -151,7 +151,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from keel.runs.registry import Registry, format_runs_table
 
-    print(format_runs_table(Registry().runs()))
+    with Registry() as registry:
+        if not args.import_dirs:
+            print(format_runs_table(registry.runs()))
+            return 0
+        from keel.runs.importer import import_run
+
+        for run_dir in args.import_dirs:
+            run = import_run(Path(run_dir), registry)
+            print(
+                f"imported {run.name} from {run_dir}: {run.status} at step {run.step}, "
+                f"{len(run.checkpoints)} checkpoints, {len(run.events)} events"
+            )
     return 0
 
 
@@ -314,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("runs", help="table of runs from the registry")
+    p.add_argument(
+        "--import",
+        dest="import_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="rebuild these runs' rows, checkpoints, events and the metrics a registry outage left in "
+        "RUN_DIR/registry-backlog.jsonl, from their directories (after the registry was unusable or replaced)",
+    )
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("demo", help="prepare the stdlib corpus, pretrain, sample, evaluate, then SFT and DPO")

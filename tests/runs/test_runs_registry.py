@@ -20,7 +20,8 @@ def registry(tmp_path, monkeypatch):
 def test_registry_lives_under_keel_home(tmp_path, monkeypatch):
     monkeypatch.setenv("KEEL_HOME", str(tmp_path / "home"))
     assert registry_path() == tmp_path / "home" / "registry.sqlite"
-    Registry().close()
+    with Registry() as registry:
+        assert registry.runs() == []  # connecting waits for the first use, which creates the file
     assert registry_path().is_file()
 
 
@@ -115,7 +116,8 @@ def test_two_processes_write_concurrently(tmp_path, monkeypatch):
 def _open_together(path, barrier) -> str | None:
     barrier.wait()  # both processes create the same new registry file at the same moment
     try:
-        Registry(path).close()
+        with Registry(path) as registry:
+            registry.runs()
     except UserError as err:
         return str(err)
     return None
@@ -152,5 +154,5 @@ def test_runs_table_is_aligned_and_readable(registry, tmp_path):
 def test_corrupt_registry_is_a_user_error_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("KEEL_HOME", str(tmp_path))
     registry_path().write_bytes(b"this is not a SQLite database, just some text " * 100)
-    with pytest.raises(UserError, match=f"run registry {registry_path()} cannot be opened .*move it aside"):
-        Registry()
+    with pytest.raises(UserError, match=f"run registry {registry_path()} is damaged .*move it aside.*--import"):
+        Registry().runs()

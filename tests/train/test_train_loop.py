@@ -33,7 +33,10 @@ def test_compile_auto_waits_for_a_run_long_enough_to_repay_it():
     assert train_config.compile == "auto"
     train_config.max_steps = COMPILE_MIN_STEPS
     assert should_compile(train_config, 0, cpu)
-    assert not should_compile(train_config, 1, cpu)  # a resume near the end is not worth compiling for
+    assert not should_compile(train_config, 1, cpu)  # a fresh start near the end is not worth compiling for
+    # ... but a resumed run keeps the kernels it started with, or it would not repeat itself
+    assert should_compile(train_config, COMPILE_MIN_STEPS - 1, cpu, started_compiled=True)
+    assert not should_compile(train_config, 0, cpu, started_compiled=False)
     train_config.max_steps = 20
     assert not should_compile(train_config, 0, cpu)
     train_config.max_steps, train_config.max_minutes = 0, COMPILE_MIN_MINUTES  # a time budget long enough

@@ -46,7 +46,8 @@ def write_report(run_dir: Path, registry: Registry | None = None) -> Path:
     series = registry.metrics(config.name)
     if not series.get("loss"):
         raise UserError(
-            f"the registry has no metrics for run {config.name} ({run_dir}); train it first with keel train."
+            f"the registry has no per-step metrics for run {config.name} ({run_dir}); train it first with keel train, "
+            f"or if it trained while the registry was unusable, load what it kept with keel runs --import {run_dir}."
         )
     entries = read_logbook(run_dir / LOGBOOK_FILE) if (run_dir / LOGBOOK_FILE).exists() else []
     segment_starts = [first for _, first, _ in registry.segments(config.name)[1:]]

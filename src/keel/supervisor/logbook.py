@@ -14,6 +14,8 @@ Evidence the summary of `render_chronicle` adds up (writers: keep these names):
 - outcome (supervisor): recovered = 1 when the repair worked, 0 when it did not hold;
 - fault and restart (watchdog): downtime_seconds, summed as the wall time faults cost; a fault's
   lost_steps = the steps redone since the checkpoint the trainer restarts from;
+- info "run_start" (loop): one per trainer process, so their count numbers a process segment when
+  the registry cannot (keel.runs.importer);
 - info "run_end" (loop): status = "finished" | "stopped" (a string), the message says why;
   info "gave_up" (watchdog) and action "stop" (supervisor) end a run too.
 """

@@ -21,45 +21,39 @@ def launch(config: RunConfig, run_dir: Path, new_data: bool = False) -> int:
     config = resolve_run(config, run_dir, new_data)
     run_dir.mkdir(parents=True, exist_ok=True)
     claim = RunClaim(run_dir)
+
+    def record(entry: dict) -> None:
+        print(f"watchdog: {entry['message']}", file=sys.stderr)
+        logbook.write(entry.get("step") or 0, entry["kind"], entry["name"], entry["message"], entry.get("evidence", {}))
+
+    def mirror(entry: dict) -> None:
+        registry.log_event(config.name, entry.get("step"), entry["kind"], entry["message"], entry)
+
+    def note(name: str, message: str, evidence: dict) -> None:
+        record({"kind": "info", "name": name, "message": message, "evidence": evidence})
+
+    # The registry's writes never raise (an unusable registry holds them back and says so once), and
+    # the watchdog only writes to it: a broken registry cannot take the watchdog down.
     try:
-        registry = Registry()
-
-        def record(entry: dict) -> None:
-            print(f"watchdog: {entry['message']}", file=sys.stderr)
-            logbook.write(
-                entry.get("step") or 0, entry["kind"], entry["name"], entry["message"], entry.get("evidence", {})
-            )
-
-        def mirror(entry: dict) -> None:
-            registry.log_event(config.name, entry.get("step"), entry["kind"], entry["message"], entry)
-
-        logbook = Logbook(run_dir / LOGBOOK_FILE, mirror=mirror)
-        if claim.previous_owner is not None:
-            record(
-                {
-                    "kind": "info",
-                    "name": "took_over",
-                    "message": f"took over {run_dir} from PID {claim.previous_owner}, which ended without releasing "
-                    "it.",
-                    "evidence": {"previous_pid": claim.previous_owner},
-                }
-            )
-        if new_data:
-            record(
-                {
-                    "kind": "info",
-                    "name": "new_data",
-                    "message": f"resumed on {config.data.path} as asked (--new-data), whatever the run trained on "
-                    "before.",
-                    "evidence": {"data": str(config.data.path)},
-                }
-            )
-        write_run_dir(config, run_dir)
-        argv = [sys.executable, "-m", "keel.train.worker", str(run_dir)]
-        code = run_watchdog(argv, run_dir, config.watchdog, on_event=record, pass_fds=(claim.fd,))
-        run = registry.get_run(config.name)
-        if code != 0 and run and run["status"] == "running":  # the trainer died without saying how it ended
-            registry.update_run(config.name, status="failed")
-        return code
+        with Registry() as registry:
+            logbook = Logbook(run_dir / LOGBOOK_FILE, mirror=mirror)
+            if claim.previous_owner is not None:
+                note(
+                    "took_over",
+                    f"took over {run_dir} from PID {claim.previous_owner}, which ended without releasing it.",
+                    {"previous_pid": claim.previous_owner},
+                )
+            if new_data:
+                note(
+                    "new_data",
+                    f"resumed on {config.data.path} as asked (--new-data), whatever the run trained on before.",
+                    {"data": str(config.data.path)},
+                )
+            write_run_dir(config, run_dir)
+            argv = [sys.executable, "-m", "keel.train.worker", str(run_dir)]
+            code = run_watchdog(argv, run_dir, config.watchdog, on_event=record, pass_fds=(claim.fd,))
+            if code != 0:
+                registry.fail_if_running(config.name)  # unless the trainer said how it ended
     finally:
         claim.release()
+    return code

@@ -50,7 +50,8 @@ def main(argv: list[str]) -> int:
 
     try:
         config = load_run_config(run_dir)
-        result = train(config, run_dir, Registry())
+        with Registry() as registry:  # closing saves the writes a registry outage held back
+            result = train(config, run_dir, registry)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
