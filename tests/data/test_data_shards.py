@@ -219,16 +219,20 @@ def test_context_too_long_for_the_split(data_dir):
     context_length = len(tokens) // 4
     with pytest.raises(UserError, match="lower model.context_length or train.batch_size, or prepare more data"):
         get_batch(tokens, context_length, 8, seed=0, index=0, split_name=name)
-    with pytest.raises(UserError, match=f"context_length {context_length} is too long"):
-        eval_batches(tokens, context_length, 8, num_batches=2, split_name=name)
+    # Evaluation takes the windows a short split has, in one batch smaller than batch_size.
+    (x, y), *rest = eval_batches(tokens, context_length, 8, num_batches=2, split_name=name)
+    assert not rest and x.shape == (((len(tokens) - 1) // context_length), context_length)
+    with pytest.raises(UserError, match=f"context_length {len(tokens)} is too long"):
+        eval_batches(tokens, len(tokens), 8, num_batches=2, split_name=name)
 
 
 def test_eval_batches_walk_the_split_from_the_start():
     positions = np.arange(105, dtype=np.int64)
     batches = list(eval_batches(positions, 10, 3, num_batches=5))
-    assert len(batches) == 3  # (105 - 1) // 10 = 10 windows make 3 full batches of 3
+    # (105 - 1) // 10 = 10 windows make 3 full batches of 3 and a last one of 1: every window counts
+    assert [len(x) for x, _ in batches] == [3, 3, 3, 1]
     starts = [row for x, _ in batches for row in x[:, 0].tolist()]
-    assert starts == list(range(0, 90, 10))
+    assert starts == list(range(0, 100, 10))
     assert all(torch.equal(y, x + 1) for x, y in batches)
     assert len(list(eval_batches(positions, 10, 3, num_batches=2))) == 2
     again = list(eval_batches(positions, 10, 3, num_batches=2))

@@ -15,6 +15,7 @@ checkpoints for a run (rank 0 under torchrun).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -89,8 +90,10 @@ def save_checkpoint(
         for name in (*CHECKSUMMED, MANIFEST):
             _fsync(tmp / name)
         _fsync(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, (safetensors.SafetensorError, RuntimeError)) and _WRITE_FAILED.search(str(err)):
+            raise _as_os_error(err) from err
         raise
 
     # A directory cannot be renamed over a non-empty one, so the old copy steps aside first. A
@@ -103,6 +106,17 @@ def save_checkpoint(
     shutil.rmtree(replaced, ignore_errors=True)
     _prune(run_dir, step, keep_last)
     return final
+
+
+# How safetensors ("I/O error: No space left on device (os error 28)") and torch.save ("iostream
+# error", "file write failed") report a write the OS refused: a full disk is an OSError to the caller.
+_WRITE_FAILED = re.compile(r"os error \d+|iostream error|write failed|failed writing", re.IGNORECASE)
+
+
+def _as_os_error(err: Exception) -> OSError:
+    match = re.search(r"os error (\d+)", str(err))
+    code = int(match.group(1)) if match else errno.EIO
+    return OSError(code, os.strerror(code))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
