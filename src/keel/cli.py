@@ -361,7 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=["high_lr", "sigkill", "corrupt_checkpoint", "nan", "hang"],
+        choices=[
+            "high_lr",
+            "sigkill",
+            "corrupt_checkpoint",
+            "nan",
+            "hang",
+            "second_trainer",
+            "watchdog_sigkill",
+            "disk_full",
+            "locked_registry",
+            "damaged_shard",
+        ],
         help="run only these scenarios",
     )
     p.add_argument("--data", default="data/python-stdlib", help="prepared data (prepared from the stdlib if missing)")

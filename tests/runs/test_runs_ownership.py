@@ -1,10 +1,6 @@
 """A run directory has one owner, holds nothing of the user's, and trains on the data it started with."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,36 +35,6 @@ def _heartbeat(run_dir: Path) -> dict:
 
 def _names(run_dir: Path) -> list[str]:
     return [entry["name"] for entry in read_logbook(run_dir / "logbook.jsonl")]
-
-
-def test_one_owner_per_run_dir_and_the_trainer_never_outlives_its_watchdog(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    args = tiny_train_args(tiny_data, run_dir, "train.max_steps=1000000", "train.checkpoint_every=20")
-    owner = subprocess.Popen(
-        [sys.executable, "-m", "keel.cli", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        _wait(lambda: (_heartbeat(run_dir).get("step") or 0) >= 3, "the first keel train never started training")
-        trainer = _heartbeat(run_dir)["pid"]
-        assert_user_error(keel(*args), "in use", f"PID {owner.pid}", f"trainer PID {trainer}")
-        owner.send_signal(signal.SIGKILL)  # the watchdog alone dies, as under an OOM killer
-        owner.wait()
-        _wait(lambda: not _alive(trainer), "the trainer went on training without its watchdog")
-    finally:
-        if owner.poll() is None:
-            os.killpg(owner.pid, signal.SIGKILL)
-    # It was stopped, not killed: it checkpointed on its way out.
-    assert "stopped by SIGTERM" in [e["message"] for e in read_logbook(run_dir / "logbook.jsonl")][-1]
-    step = ckpt.checkpoint_step(ckpt.list_checkpoints(run_dir)[-1])
-
-    resumed = keel(*tiny_train_args(tiny_data, run_dir, f"train.max_steps={step + 3}"))
-    assert resumed.returncode == 0, resumed.stderr
-    took_over = [e for e in read_logbook(run_dir / "logbook.jsonl") if e["name"] == "took_over"]
-    assert len(took_over) == 1 and took_over[0]["evidence"]["previous_pid"] == owner.pid
-    assert (run_dir / "keel.lock").read_text() == ""  # released: the next start takes over from nobody
 
 
 def test_a_directory_keel_did_not_write_is_never_trained_into(tiny_data, tmp_path):
@@ -137,21 +103,3 @@ def test_no_checkpoint_that_loads_is_an_error_not_a_fresh_start(tiny_data, tmp_p
     for path in ckpt.list_checkpoints(run_dir):
         (path / ckpt.WEIGHTS).write_bytes(b"x")
     assert_user_error(keel(*tiny_train_args(tiny_data, run_dir, "train.max_steps=12")), "no checkpoint", "loads")
-
-
-def test_a_full_disk_during_checkpoints_stops_cleanly_and_the_run_resumes(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
-    args = tiny_train_args(tiny_data, run_dir, "train.max_steps=60")
-    full = keel(*args, env={"KEEL_FAULTS": "diskfull@15"})
-    assert full.returncode == 3, full.stderr  # stopped, and not restarted into the same full disk
-    assert "Traceback" not in full.stderr and "could not be written" in full.stderr
-    failed = [e for e in read_logbook(run_dir / "logbook.jsonl") if e["name"] == "checkpoint_failed"]
-    assert [e["step"] for e in failed] == [20, 30, 40]
-    assert "File too large" in failed[0]["message"] and "intact (newest: step 10)" in failed[0]["message"]
-    assert [p.name for p in ckpt.list_checkpoints(run_dir)][-1] == "step_00000010"
-    assert all(ckpt.verify_checkpoint(p) is None for p in ckpt.list_checkpoints(run_dir))
-    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
-
-    again = keel(*args)  # room on the disk again
-    assert again.returncode == 0, again.stderr
-    assert ckpt.checkpoint_step(ckpt.list_checkpoints(run_dir)[-1]) == 60

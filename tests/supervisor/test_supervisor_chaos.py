@@ -61,3 +61,35 @@ def test_repeated_spikes_roll_back_and_skip_batches(chaos, monkeypatch):
     with Registry() as registry:
         run = registry.get_run("chaos-spikes")
     assert run["status"] == "finished" and run["step"] == 150
+
+
+def test_a_second_trainer_is_refused_while_the_owner_trains_on(chaos):
+    result = chaos.second_trainer()
+    assert result.passed, result.evidence
+    assert "PID" in result.evidence  # the refusal names the owner
+
+
+def test_a_killed_watchdog_leaves_no_orphan_and_the_run_is_taken_over(chaos):
+    result = chaos.watchdog_sigkill()
+    assert result.passed, result.evidence
+    assert (chaos.out_dir / "watchdog_sigkill" / "keel.lock").read_text() == ""  # released at the end
+
+
+def test_a_full_disk_stops_cleanly_and_the_run_resumes(chaos):
+    result = chaos.disk_full()
+    assert result.passed, result.evidence
+    run_dir = chaos.out_dir / "disk_full"
+    failed = [e for e in _entries(run_dir, "fault") if e["name"] == "checkpoint_failed"]
+    assert [e["step"] for e in failed] == [50, 60, 70]
+    assert "File too large" in failed[0]["message"] and "intact (newest: step 40)" in failed[0]["message"]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_locked_registry_does_not_stop_training(chaos):
+    result = chaos.locked_registry(hold_s=5)
+    assert result.passed, result.evidence
+
+
+def test_a_damaged_shard_is_refused_before_training(chaos):
+    result = chaos.damaged_shard()
+    assert result.passed, result.evidence

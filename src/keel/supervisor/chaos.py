@@ -13,6 +13,15 @@ path (watchdog -> trainer process -> supervisor) and checks the outcome against 
   may reach the weights, and the logbook must say so.
 - hang: the trainer stops making progress (KEEL_FAULTS); the watchdog must notice the stale
   heartbeat, restart it, log it, and the run must finish.
+- second_trainer: a second `keel train` on the same directory must be refused while the first
+  trains on undisturbed (bit-identical to the reference).
+- watchdog_sigkill: the watchdog alone is SIGKILLed; its trainer must stop by itself (no orphan),
+  and the next `keel train` takes over and ends bit-identical to the reference.
+- disk_full: checkpoint writes fail from a step on; training goes on, three failures in a row stop
+  the run cleanly (no restart loop), earlier checkpoints stay intact, and the same command resumes.
+- locked_registry: another process holds the registry's write lock for the first 45 s; the run
+  must finish and the registry catch up.
+- damaged_shard: one byte of train.bin is flipped; training must be refused with one sentence.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,10 +44,11 @@ from safetensors.numpy import load_file
 
 from keel import config as config_lib
 from keel.config import RunConfig
-from keel.runs.registry import Registry
+from keel.runs.registry import Registry, registry_path
 from keel.runs.rundir import LOGBOOK_FILE
 from keel.supervisor.logbook import read_logbook
 from keel.supervisor.watchdog import HEARTBEAT_FILE
+from keel.train.checkpoint import checkpoint_step, list_checkpoints, verify_checkpoint
 from keel.train.launch import launch
 
 HIGH_LR_FACTOR = 10.0
@@ -97,6 +109,11 @@ def run_chaos(
         "corrupt_checkpoint": chaos.corrupt_checkpoint,
         "nan": chaos.nan,
         "hang": chaos.hang,
+        "second_trainer": chaos.second_trainer,
+        "watchdog_sigkill": chaos.watchdog_sigkill,
+        "disk_full": chaos.disk_full,
+        "locked_registry": chaos.locked_registry,
+        "damaged_shard": chaos.damaged_shard,
     }
     results = []
     for name in only or list(scenarios):
@@ -255,6 +272,200 @@ class Chaos:
             + (hangs[0]["message"] if hangs else "NOT detected")
             + f"; run {'finished' if finished else 'did not finish'}",
         )
+
+    # -- faults around the run: ownership, the disk, the registry, the data --------------------
+
+    def _cli(self, name: str, *overrides: str, env: dict[str, str] | None = None) -> tuple[list[str], Path]:
+        """The `keel train` command line of a scenario run in its own processes (watchdog + trainer)."""
+        run_dir = self.out_dir / name
+        config = config_lib.apply_overrides(self.base, [f"name=chaos-{name}", *overrides])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        config_file = self.out_dir / f"{name}.yaml"
+        config_lib.save(config, config_file)
+        return [
+            sys.executable,
+            "-m",
+            "keel.cli",
+            "train",
+            "--config",
+            str(config_file),
+            "--run-dir",
+            str(run_dir),
+        ], run_dir
+
+    def second_trainer(self) -> ScenarioResult:
+        """A second `keel train` on a directory in use is refused; the owner trains on undisturbed."""
+        reference_dir, _ = self.reference()
+        argv, run_dir = self._cli("second_trainer")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        owner = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for_step(run_dir, self.base.train.max_steps // 4, owner)
+            second = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            code = owner.wait(timeout=1800)
+        finally:
+            _stop(owner)
+        message = (second.stderr.strip().splitlines() or ["(nothing)"])[-1]
+        same = code == 0 and _weights(run_dir) == _weights(reference_dir)
+        starts = len([e for e in read_logbook(run_dir / LOGBOOK_FILE) if e["name"] == "run_start"])
+        return ScenarioResult(
+            "second_trainer",
+            second.returncode == 2 and "in use" in message and same and starts == 1,
+            f"second keel train exited {second.returncode}: {message[:120]}; the owner "
+            f"{'finished bit-identical to' if same else 'did NOT end as'} the undisturbed run ({starts} start(s))",
+        )
+
+    def watchdog_sigkill(self) -> ScenarioResult:
+        """SIGKILL of the watchdog alone: the trainer checkpoints and exits instead of training on as an
+        orphan, and the next `keel train` takes the directory over and ends as the undisturbed run."""
+        reference_dir, _ = self.reference()
+        argv, run_dir = self._cli("watchdog_sigkill")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        watchdog = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for_step(run_dir, self.base.train.max_steps // 3, watchdog)
+            trainer = _heartbeat(run_dir)["pid"]
+            watchdog.kill()
+            watchdog.wait()
+            deadline = time.monotonic() + 120
+            while _alive(trainer) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            orphan = _alive(trainer)
+        finally:
+            _stop(watchdog)
+        stopped_at = _last_checkpoint_step(run_dir)
+        resumed = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+        took_over = [e for e in read_logbook(run_dir / LOGBOOK_FILE) if e["name"] == "took_over"]
+        same = resumed.returncode == 0 and _weights(run_dir) == _weights(reference_dir)
+        return ScenarioResult(
+            "watchdog_sigkill",
+            not orphan and bool(took_over) and same,
+            f"watchdog SIGKILLed; its trainer {'kept training as an ORPHAN' if orphan else 'stopped by itself'} "
+            f"(checkpoint at step {stopped_at}); the next keel train "
+            f"{'took over' if took_over else 'did NOT log a takeover'} and "
+            f"{'ended bit-identical to' if same else 'did NOT end as'} the undisturbed run",
+        )
+
+    def disk_full(self) -> ScenarioResult:
+        """Checkpoints fail (KEEL_FAULTS diskfull: the kernel refuses writes past 64 KiB): training goes on,
+        three failures in a row stop the run cleanly, the earlier checkpoints stay intact, and the same
+        command resumes once there is room again."""
+        reference_dir, _ = self.reference()
+        step = self.base.train.max_steps // 3
+        argv, run_dir = self._cli("disk_full")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        full = subprocess.run(
+            argv, capture_output=True, text=True, env={**os.environ, "KEEL_FAULTS": f"diskfull@{step}"}
+        )
+        failed = [e for e in read_logbook(run_dir / LOGBOOK_FILE) if e["name"] == "checkpoint_failed"]
+        intact = all(verify_checkpoint(p) is None for p in list_checkpoints(run_dir))
+        restarts = len(_entries(run_dir, "restart"))
+        again = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+        same = again.returncode == 0 and _weights(run_dir) == _weights(reference_dir)
+        return ScenarioResult(
+            "disk_full",
+            full.returncode == 3 and len(failed) == 3 and intact and restarts == 0 and same,
+            f"disk full from step {step}: {len(failed)} checkpoint failures logged, exit {full.returncode} "
+            f"after {restarts} restarts, earlier checkpoints {'intact' if intact else 'DAMAGED'}; with room again "
+            f"the run {'resumed and ended bit-identical to' if same else 'did NOT end as'} the undisturbed run",
+        )
+
+    def locked_registry(self, hold_s: float = 45.0) -> ScenarioResult:
+        """Another process holds the registry's write lock for hold_s from the start: training goes on,
+        and the registry has every step once the lock is gone."""
+        with Registry() as registry:
+            registry.runs()  # the file exists, so there is something to lock
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_LOCK, str(registry_path()), str(hold_s)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            argv, run_dir = self._cli("locked_registry")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+            holder.wait(timeout=hold_s + 60)
+        finally:
+            _stop(holder)
+        name = "chaos-locked_registry"
+        with Registry() as registry:
+            run = registry.get_run(name)
+            steps = len(registry.metrics(name, "loss").get("loss", []))
+        if run is None or run["status"] != "finished" or steps < self.base.train.max_steps:
+            subprocess.run([sys.executable, "-m", "keel.cli", "runs", "--import", str(run_dir)], capture_output=True)
+            with Registry() as registry:
+                run = registry.get_run(name)
+                imported = len(registry.metrics(name, "loss").get("loss", []))
+            how = f"caught up by keel runs --import ({imported} steps)"
+        else:
+            imported, how = steps, "caught up by itself"
+        complete = run is not None and run["status"] == "finished" and imported >= self.base.train.max_steps
+        return ScenarioResult(
+            "locked_registry",
+            result.returncode == 0 and "Traceback" not in result.stderr and complete,
+            f"registry write-locked for {hold_s:g} s from the start: keel train exited {result.returncode}; "
+            f"registry {how}, status {run['status'] if run else 'missing'}",
+        )
+
+    def damaged_shard(self) -> ScenarioResult:
+        """A train.bin overwritten in place (same size, mtime put back) is refused before training, once."""
+        data = self.out_dir / "damaged-data"
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.copytree(Path(self.base.data.path), data)
+        shard = data / "train.bin"
+        stat = shard.stat()
+        with open(shard, "r+b") as f:
+            f.seek(stat.st_size // 2)
+            byte = f.read(1)
+            f.seek(stat.st_size // 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        argv, run_dir = self._cli("damaged_shard", f"data.path={data}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        message = (result.stderr.strip().splitlines() or ["(nothing)"])[-1]
+        restarts = len(_entries(run_dir, "restart")) if run_dir.exists() else 0
+        return ScenarioResult(
+            "damaged_shard",
+            result.returncode == 2 and "train.bin" in message and "Traceback" not in result.stderr and restarts == 0,
+            f"one byte of train.bin flipped: exit {result.returncode}, {restarts} restarts: {message[:140]}",
+        )
+
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+"""
+
+
+def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, seconds: float = 1800) -> None:
+    deadline = time.monotonic() + seconds
+    while ((_heartbeat(run_dir) or {}).get("step") or 0) < step:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the run in {run_dir} ended or stalled before step {step}")
+        time.sleep(0.05)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _last_checkpoint_step(run_dir: Path) -> int | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoint_step(checkpoints[-1]) if checkpoints else None
 
 
 # -- reading results ------------------------------------------------------------------------
