@@ -305,13 +305,13 @@ class Chaos:
             code = owner.wait(timeout=1800)
         finally:
             _stop(owner)
-        message = (second.stderr.strip().splitlines() or ["(nothing)"])[-1]
+        message = (second.stderr.strip().splitlines() or ["(nothing)"])[-1].replace(str(run_dir), "RUN_DIR")
         same = code == 0 and _weights(run_dir) == _weights(reference_dir)
         starts = len([e for e in read_logbook(run_dir / LOGBOOK_FILE) if e["name"] == "run_start"])
         return ScenarioResult(
             "second_trainer",
             second.returncode == 2 and "in use" in message and same and starts == 1,
-            f"second keel train exited {second.returncode}: {message[:120]}; the owner "
+            f"second keel train exited {second.returncode}: {message} The owner "
             f"{'finished bit-identical to' if same else 'did NOT end as'} the undisturbed run ({starts} start(s))",
         )
 
@@ -422,12 +422,12 @@ class Chaos:
         argv, run_dir = self._cli("damaged_shard", f"data.path={data}")
         shutil.rmtree(run_dir, ignore_errors=True)
         result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-        message = (result.stderr.strip().splitlines() or ["(nothing)"])[-1]
+        message = (result.stderr.strip().splitlines() or ["(nothing)"])[-1].replace(str(data), "DATA")
         restarts = len(_entries(run_dir, "restart")) if run_dir.exists() else 0
         return ScenarioResult(
             "damaged_shard",
             result.returncode == 2 and "train.bin" in message and "Traceback" not in result.stderr and restarts == 0,
-            f"one byte of train.bin flipped: exit {result.returncode}, {restarts} restarts: {message[:140]}",
+            f"one byte of train.bin flipped: exit {result.returncode}, {restarts} restarts: {message}",
         )
 
 
