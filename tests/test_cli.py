@@ -111,6 +111,8 @@ def test_bad_train_inputs(tiny_data, trained, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
     assert (run_dir / "config.yaml").read_text() == config_before
     assert_user_error(keel("sample", str(tmp_path / "norun")), "not a keel run directory")
+    assert_user_error(keel("sample", str(run_dir), "--temperature", "nan"), "--temperature")
+    assert_user_error(keel("sample", str(run_dir), "--top-p", "1.5"), "--top-p")
 
 
 def _final_weights(run_dir: Path) -> bytes:

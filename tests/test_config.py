@@ -32,6 +32,9 @@ def test_file_round_trip(tmp_path):
         (["optim.lr"], "is not KEY=VALUE"),
         (["train.max_steps=0"], "set train.max_steps or train.max_minutes"),
         (["train.max_steps=-5"], "train.max_steps, train.max_tokens and train.max_minutes must be >= 0"),
+        (["train.max_minutes=inf"], "train.max_minutes must be a finite number"),
+        (["optim.lr=.inf"], "optim.lr must be a finite number"),
+        (["optim.lr=nan"], "optim.lr must be a finite number"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(override, words):
@@ -50,6 +53,11 @@ def test_missing_and_malformed_files(tmp_path):
     unknown.write_text("train:\n  max_step: 3\n")
     with pytest.raises(UserError, match="Did you mean train.max_steps"):
         config_lib.load(unknown)
+    for text, kind in (("- train\n- model\n", "list"), ("just words\n", "str")):
+        not_a_mapping = tmp_path / "list.yaml"
+        not_a_mapping.write_text(text)
+        with pytest.raises(UserError, match=f"holds a {kind}, not a mapping of sections"):
+            config_lib.load(not_a_mapping)
 
 
 def test_reference_lists_every_key_with_help():

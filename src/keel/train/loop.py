@@ -214,7 +214,7 @@ class Trainer:
 
     def save(self, val_loss: float | None = None) -> None:
         write_heartbeat(self.run_dir, self.state.step)
-        self.flush_metrics()  # every step up to a checkpoint is in the registry before it exists
+        self.flush_metrics()  # every step up to a checkpoint reaches the registry first (or its queue, in an outage)
         self.state.train_seconds = self.train_seconds()
         train_state = {
             "loop": dataclasses.asdict(self.state),
