@@ -43,18 +43,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from keel.data import prepare
     from keel.data.examples import summary
 
-    with stop_signals_raise():  # prepare deletes its temporary folder on the way out
-        manifest = prepare(
-            args.sources,
-            Path(args.out),
-            vocab_size=args.vocab_size,
-            val_fraction=args.val_fraction,
-            dedup=args.dedup,
-            force=args.force,
-            tokenizer=args.tokenizer,
-            context_length=args.context_length,
-            too_long=args.too_long,
-        )
+    manifest = prepare(
+        args.sources,
+        Path(args.out),
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        dedup=args.dedup,
+        force=args.force,
+        tokenizer=args.tokenizer,
+        context_length=args.context_length,
+        too_long=args.too_long,
+    )
     print(summary(manifest, args.out) if "kind" in manifest else format_prepare_summary(manifest, args.out))
     return 0
 
@@ -390,7 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        # Every command stops cleanly on SIGINT or SIGTERM (its `finally` blocks run); `keel train`'s
+        # watchdog takes both over while the trainer runs, to pass them on.
+        with stop_signals_raise():
+            return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
