@@ -175,15 +175,20 @@ def test_norm_growth_is_judged_against_the_loss_over_the_same_stretch():
     assert len(signals) == 1 and 400 < signals[0].step < 440 and signals[0].began_step >= 399
 
 
-def test_norm_growth_against_the_long_run_average_after_warmup():
-    monitor = norm_monitor()
-    signals = []
-    for step in range(2000):
-        value = 2.0 if step < 1000 else 2.0 * 2 ** ((step - 1000) / 50)  # doubles every 50 steps from step 1000
-        if signal := monitor.observe(value, falling_loss(step), step):
-            signals.append(signal)
-    assert len(signals) == 1 and "long-run average" in signals[0].message
-    assert 1000 < signals[0].step < 1150 and signals[0].began_step >= 999
+def test_norm_growth_against_the_long_run_average_after_warmup_while_the_loss_stalls():
+    def signals(loss):
+        monitor = norm_monitor()
+        found = []
+        for step in range(2000):
+            value = 2.0 if step < 1000 else 2.0 * 2 ** ((step - 1000) / 50)  # doubles every 50 steps from step 1000
+            if signal := monitor.observe(value, loss(step), step):
+                found.append(signal)
+        return found
+
+    stalled = signals(falling_loss)  # flat by step 1000
+    assert len(stalled) == 1 and "long-run average" in stalled[0].message
+    assert 1000 < stalled[0].step < 1150 and stalled[0].began_step >= 999
+    assert signals(lambda step: 6.0 * math.exp(-step / 1000)) == []  # the same drift with the loss still falling
 
 
 def test_loss_scale_start_up_halvings_are_normal_but_a_later_run_of_halvings_is_a_collapse():
@@ -245,3 +250,11 @@ def test_monitor_state_is_plain_json_and_restores_exactly():
         clone = build()
         clone.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
         assert clone.state_dict() == monitor.state_dict()
+
+
+def test_norm_monitor_state_of_an_older_keel_loads_with_the_new_fields_fresh():
+    """Checkpoints written before growth was judged against the loss hold `initial` and no `rising`."""
+    old = {"initial": 0.02, "fast": Ewm(10).state_dict(), "slow": Ewm(500).state_dict(), "fired": False}
+    monitor = norm_monitor()
+    monitor.load_state_dict(old)
+    assert monitor.rising == [] and monitor.observe(1.0, 6.0, 0) is None

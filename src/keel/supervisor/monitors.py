@@ -172,6 +172,8 @@ class Monitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in self.state_fields:
+            if name not in state:  # saved by an older keel, before this field existed: it starts fresh
+                continue
             current = getattr(self, name)
             if hasattr(current, "load_state_dict"):
                 current.load_state_dict(state[name])
@@ -342,13 +344,15 @@ class NormGrowthMonitor(Monitor):
       over which the norm grew `stall_growth`×: from the last step it was that much lower (to within
       the few percent of `_STALL_RESOLUTION`, the granularity of the record kept).
     - against its own long-run average: the recent average above `ratio` × the slow EWM, once
-      `warmup` values are in. This is the later-run drift OPT-175B's logbook shows before divergences.
+      `warmup` values are in, and again only while the loss average fell less than `min_progress`
+      since the ratio was last under its square root. This is the later-run drift OPT-175B's
+      logbook shows before divergences.
 
     For the first test the trouble is taken to have begun where the stretch began; for the second,
     at the last step where the ratio was under its square root (halfway, in log terms).
     """
 
-    state_fields = ("fast", "loss", "slow", "rising", "calm_vs_average", "fired")
+    state_fields = ("fast", "loss", "slow", "rising", "calm_vs_average", "calm_loss", "fired")
 
     def __init__(
         self,
@@ -370,7 +374,7 @@ class NormGrowthMonitor(Monitor):
         # falls back, so the stack is bounded by the span of norms over the resolution (a few hundred
         # entries at most) and each step costs O(1) amortised.
         self.rising: list[list[float]] = []
-        self.calm_vs_average = -1
+        self.calm_vs_average, self.calm_loss = -1, math.inf  # the last step under √ratio, and its loss average
         self.fired = False
 
     def observe(self, value: float, loss: float, step: int) -> Signal | None:
@@ -388,7 +392,8 @@ class NormGrowthMonitor(Monitor):
                 self.rising.append([step, recent, loss_level])
         vs_average = recent / self.slow.mean if self.slow.mean > 0 else 1.0
         if vs_average <= math.sqrt(self.ratio):
-            self.calm_vs_average = step
+            self.calm_vs_average, self.calm_loss = step, loss_level
+        stalled_since_calm = loss_level > self.calm_loss * (1 - self.min_progress)
         stall = self._stall(recent, loss_level)
         if stall is not None:
             began, then, loss_then = stall
@@ -399,7 +404,7 @@ class NormGrowthMonitor(Monitor):
                 "progress that healthy growth comes with)"
             )
             evidence = {"growth": recent / then, "loss_then": loss_then, "progress": progress}
-        elif self.slow.count >= self.warmup and vs_average > self.ratio:
+        elif self.slow.count >= self.warmup and vs_average > self.ratio and stalled_since_calm:
             detail = f"{vs_average:.1f}× its long-run average {self.slow.mean:.4g}"
             began, evidence = self.calm_vs_average, {"vs_long_run": vs_average}
         else:
