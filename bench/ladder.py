@@ -1,13 +1,17 @@
 """The repair ladder: too-high learning rates it must repair, healthy runs it must leave alone.
 
-Two tables, every run trained in this process by `keel.train.loop.train`, one after the other:
+Three tables, every run trained in this process by `keel.train.loop.train`, one after the other:
 
 - high lr: the tiny model at 1x, 10x and 20x its good learning rate, without and with the
   supervisor: validation loss at the end, the repairs taken, whether the supervisor stopped it;
 - false positives: healthy runs, the good learning rate up to 3x it, over several seeds, on the
   tiny model and on the default one, all supervised. Any repair here (rung 2 and up: rollback, lr
   cut, optimizer reset, stop) is a false positive. Skipped updates (rung 1) are counted apart:
-  a lone grad-norm outlier is skipped by design and never escalates.
+  a lone grad-norm outlier is skipped by design and never escalates;
+- growth: what the norm-growth test sees in unsupervised tiny runs from 1x to 20x the good lr:
+  how far the last-block activation RMS grew, and the least the loss average fell over any
+  stretch in which that RMS grew `supervisor.norm_stall_growth` times (the test fires under
+  `supervisor.norm_min_progress`).
 
 The tiny model is the tests' TINY config 128 wide, trained 300 steps on a small stdlib corpus
 (the tests' modules, BPE 512), as in issue #13. The default model is keel's default shape on the
@@ -16,6 +20,7 @@ shared cores.
 
     python bench/ladder.py                                       # both tables (~1 h on 2 shared cores)
     python bench/ladder.py --only high_lr
+    python bench/ladder.py --only growth
     python bench/ladder.py --only false_positives --models tiny --seeds 1 2 3
     python bench/ladder.py --data /tmp/ladder-data               # reuse a prepared builtin:python-stdlib
 """
@@ -36,8 +41,10 @@ from pathlib import Path
 
 from keel import config as config_lib
 from keel.data import prepare
+from keel.runs.registry import Registry
 from keel.runs.rundir import LOGBOOK_FILE, init_run_dir
 from keel.supervisor.logbook import read_logbook
+from keel.supervisor.monitors import Ewm
 from keel.train.loop import train
 from keel.train.precision import describe_cpu
 
@@ -123,6 +130,8 @@ class Outcome:
     signals: list[str]  # the state signals (divergence, act_growth, ...) that were logged
     lr_multiplier: float  # where the supervisor's cuts left the learning rate
     seconds: float
+    act_norm: list[float]  # per step applied, as the supervisor saw them
+    loss: list[float]
 
 
 def prepare_tiny_data() -> Path:
@@ -164,7 +173,9 @@ def run(model: str, data: Path, multiple: float, seed: int, supervised: bool) ->
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         config = init_run_dir(config, run_dir)
-        result = train(config, run_dir, registry=None, progress=False)
+        with Registry(Path(tmp) / "registry.sqlite") as registry:
+            result = train(config, run_dir, registry=registry, progress=False)
+            series = registry.metrics(config.name)
         entries = read_logbook(run_dir / LOGBOOK_FILE)
     actions = [e for e in entries if e["kind"] == "action"]
     cuts = [e["evidence"]["lr_multiplier"] for e in actions if e["name"] == "scale_lr"]
@@ -181,7 +192,27 @@ def run(model: str, data: Path, multiple: float, seed: int, supervised: bool) ->
         signals=[e["name"] for e in entries if e["kind"] == "signal" and e["name"] not in ("loss_spike", "grad_spike")],
         lr_multiplier=cuts[-1] if cuts else 1.0,
         seconds=time.perf_counter() - start,
+        act_norm=[v for _, v in series.get("act_norm", [])],
+        loss=[v for _, v in series.get("loss", [])],
     )
+
+
+def least_progress(outcome: Outcome, growth: float, span: int) -> tuple[float, int, int]:
+    """(progress, first step, last step) of the stretch where the activation RMS average grew `growth`x
+    while the loss average fell least, both `span`-step EWMs as NormGrowthMonitor keeps them."""
+    norm_ewm, loss_ewm, norms, losses = Ewm(span), Ewm(span), [], []
+    for norm, loss in zip(outcome.act_norm, outcome.loss):
+        norm_ewm.add(norm)
+        loss_ewm.add(loss)
+        norms.append(norm_ewm.mean)
+        losses.append(loss_ewm.mean)
+    worst = (float("inf"), -1, -1)
+    for last in range(len(norms)):
+        firsts = [first for first in range(last) if norms[last] >= growth * norms[first]]
+        if firsts:
+            first = firsts[-1]  # the shortest stretch, as the monitor tests
+            worst = min(worst, (1 - losses[last] / losses[first], first, last))
+    return worst
 
 
 def describe_repairs(outcome: Outcome) -> str:
@@ -217,7 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=("high_lr", "false_positives"), help="one table only")
+    parser.add_argument("--only", choices=("high_lr", "false_positives", "growth"), help="one table only")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="false positives on")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds of the false-positive runs")
     parser.add_argument(
@@ -245,6 +276,25 @@ def main() -> None:
                     outcomes.append(run("tiny", tiny_data, multiple, seed, supervised))
         good = {f"tiny/{o.seed}": o.val_loss for o in outcomes if o.multiple == 1 and o.supervised}
         print_table("high lr: the tiny model at 1x, 10x and 20x its good lr (3e-3)", outcomes, good)
+
+    if args.only in (None, "growth"):
+        defaults = config_lib.load(None, []).supervisor
+        growth, span = defaults.norm_stall_growth, defaults.norm_fast_span
+        print(
+            f"\ngrowth: the tiny model without the supervisor; least loss progress over a {growth:g}x growth "
+            f"of the activation RMS (the test fires under {defaults.norm_min_progress:.0%})"
+        )
+        header = f"{'lr':>4} {'val loss':>8} {'act RMS first':>13} {'last':>9} {'grew':>8}  least progress (steps)"
+        print(header + "\n" + "-" * len(header))
+        for multiple in (1, 2, 3, 5, 7, 10, 20):
+            o = run("tiny", tiny_data, multiple, args.high_lr_seeds[0], supervised=False)
+            progress, first, last = least_progress(o, growth, span)
+            stretch = f"{progress:+.1%} ({first}-{last})" if first >= 0 else f"never grew {growth:g}x"
+            print(
+                f"{multiple:>3g}x {o.val_loss:8.3f} {o.act_norm[0]:13.3g} {o.act_norm[-1]:9.3g} "
+                f"{o.act_norm[-1] / o.act_norm[0]:7.0f}x  {stretch}",
+                flush=True,
+            )
 
     if args.only in (None, "false_positives"):
         data = {"tiny": tiny_data}
