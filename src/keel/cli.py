@@ -354,14 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "chaos",
-        help="break training on purpose (high lr, SIGKILL, corrupt checkpoint, NaN, hang) and score the repairs",
+        help="break training on purpose (10x and 20x lr, SIGKILL, corrupt checkpoint, NaN, hang) and score the repairs",
     )
     p.add_argument("--quick", action="store_true", help="a smaller model and shorter runs (a few minutes)")
     p.add_argument(
         "--only",
         nargs="+",
         choices=[
-            "high_lr",
+            "high_lr_10x",
+            "high_lr_20x",
             "sigkill",
             "corrupt_checkpoint",
             "nan",

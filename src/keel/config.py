@@ -217,13 +217,18 @@ class SupervisorConfig:
         50, "Steps the loss average must stay above best·(1 + margin) to count as divergence."
     )
 
-    # Norm growth. Measured on small GPTs (2-4 layers, 96-256 wide, 200-2000 steps): the last-block
-    # activation RMS of healthy runs rose 56-139x above its value at initialisation and then stayed
-    # (weight decay bounds it); at 10x the lr it rose 2,300-181,000x, most of it within 100 steps.
-    # Later in a run, the average doubling within a few hundred steps is what OPT-175B's logbook
-    # shows before divergences.
-    norm_init_ratio: float = opt(
-        1000.0, "Activation or logit RMS above this multiple of its value at initialisation is a signal."
+    # Norm growth. The last-block activation RMS grows by orders of magnitude in healthy runs too,
+    # further the higher the (still good) learning rate, so a bound on growth since initialisation
+    # either misses blow-ups or stops good runs. Growth that buys no loss is the trouble: a healthy
+    # run's loss falls while its norm grows, a too-high learning rate's stalls or climbs (measured
+    # in docs/benchmarks.md, "The repair ladder at 10x and 20x the learning rate"). Later in
+    # a run, the average doubling within a few hundred steps is what OPT-175B's logbook shows before
+    # divergences.
+    norm_stall_growth: float = opt(
+        100.0, "Activation or logit RMS growing this many times over while the loss stalls is a signal."
+    )
+    norm_min_progress: float = opt(
+        0.02, "The loss average must fall this fraction over that growth, or the growth is a signal."
     )
     norm_growth_ratio: float = opt(
         2.0, "Activation or logit RMS above this multiple of its long-run average is a signal."
@@ -267,9 +272,6 @@ class SupervisorConfig:
         0.5,
         "Rung 3 multiplies the clip value by this (1 leaves it); "
         "with clipping off it clips at this × the typical grad norm.",
-    )
-    max_lr_cuts: int = opt(
-        3, "Rung 3 may be repeated this many times in one incident before rung 4 (3 cuts of 0.5 = 1/8)."
     )
     reset_optimizer: bool = opt(True, "Rung 4: zero AdamW moments so stale statistics do not drive the repaired run.")
     reset_moments: str = opt(

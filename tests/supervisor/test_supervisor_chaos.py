@@ -8,7 +8,7 @@ from safetensors.numpy import load_file
 
 from keel import config as config_lib
 from keel.runs.registry import Registry
-from keel.supervisor.chaos import Chaos, _entries, _final
+from keel.supervisor.chaos import Chaos, _entries, _final, format_scorecard
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -93,3 +93,17 @@ def test_a_locked_registry_does_not_stop_training(chaos):
 def test_a_damaged_shard_is_refused_before_training(chaos):
     result = chaos.damaged_shard()
     assert result.passed, result.evidence
+
+
+def test_ten_and_twenty_times_the_lr_are_repaired_and_scored(tiny_data, tmp_path):
+    """Both high-lr scenarios at tiny scale: the supervised runs finish, their lr cut, with a scorecard line each."""
+    sets = [f"data.path={tiny_data}", *TINY, "model.d_model=128", "train.max_steps=60", "train.eval_every=60"]
+    chaos = Chaos(config_lib.load(None, sets), tmp_path / "chaos")
+    results = [chaos.high_lr("high_lr_10x"), chaos.high_lr("high_lr_20x")]
+    scorecard = format_scorecard(results).splitlines()
+    assert [line.split()[0] for line in scorecard[:2]] == ["high_lr_10x", "high_lr_20x"]
+    for result in results:
+        run_dir = chaos.out_dir / f"{result.name}_supervised"
+        assert "finished" in result.evidence and "STOPPED" not in result.evidence, result.evidence
+        assert _entries(run_dir, "action") and "scale_lr" in result.evidence, result.evidence
+    assert results[1].passed, results[1].evidence

@@ -88,8 +88,10 @@ class Loop:
                 elif action.kind == "reset_optimizer":
                     self.reset_moments += 1
                 elif action.kind == "rollback":
+                    # none before step 0: keel's loop then restores the initial weights, the checkpoint of step 0
                     restored = max(
-                        s for s, good in self.checkpoints.items() if good and s < action.params["before_step"]
+                        (s for s, good in self.checkpoints.items() if good and s < action.params["before_step"]),
+                        default=0,
                     )
                     self.rollbacks.append((record.step, restored, action.params["skip_batches"]))
                     self.step, self.cursor = restored, self.cursor + action.params["skip_batches"]
@@ -116,6 +118,9 @@ class Loop:
 
     def kinds(self, kind: str) -> list[int]:
         return [step for step, k in self.actions if k == kind]
+
+    def kinds_seen(self) -> set[str]:
+        return {k for _, k in self.actions}
 
 
 def supervise(tmp_path, max_steps: int = 3000, **config) -> Supervisor:
@@ -247,34 +252,55 @@ def test_skip_batches_scale_with_the_run_and_are_clamped(tmp_path):
 # -- state trouble and the escalation ladder ---------------------------------------------------
 
 
-def test_a_too_high_learning_rate_is_walked_down_until_the_run_holds(tmp_path):
-    """Activations blow up (1000x init within 30 steps) while the lr is above 0.2x; repairs must find that."""
+def too_high_lr(threshold: float):
+    """A learning rate above `threshold`× blows the activations up and makes the loss climb, the sooner
+    the higher it is: each cut lets the run learn further before the blow-up."""
 
     def shape(loop, values):
-        if loop.lr_scale > 0.2:
-            values["act_norm"] = 0.03 * math.exp(min(loop.step, 60) / 4)
+        if loop.lr_scale > threshold:
+            start = 20 / loop.lr_scale
+            if loop.step > start:
+                values["act_norm"] *= math.exp((loop.step - start) / 4)
+                values["loss"] *= 1 + (loop.step - start) / 20
+        return values
+
+    return shape
+
+
+def test_a_too_high_learning_rate_is_cut_for_as_long_as_each_cut_makes_progress(tmp_path):
+    loop = Loop(supervise(tmp_path), too_high_lr(0.1), checkpoint_every=25)
+    assert loop.run(1500) == "finished"
+    assert loop.lr_scale == 0.0625  # four cuts: more than any fixed number of cuts would have allowed
+    assert "reset_optimizer" not in loop.kinds_seen() and "stop" not in loop.kinds_seen()
+    assert len(loop.kinds("scale_lr")) == len(loop.kinds("set_clip")) == 4
+    assert "act_growth" in {e["name"] for e in entries(tmp_path, "signal")}
+    outcomes = entries(tmp_path, "outcome")
+    assert [(e["name"], e["evidence"]["recovered"]) for e in outcomes][-4:] == [
+        ("lower_lr", 0),
+        ("lower_lr", 0),
+        ("lower_lr", 0),
+        ("lower_lr", 1),
+    ]
+    assert all(e["evidence"]["progress"] == 1 and "made progress" in e["message"] for e in outcomes[-4:-1])
+    assert entries(tmp_path, "action", "set_clip")[-1]["evidence"]["value"] == 1 / 16
+
+
+def test_an_lr_cut_that_makes_no_progress_ends_the_cuts(tmp_path):
+    """The activations blow up at step 300 whatever the learning rate: the first cut learns no further
+    than the run before it, so the ladder moves on to the optimizer reset, and then stops."""
+
+    def shape(loop, values):
+        if loop.step > 300:
+            values["act_norm"] *= math.exp((loop.step - 300) / 4)
+            values["loss"] *= 1 + (loop.step - 300) / 20
         return values
 
     loop = Loop(supervise(tmp_path), shape, checkpoint_every=25)
-    assert loop.run(1500) == "finished"
-    repairs = [k for _, k in loop.actions if k != "skip_update"]
-    assert repairs == [
-        "rollback",
-        "rollback",
-        "scale_lr",
-        "set_clip",
-        "rollback",
-        "scale_lr",
-        "set_clip",
-        "rollback",
-        "scale_lr",
-        "set_clip",
-    ]
-    assert loop.lr_scale == 0.125 and all(to == 0 for _, to, _ in loop.rollbacks)
-    assert [e["name"] for e in entries(tmp_path, "signal")] == ["act_growth"] * 4
-    outcomes = [(e["name"], e["evidence"]["recovered"]) for e in entries(tmp_path, "outcome")]
-    assert outcomes == [("rollback", 0), ("lower_lr", 0), ("lower_lr", 0), ("lower_lr", 1)]
-    assert entries(tmp_path, "action", "set_clip")[-1]["evidence"]["value"] == 0.125
+    assert loop.run(1500) == "stopped"
+    repairs = [k for _, k in loop.actions if k not in ("skip_update", "set_clip")]
+    assert repairs == ["rollback", "rollback", "scale_lr", "rollback", "reset_optimizer", "stop"]
+    (cut,) = [e for e in entries(tmp_path, "outcome") if e["name"] == "lower_lr"]
+    assert cut["evidence"]["progress"] == 0 and "made no progress" in cut["message"]
 
 
 def test_slow_divergence_rolls_back_before_the_climb_and_a_failed_rollback_means_an_lr_cut_next_time(tmp_path):
@@ -304,22 +330,12 @@ def test_persistent_trouble_climbs_every_rung_then_stops_with_a_diagnosis(tmp_pa
     loop = Loop(supervise(tmp_path), lambda loop, v: {**v, "loss": math.nan} if loop.step >= 300 else v)
     assert loop.run(3000) == "stopped"
     repairs = [k for _, k in loop.actions if k not in ("skip_update", "set_clip")]
-    assert repairs == [
-        "rollback",
-        "rollback",
-        "scale_lr",
-        "rollback",
-        "scale_lr",
-        "rollback",
-        "scale_lr",
-        "rollback",
-        "reset_optimizer",
-        "stop",
-    ]
-    assert loop.reset_moments == 1 and loop.lr_scale == 0.125
+    # The lr cut changed nothing before the NaN (no progress), so no second cut: rung 4, then the stop.
+    assert repairs == ["rollback", "rollback", "scale_lr", "rollback", "reset_optimizer", "stop"]
+    assert loop.reset_moments == 1 and loop.lr_scale == 0.5
     assert "every repair failed" in loop.diagnosis and "optim.lr" in loop.diagnosis
     (stop,) = entries(tmp_path, "action", "stop")
-    assert stop["evidence"]["repairs_used"] == 5
+    assert stop["evidence"]["repairs_used"] == 3
 
 
 def test_the_repair_budget_ends_the_run_when_spent(tmp_path):
@@ -341,7 +357,7 @@ def test_without_the_stop_rung_the_supervisor_gives_up_and_carries_on(tmp_path):
 
 def test_rungs_turned_off_are_not_used(tmp_path):
     loop = Loop(
-        supervise(tmp_path, rollback=False, max_lr_cuts=1),
+        supervise(tmp_path, rollback=False),
         lambda loop, v: {**v, "loss": math.nan} if loop.step >= 300 else v,
     )
     assert loop.run(3000) == "stopped"

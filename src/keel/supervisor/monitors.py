@@ -172,6 +172,8 @@ class Monitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in self.state_fields:
+            if name not in state:  # saved by an older keel, before this field existed: it starts fresh
+                continue
             current = getattr(self, name)
             if hasattr(current, "load_state_dict"):
                 current.load_state_dict(state[name])
@@ -332,48 +334,79 @@ class DivergenceMonitor(Monitor):
 class NormGrowthMonitor(Monitor):
     """A norm (last-block activation RMS, logit RMS) growing out of bounds, by two tests:
 
-    - against its value at initialisation: the recent average above `init_ratio` × the first value.
-      A too-high learning rate blows the residual stream up within the first few dozen steps, long
-      before any loss spike, and no rate test can tell that from the healthy early growth (both
-      grow ~10× per 10 steps at first); what differs is where the growth stops.
+    - growth without progress: the recent average grew `stall_growth`× from an earlier level while
+      the loss average fell less than `min_progress` (a fraction of it) over the same stretch. Norms
+      grow by orders of magnitude in every run, healthy or not, and how far depends on the learning
+      rate, the width and the data, so no bound tied to the initial scale separates the two (runs
+      that trained well grew past any bound that caught the bad ones). What differs is what the
+      growth buys: healthy growth comes with a falling loss, the residual stream of a too-high
+      learning rate blows up while the loss stalls or climbs. The stretch tested is the shortest one
+      over which the norm grew `stall_growth`×: from the last step it was that much lower (to within
+      the few percent of `_STALL_RESOLUTION`, the granularity of the record kept).
     - against its own long-run average: the recent average above `ratio` × the slow EWM, once
-      `warmup` values are in. This is the later-run drift OPT-175B's logbook shows before divergences.
+      `warmup` values are in, and again only while the loss average fell less than `min_progress`
+      since the ratio was last under its square root. This is the later-run drift OPT-175B's
+      logbook shows before divergences.
 
-    The trouble is taken to have begun at the last step where the tested ratio was under its square
-    root (halfway, in log terms). The initial value belongs to the run, not to a segment: the
-    policy carries it over when it restarts the monitors after a rollback.
+    For the first test the trouble is taken to have begun where the stretch began; for the second,
+    at the last step where the ratio was under its square root (halfway, in log terms).
     """
 
-    state_fields = ("initial", "fast", "slow", "calm_vs_initial", "calm_vs_average", "fired")
+    state_fields = ("fast", "loss", "slow", "rising", "calm_vs_average", "calm_loss", "fired")
 
     def __init__(
-        self, name: str, label: str, init_ratio: float, ratio: float, fast_span: int, slow_span: int, warmup: int
+        self,
+        name: str,
+        label: str,
+        stall_growth: float,
+        min_progress: float,
+        ratio: float,
+        fast_span: int,
+        slow_span: int,
+        warmup: int,
     ):
         self.name, self.label = name, label
-        self.init_ratio, self.ratio, self.warmup = init_ratio, ratio, warmup
-        self.initial: float | None = None
-        self.fast, self.slow = Ewm(fast_span), Ewm(slow_span)
-        self.calm_vs_initial = self.calm_vs_average = -1
+        self.stall_growth, self.min_progress, self.ratio, self.warmup = stall_growth, min_progress, ratio, warmup
+        self.fast, self.loss, self.slow = Ewm(fast_span), Ewm(fast_span), Ewm(slow_span)
+        # [step, recent, loss average] of the last step the recent average was at each of its levels:
+        # a stack whose norms rise by at least _STALL_RESOLUTION from one entry to the next, its top is
+        # now. "The last step the norm was at most x" is a binary search; entries are popped as the norm
+        # falls back, so the stack is bounded by the span of norms over the resolution (a few hundred
+        # entries at most) and each step costs O(1) amortised.
+        self.rising: list[list[float]] = []
+        self.calm_vs_average, self.calm_loss = -1, math.inf  # the last step under √ratio, and its loss average
         self.fired = False
 
-    def observe(self, value: float, step: int) -> Signal | None:
-        if self.initial is None and value > 0:
-            self.initial = value
+    def observe(self, value: float, loss: float, step: int) -> Signal | None:
+        """Take one step's norm and its (finite) training loss."""
         self.fast.add(value)
+        self.loss.add(loss)
         self.slow.add(value)
-        recent = self.fast.mean
-        vs_initial = recent / self.initial if self.initial else 1.0
+        recent, loss_level = self.fast.mean, self.loss.mean
+        if recent > 0:
+            while self.rising and self.rising[-1][1] >= recent:
+                self.rising.pop()
+            if self.rising and recent < self.rising[-1][1] * _STALL_RESOLUTION:
+                self.rising[-1] = [step, recent, loss_level]
+            else:
+                self.rising.append([step, recent, loss_level])
         vs_average = recent / self.slow.mean if self.slow.mean > 0 else 1.0
-        if vs_initial <= math.sqrt(self.init_ratio):
-            self.calm_vs_initial = step
         if vs_average <= math.sqrt(self.ratio):
-            self.calm_vs_average = step
-        if vs_initial > self.init_ratio:
-            detail = f"{vs_initial:,.0f}× its value at initialisation {self.initial:.3g}"
-            began = self.calm_vs_initial
-        elif self.slow.count >= self.warmup and vs_average > self.ratio:
+            self.calm_vs_average, self.calm_loss = step, loss_level
+        stalled_since_calm = loss_level > self.calm_loss * (1 - self.min_progress)
+        stall = self._stall(recent, loss_level)
+        if stall is not None:
+            began, then, loss_then = stall
+            progress = 1 - loss_level / loss_then
+            detail = (
+                f"{recent / then:,.0f}× its {then:.3g} at step {began:.0f} while the loss average went "
+                f"{loss_then:.4g} → {loss_level:.4g} ({-progress:+.1%}, under the {self.min_progress:.0%} "
+                "progress that healthy growth comes with)"
+            )
+            evidence = {"growth": recent / then, "loss_then": loss_then, "progress": progress}
+        elif self.slow.count >= self.warmup and vs_average > self.ratio and stalled_since_calm:
             detail = f"{vs_average:.1f}× its long-run average {self.slow.mean:.4g}"
-            began = self.calm_vs_average
+            began, evidence = self.calm_vs_average, {"vs_long_run": vs_average}
         else:
             self.fired = False
             return None
@@ -385,15 +418,24 @@ class NormGrowthMonitor(Monitor):
             "state",
             step,
             f"{self.label} growing: {recent:.4g} is {detail}",
-            {
-                "recent": recent,
-                "initial": self.initial or math.nan,
-                "long_run": self.slow.mean,
-                "vs_initial": vs_initial,
-                "vs_long_run": vs_average,
-            },
-            began_step=began,
+            {"recent": recent, "long_run": self.slow.mean, "loss_ewm": loss_level, **evidence},
+            began_step=int(began),
         )
+
+    def _stall(self, recent: float, loss_level: float) -> tuple[float, float, float] | None:
+        """(step, norm, loss average) where the shortest stretch that grew stall_growth× began, when the
+        loss fell less than min_progress over it; else None."""
+        # the latest step with a norm at most recent / stall_growth starts the shortest such stretch
+        index = bisect.bisect_right(self.rising, recent / self.stall_growth, key=lambda entry: entry[1]) - 1
+        if index < 0:
+            return None
+        began, then, loss_then = self.rising[index]
+        if loss_level > loss_then * (1 - self.min_progress):
+            return began, then, loss_then
+        return None
+
+
+_STALL_RESOLUTION = 2 ** (1 / 16)  # norms closer than this share an entry of NormGrowthMonitor.rising
 
 
 class LossScaleMonitor(Monitor):

@@ -4,8 +4,9 @@ The escalation ladder (each rung can be turned off in `SupervisorConfig`):
   1. skip the offending update ("update" trouble: a non-finite value or a spike);
   2. roll back to the last good checkpoint before the trouble began and skip the next K batches;
   3. the same rollback plus a lower learning rate and tighter clipping, kept for the rest of the
-     run; this rung may be climbed again (`max_lr_cuts` times in one incident), because a learning
-     rate that is far too high needs more than one halving (OPT-175B lowered its lr several times);
+     run; this rung is climbed again for as long as each cut makes progress (below), because a
+     learning rate that is far too high needs more than one halving (OPT-175B lowered its lr
+     several times), and how many it needs is not known in advance;
   4. the same rollback plus zeroed AdamW moments;
   5. stop with a diagnosis, when a repair is needed and the budget is spent or no rung is left.
 
@@ -20,9 +21,21 @@ shows no harm. Only a run of them counts, from its `repair_after_skips`-th step 
 is a level shift the window, which leaves flagged values out, would otherwise never follow.
 
 Each repair is judged: did the run get `judge_steps` past the trouble without new trouble, with
-the loss EWM back under best·(1 + recovery_tolerance)? A failure climbs a rung at once; a success
-makes the rung that worked the first one tried in the next incident, so a rollback that failed is
-not retried before an lr cut next time.
+the loss EWM back under best·(1 + recovery_tolerance)? A success closes the incident and makes the
+rung that worked the first one tried in the next incident, so a rollback that failed is not retried
+before an lr cut next time. A failure (new trouble, or the loss still high at the judge step) climbs
+a rung at once, except that a failed lr cut which made progress is followed by another cut.
+
+Progress, precisely: a failed repair made progress when its failure is new trouble (a signal, or
+the spikes that call for a repair) at a later step than every earlier failure of the incident, the
+trouble that opened it included: the run got further than before. A learning rate that is still
+too high but less so blows up later; a cut that fails at the same step (the trouble is tied to
+the data or the weights, not to the rate) or that fails only at the judge step (the run was calm,
+yet the loss did not come back: a lower rate is not what is missing) made none. A cut that made
+progress earns another cut; one that did not moves on to rung 4, and the ladder stops when that
+fails too. Step counts are used rather than loss levels: a too-high rate fails within a few steps,
+before any rate has moved the loss by more than its batch noise. The repair budget
+(`max_repairs`) still bounds the whole run.
 
 How the loop applies actions (in list order):
 - skip_update: drop the gradients, no optimizer step, the step counter stays, the data cursor advances
@@ -95,7 +108,7 @@ def validate_config(config: SupervisorConfig) -> None:
         "spike_sigma",
         "loss_spike_ratio",
         "grad_spike_ratio",
-        "norm_init_ratio",
+        "norm_stall_growth",
         "norm_growth_ratio",
         "slow_step_factor",
     ):
@@ -104,6 +117,7 @@ def validate_config(config: SupervisorConfig) -> None:
         2 <= config.spike_warmup <= config.spike_window,
         f"supervisor.spike_warmup must be within [2, spike_window={config.spike_window}], got {config.spike_warmup}.",
     )
+    need(config.norm_min_progress < 1, f"supervisor.norm_min_progress must be below 1, got {config.norm_min_progress}.")
     need(0 < config.lr_factor <= 1, f"supervisor.lr_factor must be within (0, 1], got {config.lr_factor}.")
     need(0 < config.clip_factor <= 1, f"supervisor.clip_factor must be within (0, 1], got {config.clip_factor}.")
     need(
@@ -188,7 +202,8 @@ class Supervisor:
         self.act_growth = NormGrowthMonitor(
             "act_growth",
             "last-block activation RMS",
-            c.norm_init_ratio,
+            c.norm_stall_growth,
+            c.norm_min_progress,
             c.norm_growth_ratio,
             c.norm_fast_span,
             c.norm_slow_span,
@@ -197,7 +212,8 @@ class Supervisor:
         self.logit_growth = NormGrowthMonitor(
             "logit_growth",
             "logit RMS",
-            c.norm_init_ratio,
+            c.norm_stall_growth,
+            c.norm_min_progress,
             c.norm_growth_ratio,
             c.norm_fast_span,
             c.norm_slow_span,
@@ -269,7 +285,7 @@ class Supervisor:
                 signals.append(self.divergence.observe(record.loss, record.step))
                 for monitor, value in ((self.act_growth, record.act_norm), (self.logit_growth, record.logit_norm)):
                     if math.isfinite(value):
-                        signals.append(monitor.observe(value, record.step))
+                        signals.append(monitor.observe(value, record.loss, record.step))
                 signals += [monitor.observe(record) for monitor in self.task_monitors]
         return [s for s in signals if s is not None]
 
@@ -301,7 +317,7 @@ class Supervisor:
                 "reference_loss": best if math.isfinite(best) else self.divergence.level,  # the pre-trouble level
                 "counted": 0,  # loss spikes / non-finite steps since the incident began or the last repair
                 "rung": "",  # the repair on trial ("" = only skips so far)
-                "lr_cuts": 0,
+                "furthest": -1,  # the latest step at which the incident's trouble came back so far
                 "tried": [],  # one line per repair, for the diagnosis
                 "judge_step": 0,
             }
@@ -329,6 +345,7 @@ class Supervisor:
                 record,
                 f"the loss average {level:.4g} is still above {target:.4g}, "
                 f"{self.config.judge_steps} steps after the trouble",
+                trouble=False,
             )
         repair = incident["rung"] or "skip_update"
         self.logbook.write(
@@ -344,24 +361,40 @@ class Supervisor:
         self.incident = None
         return []
 
-    def _repair(self, record: StepRecord, cause: str, short_cause: str = "") -> list[Action]:
+    def _repair(self, record: StepRecord, cause: str, short_cause: str = "", trouble: bool = True) -> list[Action]:
         """Judge the repair on trial a failure and climb to the next rung, or stop when none is left.
 
         `cause` is the sentence for actions and the diagnosis; `short_cause`, when the cause is a signal
-        already in the logbook, keeps the outcome line from repeating it.
+        already in the logbook, keeps the outcome line from repeating it. `trouble` is False when the
+        failure is the judge's verdict on a calm run rather than new trouble.
         """
         incident = self.incident
         assert incident is not None
         failed = incident["rung"] or ("skip_update" if incident["counted"] else "")
+        furthest = incident.get("furthest", -1)
+        progress = trouble and record.step > furthest
+        if trouble:
+            incident["furthest"] = max(furthest, record.step)
         if failed:
+            made = ""
+            if failed == "lower_lr" and trouble:
+                verdict = "progress" if progress else "no progress"
+                made = f"; it made {verdict} (trouble came back at step {record.step}, the furthest before: {furthest})"
+            elif failed == "lower_lr":
+                made = "; it made no progress (the run was calm, a lower rate is not what is missing)"
             self.logbook.write(
                 record.step,
                 "outcome",
                 failed,
-                f"{_DOING[failed]} did not hold: {short_cause or cause}",
-                {"loss": record.loss, "began_step": incident["began_step"], "recovered": 0},
+                f"{_DOING[failed]} did not hold: {short_cause or cause}{made}",
+                {
+                    "loss": record.loss,
+                    "began_step": incident["began_step"],
+                    "recovered": 0,
+                    "progress": int(progress),
+                },
             )
-        rung = self._next_rung(incident)
+        rung = self._next_rung(incident, progress)
         if not rung:
             tried = "; ".join(incident["tried"])
             return self._give_up(
@@ -371,14 +404,14 @@ class Supervisor:
             return self._give_up(record, cause, f"the budget of {self.config.max_repairs} repairs is spent")
         self.repairs_used += 1
         incident.update(rung=rung, counted=0, judge_step=record.step + self.config.judge_steps)
-        incident["lr_cuts"] += rung == "lower_lr"
         return self._rung_actions(rung, record, cause)
 
-    def _next_rung(self, incident: dict[str, Any]) -> str:
+    def _next_rung(self, incident: dict[str, Any], progress: bool) -> str:
+        """The rung after the failed one on trial: the same cut again while cuts make progress, else the next."""
         rung = incident["rung"]
         if not rung:
             return self.first_rung
-        if rung == "lower_lr" and incident["lr_cuts"] < self.config.max_lr_cuts:
+        if rung == "lower_lr" and progress:
             return rung
         later = self.ladder[self.ladder.index(rung) + 1 :]
         return later[0] if later else ""
@@ -493,9 +526,7 @@ class Supervisor:
             for name, message, evidence in pending["entries"]:
                 self.logbook.write(from_step, "action", name, message, evidence)
         self.good_checkpoints = [pair for pair in self.good_checkpoints if pair[0] <= restored_step]
-        initial = (self.act_growth.initial, self.logit_growth.initial)  # the run's, not the segment's
         self._build_monitors()
-        self.act_growth.initial, self.logit_growth.initial = initial
         self.grad_spikes_in_a_row = 0
 
     def _tokens_at(self, step: int, from_step: int, from_tokens: int) -> int:
