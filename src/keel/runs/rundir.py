@@ -93,7 +93,9 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
 
 
 def write_run_dir(config: RunConfig, run_dir: Path) -> None:
-    """Write the resolved config and the data's tokenizer into run_dir (which must exist)."""
+    """Write the resolved config and the data's tokenizer into run_dir (which must exist), and mark it as
+    keel's (an empty lock file, which `keel train` takes while it runs)."""
+    (run_dir / LOCK_FILE).touch(exist_ok=True)
     tmp = run_dir / f".{CONFIG_FILE}.tmp"
     config_lib.save(config, tmp)
     os.replace(tmp, run_dir / CONFIG_FILE)
