@@ -222,7 +222,7 @@ class SupervisorConfig:
         100.0, "Activation or logit RMS growing this many times over while the loss stalls is a signal."
     )
     norm_min_progress: float = opt(
-        0.04, "The loss average must fall this fraction over that growth, or the growth is a signal."
+        0.02, "The loss average must fall this fraction over that growth, or the growth is a signal."
     )
     norm_growth_ratio: float = opt(
         2.0, "Activation or logit RMS above this multiple of its long-run average is a signal."
