@@ -1,7 +1,6 @@
 """A run directory has one owner, holds nothing of the user's, and trains on the data it started with."""
 
 import json
-import time
 from pathlib import Path
 
 from conftest import TINY, assert_user_error, keel, run, tiny_train_args
@@ -9,28 +8,6 @@ from conftest import TINY, assert_user_error, keel, run, tiny_train_args
 from keel.data.shards import sha256_file
 from keel.supervisor.logbook import read_logbook
 from keel.train import checkpoint as ckpt
-
-
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie waiting to be reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _wait(condition, what: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
-def _heartbeat(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "heartbeat.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _names(run_dir: Path) -> list[str]:
