@@ -397,12 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
+        # An object the signal caught half-built (a progress bar in its constructor) complains when it is
+        # collected on the way out; after a stop that is noise below the one line that matters.
+        sys.unraisablehook = lambda unraisable: None
+        if isinstance(stop, Terminated):
+            print("interrupted (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM  # 143
         print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT  # 130, as a shell reports a command ended by SIGINT
-    except Terminated:
-        print("interrupted (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM  # 143
 
 
 if __name__ == "__main__":
