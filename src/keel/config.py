@@ -70,6 +70,20 @@ class SFTConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters on the init.from model, its weights frozen (any task)."""
+
+    rank: int = opt(0, "Rank of the adapters; 0 trains every weight (no LoRA), > 0 trains only the adapters.")
+    alpha: float = opt(16.0, "The adapters' update is scaled by alpha / rank.")
+    dropout: float = opt(0.0, "Dropout on the adapters' input during training.")
+    targets: str = opt(
+        "all",
+        "Comma-separated linear layers that get adapters: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+        "down_proj (every block), a dotted path such as blocks.0.attn.q_proj, or all.",
+    )
+
+
+@dataclass
 class DPOConfig:
     """Preference optimisation (task.kind=dpo); the reference model is the init.from run."""
 
@@ -322,6 +336,7 @@ class RunConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -600,6 +615,18 @@ def validate(config: RunConfig) -> None:
     need(
         d.displacement_patience > 0,
         f"dpo.displacement_patience must be a positive integer, got {d.displacement_patience}.",
+    )
+    lo = config.lora
+    need(lo.rank >= 0, f"lora.rank must be >= 0 (0 turns LoRA off), got {lo.rank}.")
+    need(lo.alpha > 0, f"lora.alpha must be positive, got {lo.alpha}.")
+    need(0 <= lo.dropout < 1, f"lora.dropout must be within [0, 1), got {lo.dropout}.")
+    need(
+        lo.rank == 0 or bool(config.init.from_),
+        "lora.rank > 0 adapts a trained model: set init.from=RUN_DIR to the run whose weights the adapters go on.",
+    )
+    need(
+        lo.rank == 0 or o.optimizer == "adamw",
+        "lora.rank > 0 trains with optim.optimizer=adamw (Muon is for full matrices, not low-rank factors).",
     )
     need(
         config.task.kind != "dpo" or bool(config.init.from_),
