@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -491,8 +492,12 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     return config
 
 
-def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config file (or start from defaults when path is None), apply overrides, validate."""
+def load(path: str | Path | None, overrides: list[str] | None = None, saved: bool = False) -> RunConfig:
+    """Read a YAML config file (or start from defaults when path is None), apply overrides, validate.
+
+    saved=True reads a config keel wrote into a run directory, perhaps by an older keel: keys this
+    keel no longer has are dropped with a note on stderr (a user's own file with them is refused).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -509,7 +514,24 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
                 f"config file {path} holds a {type(raw).__name__}, not a mapping of sections; "
                 "write it as `section:` lines with `key: value` under each, as `keel config` lists them."
             )
+    if saved:
+        dropped = _drop_unknown(RunConfig, raw, "")
+        if dropped:
+            gone = ", ".join(dropped)
+            print(f"note: {path} has settings this keel no longer has ({gone}); ignored.", file=sys.stderr)
     return from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+def _drop_unknown(cls: type, raw: dict[str, Any], prefix: str) -> list[str]:
+    """Remove the keys cls does not know from raw, in place; returns their dotted names."""
+    types_, dropped = _field_types(cls), []
+    for name in list(raw):
+        if name not in types_:
+            del raw[name]
+            dropped.append(prefix + name)
+        elif _is_section(types_[name]) and isinstance(raw[name], dict):
+            dropped += _drop_unknown(types_[name], raw[name], f"{prefix}{name}.")
+    return dropped
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:

@@ -271,4 +271,4 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise UserError(
             f"{run_dir} is not a keel run directory (no {CONFIG_FILE}); pass the directory `keel train` wrote."
         )
-    return config_lib.load(path)
+    return config_lib.load(path, saved=True)
