@@ -1,0 +1,55 @@
+"""int8 for CPU inference: dynamic quantization of a finished GPT's linear layers, applied from outside.
+
+Each nn.Linear of the blocks becomes PyTorch's dynamically quantized linear (`torch.ao.quantization.
+quantize_dynamic`): weights stored as int8 with one scale per output row, activations quantized to int8
+on the fly per call, the matmul done by fbgemm's int8 kernels, the output in float32. Why this and not
+the alternatives (measured in bench/int8.py, figures in docs/benchmarks.md):
+
+- torchao's weight-only int8 (`Int8WeightOnlyConfig`) loads on torch 2.13 but has no fast CPU kernel in
+  eager mode: it dequantizes the weight every call and ran slower than float32 here, as did torch's own
+  `_weight_int8pack_mm` on an AVX2-only CPU; torchao's dynamic int8 was slower still. Dynamic int8 through
+  fbgemm is what makes a CPU faster.
+- The output projection stays float32: with tied embeddings it is the embedding matrix, which the
+  lookup needs in float anyway (an int8 copy would add memory, not save it), and keel's evaluation reads
+  `lm_head.weight` directly through its chunked loss.
+
+The quantized model runs on the CPU only and cannot be trained.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from keel.models.gpt import GPT
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """`model` (on the CPU, float32, eval mode) with its blocks' linear layers quantized to int8, in place."""
+    assert not model.training and next(model.parameters()).device.type == "cpu", "quantize an eval-mode CPU model"
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    targets = {
+        f"blocks.{name}": qconfig for name, module in model.blocks.named_modules() if isinstance(module, nn.Linear)
+    }
+    with warnings.catch_warnings():
+        # torch 2.10+ warns that torch.ao.quantization moves to torchao; torchao's CPU int8 is slower here (above).
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.quantize_dynamic(model, targets, dtype=torch.qint8, inplace=True)
+    return model
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as held in memory: parameters, buffers that persist, packed int8 weights."""
+    state = model.state_dict()
+    seen: set[int] = set()
+    total = 0
+    for value in state.values():
+        tensors = value if isinstance(value, tuple) else (value,)
+        for tensor in tensors:
+            if not isinstance(tensor, torch.Tensor) or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())  # tied weights count once
+            total += tensor.numel() * tensor.element_size()
+    return total
