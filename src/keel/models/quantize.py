@@ -41,15 +41,10 @@ def quantize_int8(model: GPT) -> GPT:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights as held in memory: parameters, buffers that persist, packed int8 weights."""
-    state = model.state_dict()
-    seen: set[int] = set()
-    total = 0
-    for value in state.values():
-        tensors = value if isinstance(value, tuple) else (value,)
-        for tensor in tensors:
-            if not isinstance(tensor, torch.Tensor) or tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())  # tied weights count once
-            total += tensor.numel() * tensor.element_size()
+    """Bytes of the model's weights: float parameters (a tied matrix once) and int8 weights at one byte each
+    (their per-row scales left out)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() skips tied repeats
+    for module in model.modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # holds its weight packed, not as a parameter
+            total += module.weight().numel()
     return total
