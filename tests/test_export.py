@@ -13,6 +13,7 @@ from keel import config as config_lib
 from keel.cli import main
 from keel.data.chat import render
 from keel.data.tokenizer import EOT
+from keel.errors import UserError
 from keel.export import GGUF_FILE, MARKER, export_run
 from keel.inference import load_run, sample
 from keel.models.gpt import GPT
@@ -280,3 +281,19 @@ def test_hf_export_of_a_model_with_more_embedding_rows_than_tokens(tiny_data, tm
     export_run(run_dir, tmp_path / "gguf", fmt="gguf")
     meta = gguf_fields(gguf.GGUFReader(tmp_path / "gguf" / GGUF_FILE))
     assert len(meta["tokenizer.ggml.tokens"]) == 520 and meta["tokenizer.ggml.tokens"][-1] == "[PAD519]"
+
+
+def test_an_export_that_fails_midway_leaves_the_earlier_export_untouched(base_run, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    export_run(base_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(model, tokenizer, path, **kwargs):
+        path.write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("keel.models.llamacpp.write_gguf", disk_full)
+    with pytest.raises(UserError, match="No space left on device"):
+        export_run(base_run, out, fmt="gguf")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -63,8 +63,8 @@ def export_run(run_dir: Path, out: Path, dtype: str = "float32", fmt: str = "hf"
 
     tmp = out.parent / f".{out.name}.tmp-export"
     _remove(tmp)  # left by an export that was killed
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         _write(run, tmp, getattr(torch, dtype), fmt, int8, chat)
         marker = {
             "format": fmt,
@@ -82,6 +82,12 @@ def export_run(run_dir: Path, out: Path, dtype: str = "float32", fmt: str = "hf"
         for path in tmp.iterdir():
             _fsync(path)
         _fsync(tmp)
+    except OSError as err:  # a full disk, a quota, no permission: the earlier export (if any) is untouched
+        _remove(tmp)
+        raise UserError(
+            f"could not write the export next to {out} ({err.strerror or err}); free space or choose another --out "
+            "(nothing was changed)."
+        ) from None
     except BaseException:
         _remove(tmp)
         raise

@@ -41,10 +41,17 @@ def quantize_int8(model: GPT) -> GPT:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights: float parameters (a tied matrix once) and int8 weights at one byte each
-    (their per-row scales left out)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() skips tied repeats
+    """Bytes of the model's weights: parameters (a tied matrix once; a tensor subclass such as torchao's by the
+    tensors it holds) and dynamically quantized int8 weights at one byte each (their per-row scales left out)."""
+    total = sum(_tensor_bytes(p) for p in model.parameters())  # parameters() skips tied repeats
     for module in model.modules():
         if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # holds its weight packed, not as a parameter
             total += module.weight().numel()
     return total
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "__tensor_flatten__"):  # a wrapper subclass: its own size says nothing of its storage
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
