@@ -5,10 +5,11 @@ quantize_dynamic`): weights stored as int8 with one scale per output row, activa
 on the fly per call, the matmul done by fbgemm's int8 kernels, the output in float32. Why this and not
 the alternatives (measured in bench/int8.py, figures in docs/benchmarks.md):
 
-- torchao's weight-only int8 (`Int8WeightOnlyConfig`) loads on torch 2.13 but has no fast CPU kernel in
-  eager mode: it dequantizes the weight every call and ran slower than float32 here, as did torch's own
-  `_weight_int8pack_mm` on an AVX2-only CPU; torchao's dynamic int8 was slower still. Dynamic int8 through
-  fbgemm is what makes a CPU faster.
+- torchao (0.18) works with torch 2.13, and its weight-only int8 (`Int8WeightOnlyConfig`) is as small and
+  loses nothing measurable, but on an AVX2-only CPU it gained less speed than this in generation and
+  next to none in evaluation; it would also be a dependency whose import complains about its CUDA
+  extensions on a CPU machine. torch's own weight-only kernel (`_weight_int8pack_mm`) was several times
+  slower than float32 there. Dynamic int8 through fbgemm is what made the CPU faster.
 - The output projection stays float32: with tied embeddings it is the embedding matrix, which the
   lookup needs in float anyway (an int8 copy would add memory, not save it), and keel's evaluation reads
   `lm_head.weight` directly through its chunked loss.
