@@ -297,3 +297,16 @@ def test_an_export_that_fails_midway_leaves_the_earlier_export_untouched(base_ru
         export_run(base_run, out, fmt="gguf")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_lora_run_exports_with_its_adapters_folded_in(tiny_data, base_run, tmp_path):
+    sets = [f"data.path={tiny_data}", f"init.from={base_run}", "lora.rank=4", "lora.alpha=8", "train.max_steps=5"]
+    run(tmp_path / "lora", *sets)
+    export_run(tmp_path / "lora", tmp_path / "hf")
+    ours, theirs = load_run(tmp_path / "lora", device="cpu").model, hf_model(tmp_path / "hf")
+    assert not torch.equal(
+        ours.blocks[0].attn.q_proj.weight, load_run(base_run, device="cpu").model.blocks[0].attn.q_proj.weight
+    )
+    ids = torch.tensor([[0, 5, 17, 42, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
