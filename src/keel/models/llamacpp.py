@@ -59,8 +59,9 @@ def write_gguf(
 ) -> None:
     """Write `model` (on the CPU) with `tokenizer` to `path`.
 
-    Matrices are stored in `dtype` (float32, float16 or bfloat16), or as Q8_0 when int8; norm weights always
-    in float32, as llama.cpp expects of one-dimensional tensors.
+    Matrices are stored in `dtype` (float32, float16 or bfloat16), or as Q8_0 when int8 (a matrix whose rows
+    are not a whole number of 32-weight blocks keeps `dtype`); norm weights always in float32, as llama.cpp
+    expects of one-dimensional tensors.
     """
     config = model.config
     head_dim = config.d_model // config.n_head
