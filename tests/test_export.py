@@ -310,3 +310,18 @@ def test_a_lora_run_exports_with_its_adapters_folded_in(tiny_data, base_run, tmp
     ids = torch.tensor([[0, 5, 17, 42, 99]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_export_carries_rope_theta_and_norm_eps(tiny_data, tmp_path):
+    """Settings the tiny runs leave at the defaults transformers would assume anyway."""
+    run_dir = hand_made_run(tmp_path / "run", tiny_data, "model.rope_theta=500.0", "model.norm_eps=1e-3")
+    with torch.no_grad():  # norms away from 1, so that eps matters
+        model = GPT(load_run(run_dir, device="cpu").config.model)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.5)
+    save_checkpoint(run_dir, 1, model, {}, {"val_loss": None}, keep_last=1)
+    export_run(run_dir, tmp_path / "hf")
+    ids = torch.tensor([list(range(0, 64, 2))])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tmp_path / "hf")(ids).logits, model.eval()(ids), atol=1e-5, rtol=1e-5)
