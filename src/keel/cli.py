@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from keel.inference import load_run, sample
 
-    run = load_run(Path(args.run_dir))
+    run = load_run(Path(args.run_dir), int8=args.int8)
     print(sample(run, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed))
     return 0
 
@@ -95,7 +95,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from keel.inference import chat_reply, chat_template, load_run
 
-    run = load_run(Path(args.run_dir))
+    run = load_run(Path(args.run_dir), int8=args.int8)
     chat_template(run)  # a pretraining run fails now, not after the first message
 
     def reply(messages: list[dict]) -> str:
@@ -125,7 +125,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from keel.inference import evaluate_run, load_run
 
-    run = load_run(Path(args.run_dir))
+    run = load_run(Path(args.run_dir), int8=args.int8)
     if run.config.task.kind != "pretrain":
         from keel.inference import evaluate_task
 
@@ -143,6 +143,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(
         f"step {run.step}: val loss {r.loss:.4f}  perplexity {r.perplexity:.2f}  bits/byte {r.bits_per_byte:.4f}"
         f"  ({r.tokens:,} tokens)"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from keel.export import export_run
+
+    r = export_run(Path(args.run_dir), Path(args.out), args.dtype, args.format, args.int8)
+    kind = "GGUF (Q8_0)" if r.int8 else ("GGUF" if r.format == "gguf" else "Hugging Face Llama")
+    template = ", chat template included" if r.chat else ""
+    print(
+        f"wrote {r.out}: {kind}, {r.dtype if not r.int8 else 'int8'} weights of step {r.step}{template} "
+        f"({r.num_bytes / 1e6:.1f} MB: {', '.join(r.files)})"
     )
     return 0
 
@@ -238,6 +251,9 @@ same keys as plain text.""")
     return 0
 
 
+INT8_HELP = "run on the CPU with the blocks' linear layers in int8 (dynamic quantization): faster, a little less exact"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Train transformers end to end, supervised.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -308,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--int8", action="store_true", help=INT8_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("chat", help="talk to a fine-tuned run through its chat template (an empty line ends)")
@@ -324,12 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--int8", action="store_true", help=INT8_HELP)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", metavar="DATA_DIR", help="evaluate on this data's val split (default: the run's data)")
+    p.add_argument("--int8", action="store_true", help=INT8_HELP)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "export", help="write the run's newest good checkpoint as a Hugging Face Llama directory or a GGUF file"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="directory to write (new, empty, or an earlier keel export)"
+    )
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (default) or gguf (llama.cpp)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype")
+    p.add_argument("--int8", action="store_true", help="GGUF only: store the weight matrices as Q8_0")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into its base: a plain run directory")
     p.add_argument("run_dir", metavar="RUN_DIR")

@@ -31,10 +31,14 @@ class LoadedRun:
     device: torch.device
     dtype: torch.dtype
     path: Path  # the run directory
+    checkpoint: Path | None = None  # the checkpoint directory the weights came from
 
 
-def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
-    """The run's newest checkpoint that passes its checksums, in eval mode."""
+def load_run(run_dir: Path, device: str = "auto", int8: bool = False) -> LoadedRun:
+    """The run's newest checkpoint that passes its checksums, in eval mode.
+
+    int8 quantizes the model for CPU inference (keel.models.quantize) and so runs on the CPU, in float32.
+    """
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     path, bad = ckpt.find_latest_good(run_dir)
@@ -42,7 +46,9 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
         print(f"warning: checkpoint {bad_path.name} is unusable ({reason}); using an older one.")
     if path is None:
         raise UserError(f"{run_dir} has no usable checkpoint yet; train it first with keel train.")
-    torch_device = pick_device(device)
+    if int8 and device not in ("auto", "cpu"):
+        raise UserError(f"--int8 runs on the CPU (its int8 kernels are CPU kernels); leave out --int8 on {device}.")
+    torch_device = pick_device("cpu" if int8 else device)
     model = GPT(config.model).to(torch_device)
     if config.lora.rank:  # the base's weights, the run's adapters on them, folded in for speed
         load_init_weights(model, Path(config.init.from_))
@@ -52,8 +58,12 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
     merge_lora(model)
     model.eval()
     tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
-    dtype = pick_dtype(config.train.dtype, torch_device)
-    return LoadedRun(config, model, tokenizer, meta["step"], torch_device, dtype, run_dir)
+    dtype = torch.float32 if int8 else pick_dtype(config.train.dtype, torch_device)
+    if int8:
+        from keel.models.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    return LoadedRun(config, model, tokenizer, meta["step"], torch_device, dtype, run_dir, path)
 
 
 def sample(

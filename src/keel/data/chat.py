@@ -140,3 +140,25 @@ def render(
             )
     pieces = chat_pieces(template_of(tokenizer), messages, add_generation_prompt=add_generation_prompt)
     return encode_pieces(tokenizer, [pieces])[0]
+
+
+def jinja_template() -> str:
+    """The template as the Jinja source that Hugging Face's `apply_chat_template` (and llama.cpp's --jinja) run.
+
+    It renders the markers as text, which those tokenizers split off as special tokens before encoding the
+    rest, so the ids equal `render`'s for any content that does not itself contain a marker's text (keel
+    encodes such text as text; Hugging Face tokenizers take it as the marker). An unknown role is an error,
+    as in `render`.
+    """
+    markers = ", ".join(f"'{role}': '{token}'" for role, token in ROLE_TOKENS.items())
+    return (
+        f"{{% set markers = {{{markers}}} %}}"
+        f"{{{{ '{EOT}' }}}}"
+        "{% for message in messages %}"
+        "{% if message['role'] not in markers %}"
+        f"{{{{ raise_exception('a message needs a role ({', '.join(ROLES)})') }}}}"
+        "{% endif %}"
+        f"{{{{ markers[message['role']] + message['content'] + '{END}' }}}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ '{ASSISTANT}' }}}}{{% endif %}}"
+    )

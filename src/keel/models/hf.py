@@ -1,4 +1,5 @@
-"""Map GPT to and from Hugging Face Llama (`transformers.LlamaForCausalLM`): config and weights.
+"""Map GPT to and from Hugging Face Llama (`transformers.LlamaForCausalLM`): config and weights, and write
+a model directory that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load without custom code.
 
 GPT uses Llama's layout and rotary convention, so the mapping only renames tensors. This module
 does not import transformers; the caller builds `transformers.LlamaConfig(**llama_config(config))`.
@@ -6,10 +7,15 @@ does not import transformers; the caller builds `transformers.LlamaConfig(**llam
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from tokenizers import Tokenizer, processors
 
 from keel.config import ModelConfig
 from keel.errors import UserError
@@ -109,3 +115,75 @@ def from_llama_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -
     if config.tie_embeddings:
         ours["lm_head.weight"] = ours["embed.weight"]
     return ours
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The tokens an exported model is told about: bos starts every prompt (keel's <|endoftext|>), generation
+    stops at any of eos_ids (the first is the tokenizer's eos_token), pad fills batches."""
+
+    bos: str
+    eos: str
+    pad: str
+    bos_id: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+
+def write_hf_dir(
+    model: GPT,
+    tokenizer: Tokenizer,
+    out: Path,
+    *,
+    dtype: torch.dtype,
+    special: SpecialTokens,
+    chat_template: str | None,
+) -> None:
+    """Write config.json, model.safetensors, generation_config.json, tokenizer.json and tokenizer_config.json.
+
+    The tokenizer gets a post-processor that puts bos in front of every encoded text, so `tokenizer(text)`
+    gives the ids `keel sample` feeds the model; `apply_chat_template` renders bos itself and adds no other.
+    """
+    config = llama_config(model.config)
+    eos_id: int | list[int] = special.eos_ids[0] if len(special.eos_ids) == 1 else list(special.eos_ids)
+    dtype_name = str(dtype).removeprefix("torch.")
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **config,
+        "bos_token_id": special.bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": special.pad_id,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        # transformers 4 reads torch_dtype, 5 reads dtype.
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+    _write_json(out / "config.json", hf_config)
+    generation = {"bos_token_id": special.bos_id, "eos_token_id": eos_id, "pad_token_id": special.pad_id}
+    _write_json(out / "generation_config.json", generation)
+    tensors = {name: t.detach().to(dtype).contiguous() for name, t in to_llama_state_dict(model).items()}
+    safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    exported = Tokenizer.from_str(tokenizer.to_str())
+    exported.post_processor = processors.TemplateProcessing(
+        single=f"{special.bos} $A", pair=f"{special.bos} $A $B:1", special_tokens=[(special.bos, special.bos_id)]
+    )
+    exported.save(str(out / "tokenizer.json"))
+    tokenizer_config = {
+        # transformers 5 would record TokenizersBackend, which 4.x does not know; both load this class.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": special.bos,
+        "eos_token": special.eos,
+        "pad_token": special.pad,
+        "model_max_length": model.config.context_length,
+        "clean_up_tokenization_spaces": False,  # byte-level BPE decodes exactly; no space fixing
+    }
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
+    _write_json(out / "tokenizer_config.json", tokenizer_config)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
