@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from keel.export import export_run
 
-    r = export_run(Path(args.run_dir), Path(args.out), args.dtype, args.format, args.int8)
+    r = export_run(Path(args.run_dir), Path(args.out), args.dtype, args.format, args.int8, args.adapters)
     kind = "GGUF (Q8_0)" if r.int8 else ("GGUF" if r.format == "gguf" else "Hugging Face Llama")
     template = ", chat template included" if r.chat else ""
     print(
@@ -360,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (default) or gguf (llama.cpp)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype")
     p.add_argument("--int8", action="store_true", help="GGUF only: store the weight matrices as Q8_0")
+    p.add_argument(
+        "--adapters",
+        action="store_true",
+        help="a LoRA run: its base, with the adapters in PEFT's format in DIR/adapter (default: folded in)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapters into its base: a plain run directory")

@@ -9,6 +9,7 @@ and cast once, so an export made here loads the same on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ MARKER = "keel_export.json"
 FORMATS = ("hf", "gguf")
 DTYPES = ("float32", "bfloat16", "float16")
 GGUF_FILE = "model.gguf"
+ADAPTER_DIR = "adapter"  # --adapters: PEFT's adapter_config.json + adapter_model.safetensors
 
 
 @dataclass
@@ -40,8 +42,13 @@ class ExportResult:
     chat: bool  # whether the chat template went in
 
 
-def export_run(run_dir: Path, out: Path, dtype: str = "float32", fmt: str = "hf", int8: bool = False) -> ExportResult:
-    """Export the newest good checkpoint of run_dir into the directory out (see the module docstring)."""
+def export_run(
+    run_dir: Path, out: Path, dtype: str = "float32", fmt: str = "hf", int8: bool = False, adapters: bool = False
+) -> ExportResult:
+    """Export the newest good checkpoint of run_dir into the directory out (see the module docstring).
+
+    A LoRA run exports with its adapters folded into the weights; adapters=True instead writes its base
+    (the weights the adapters go on) with the adapters beside it in PEFT's format, in out/adapter."""
     from keel.inference import load_run
     from keel.models.hf import llama_config
     from keel.train.checkpoint import MANIFEST, WEIGHTS
@@ -55,6 +62,10 @@ def export_run(run_dir: Path, out: Path, dtype: str = "float32", fmt: str = "hf"
         )
     _check_output(run_dir, out)
     run = load_run(run_dir, device="cpu")
+    if adapters and not run.config.lora.rank:
+        raise UserError(f"--adapters exports a LoRA run's adapters, and {run_dir} has none; leave out --adapters.")
+    if adapters and fmt != "hf":
+        raise UserError("--adapters goes with --format hf: PEFT loads adapters onto a Hugging Face model.")
     llama_config(run.config.model)  # a model Llama cannot express (qk_norm) is refused before anything is written
     checkpoint = run.checkpoint
     assert checkpoint is not None
@@ -65,6 +76,8 @@ def export_run(run_dir: Path, out: Path, dtype: str = "float32", fmt: str = "hf"
     _remove(tmp)  # left by an export that was killed
     try:
         tmp.mkdir(parents=True)
+        if adapters:
+            run = dataclasses.replace(run, model=_base_with_adapters(run, tmp / ADAPTER_DIR))
         _write(run, tmp, getattr(torch, dtype), fmt, int8, chat)
         marker = {
             "format": fmt,
@@ -76,6 +89,7 @@ def export_run(run_dir: Path, out: Path, dtype: str = "float32", fmt: str = "hf"
             "checkpoint": checkpoint.name,
             "checkpoint_sha256": weights_sha256,
             "chat_template": chat,
+            "adapters": ADAPTER_DIR if adapters else None,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -101,6 +115,24 @@ def export_run(run_dir: Path, out: Path, dtype: str = "float32", fmt: str = "hf"
     _remove(old)
     files = sorted(p.name for p in out.iterdir())
     return ExportResult(out, fmt, dtype, int8, run.step, files, sum((out / f).stat().st_size for f in files), chat)
+
+
+def _base_with_adapters(run, adapter_dir: Path):
+    """The LoRA run's base model (to export), after writing the run's adapters in PEFT's format."""
+    import copy
+
+    from keel.models.gpt import GPT
+    from keel.models.lora import lora_for_run, write_peft_adapter
+    from keel.tasks.lm import load_init_weights
+    from keel.train import checkpoint as ckpt
+
+    base = GPT(run.config.model)
+    load_init_weights(base, Path(run.config.init.from_))
+    adapted = copy.deepcopy(base)
+    lora_for_run(adapted, run.config)
+    ckpt.load_checkpoint(run.checkpoint, adapted)
+    write_peft_adapter(adapted, run.config.lora, adapter_dir)
+    return base.eval()
 
 
 def _write(run, out: Path, dtype: torch.dtype, fmt: str, int8: bool, chat: bool) -> None:

@@ -203,3 +203,32 @@ def test_adapters_load_in_peft_on_the_exported_base(tiny_data, base_run, tmp_pat
     idx = torch.randint(0, config.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(adapted(idx).logits, model.eval()(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_keel_export_adapters_writes_the_base_and_a_peft_adapter(tiny_data, base_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    run(tmp_path / "lora", *lora_sets(tiny_data, base_run, "train.max_steps=10"))
+    exported = keel("export", str(tmp_path / "lora"), "--out", str(tmp_path / "hf"), "--adapters")
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(p.name for p in (tmp_path / "hf" / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        base_logits = base(idx).logits
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()
+        ours = load_run(tmp_path / "lora").model(idx)
+        assert (ours - base_logits).abs().max() > 1e-3  # the adapters changed something...
+        torch.testing.assert_close(adapted(idx).logits, ours, atol=1e-5, rtol=1e-5)  # ...and PEFT applies it
+
+    assert_user_error(
+        keel("export", str(base_run), "--out", str(tmp_path / "x"), "--adapters"), "has none; leave out --adapters"
+    )
+    assert_user_error(
+        keel("export", str(tmp_path / "lora"), "--out", str(tmp_path / "y"), "--adapters", "--format", "gguf"),
+        "--adapters goes with --format hf",
+    )
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
