@@ -63,12 +63,13 @@ def problem(vocab_size=50, seed=0):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k", [5, 50])  # with the other bucket; k = V, exact
 @pytest.mark.parametrize("rows", [None, 7])  # one chunk; 7-row chunks, the last one short
-def test_the_loss_equals_a_full_logits_reference_in_value_and_gradients(monkeypatch, kind, k, rows):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # T = 1 shares softmax(z) between the two terms
+def test_the_loss_equals_a_full_logits_reference_in_value_and_gradients(monkeypatch, kind, k, rows, temperature):
     if rows:
         monkeypatch.setattr(distill, "loss_chunk_rows", lambda vocab_size, d_model: rows)
     hidden, weight, targets, teacher_logits = problem()
-    settings = DistillLoss(kind, temperature=2.0, ratio=0.7, beta=0.3)
-    indices, log_probs = linear_top_k(teacher_logits.flatten(0, 1), torch.eye(50, dtype=torch.float64), k, 2.0)
+    settings = DistillLoss(kind, temperature=temperature, ratio=0.7, beta=0.3)
+    indices, log_probs = linear_top_k(teacher_logits.flatten(0, 1), torch.eye(50, dtype=torch.float64), k, temperature)
     shape = (3, 11, -1)
     got = linear_distill_loss(hidden, weight, targets, indices.view(shape), log_probs.view(shape), settings)
     expected = naive_loss(hidden, weight, targets, teacher_logits, k, settings)

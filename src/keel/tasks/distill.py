@@ -93,17 +93,20 @@ def bucket_divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str, b
     raise AssertionError(f"config validation lets no other distill.loss through: {kind}")
 
 
-def student_buckets(scaled: torch.Tensor, indices: torch.Tensor, tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's log-probs in the teacher's buckets, and the logits outside the top k.
+def bucket_log_probs(
+    scaled: torch.Tensor, log_norm: torch.Tensor, indices: torch.Tensor, tail: bool, in_place: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of softmax(scaled) in the buckets of `indices`, and the logits of the other bucket.
 
-    scaled (N, V) logits already divided by T, indices (N, k) -> buckets (N, k [+ 1]) and rest (N, V):
-    the scaled logits with the top k set to -inf (the other bucket's members), or None without a tail.
+    scaled (N, V) logits already divided by T, log_norm (N, 1) their logsumexp, indices (N, k) -> buckets
+    (N, k [+ 1]) and rest (N, V): the scaled logits with the top k set to -inf (written into `scaled`
+    when in_place), or None without a tail. The other bucket's log-mass is the logsumexp of rest, not
+    log(1 − Σp), which cancels badly when the top k hold nearly everything.
     """
-    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (N, 1)
     top = scaled.gather(1, indices) - log_norm  # (N, k)
     if not tail:
         return top, None
-    rest = scaled.scatter(1, indices, -math.inf)  # (N, V)
+    rest = scaled.scatter_(1, indices, -math.inf) if in_place else scaled.scatter(1, indices, -math.inf)  # (N, V)
     return torch.cat((top, torch.logsumexp(rest, dim=-1, keepdim=True) - log_norm), dim=1), rest
 
 
@@ -164,11 +167,14 @@ class _LinearDistill(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         T, r = settings.temperature, settings.ratio
         tail = teacher.shape[1] == indices.shape[1] + 1
+        k = indices.shape[1]
         zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_sum, kd_sum, square_sum = zero, zero, zero
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = None  # float32 (V, C), summed over the chunks
         rows = loss_chunk_rows(*weight.shape)
+        # Every pass over a (rows, V) tensor costs as much as a small student's matmuls: the passes are
+        # counted, done in place where a tensor is not needed again, and shared when T = 1.
         for start in range(0, h.shape[0], rows):
             end = start + rows
             x, t, idx = h[start:end], targets[start:end], indices[start:end]
@@ -178,8 +184,10 @@ class _LinearDistill(torch.autograd.Function):
             safe_t = torch.where(counted, t, 0)[:, None]  # (rows, 1)
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (rows, 1)
             ce = (log_norm - logits.gather(1, safe_t)).squeeze(1)  # (rows,)
-            scaled = logits / T
-            student, rest = student_buckets(scaled, idx, tail)  # (rows, K), (rows, V) or None
+            scaled, log_norm_t = (logits, log_norm) if T == 1 else (logits / T, None)
+            if log_norm_t is None:
+                log_norm_t = torch.logsumexp(scaled, dim=-1, keepdim=True)
+            student, rest = bucket_log_probs(scaled, log_norm_t, idx, tail)  # (rows, K), (rows, V) or None
             with torch.enable_grad():
                 a = student.detach().requires_grad_()
                 kd = bucket_divergence(
@@ -189,20 +197,28 @@ class _LinearDistill(torch.autograd.Function):
             kd = kd.detach()
             ce_sum = ce_sum + torch.where(counted, ce, 0.0).sum()
             kd_sum = kd_sum + torch.where(counted, kd, 0.0).sum()
-            if with_grad:
-                pi = scaled.sub_(torch.logsumexp(scaled, dim=-1, keepdim=True)).exp_()  # (rows, V) softmax(z / T)
-                grad_kd = pi * -g.sum(1, keepdim=True)
-                grad_kd.scatter_add_(1, idx, g[:, : idx.shape[1]])
-                if tail:
-                    grad_kd += g[:, -1:] * torch.softmax(rest, dim=-1)
-                probs = logits.sub_(log_norm).exp_()  # softmax(z); the logits are not needed any more
-                grad_ce = probs.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=probs.dtype))
-                # d loss / d z = (1 − r)·(softmax − one_hot) + r·T²·(1/T)·dD/d(z/T); ignored rows zeroed
-                grad = ((1 - r) * grad_ce + (r * T) * grad_kd) * counted[:, None]
-                grad = grad.to(dtype)
-                grad_hidden[start:end] = grad @ w
-                chunk_grad = (grad.t() @ x).float()
-                grad_weight = chunk_grad if grad_weight is None else grad_weight + chunk_grad
+            if not with_grad:
+                continue
+            # d loss / d z = (1 − r)·(softmax(z) − one_hot) + r·T·(g_top at the top k + g_tail·ρ − G·π), with
+            # π = softmax(z / T) and ρ the softmax of the other bucket's logits; every coefficient is per row
+            # and zero on ignored rows.
+            keep = counted[:, None].float()  # (rows, 1)
+            kd_scale = (r * T) * keep
+            pi = scaled.sub_(log_norm_t).exp_() if T != 1 else None  # (rows, V), in place: scaled is done
+            probs = logits.sub_(log_norm).exp_()  # softmax(z), in place: the logits are done
+            if pi is None:  # T = 1: π is softmax(z)
+                grad = probs.mul_((1 - r) * keep - kd_scale * g.sum(1, keepdim=True))
+            else:
+                grad = probs.mul_((1 - r) * keep).sub_(pi.mul_(kd_scale * g.sum(1, keepdim=True)))
+            if tail:
+                rho = rest.sub_(torch.logsumexp(rest, dim=-1, keepdim=True)).exp_()  # 0 at the top k
+                grad.addcmul_(rho, kd_scale * g[:, k:])
+            grad.scatter_add_(1, idx, kd_scale * g[:, :k])
+            grad.scatter_add_(1, safe_t, -(1 - r) * keep)
+            grad = grad.to(dtype)
+            grad_hidden[start:end] = grad @ w
+            chunk_grad = (grad.t() @ x).float()
+            grad_weight = chunk_grad if grad_weight is None else grad_weight + chunk_grad
         loss_sum = (1 - r) * ce_sum + r * T * T * kd_sum
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
@@ -229,8 +245,7 @@ def linear_top_k(
     """The top k of softmax(hidden @ weight.T / T) per row, a chunk of rows at a time (no gradient).
 
     hidden (N, C), weight (V, C) -> indices (N, k) int64 and log-probs (N, k + 1) float32, the last
-    column the log of the mass outside the top k (logsumexp there, not log(1 − Σp), which cancels
-    badly when the top k hold nearly everything); (N, k) log-probs when k = V.
+    column the log of the mass outside the top k; (N, k) log-probs when k = V.
     """
     num_rows, vocab_size = hidden.shape[0], weight.shape[0]
     tail = k < vocab_size
@@ -239,10 +254,13 @@ def linear_top_k(
     rows = loss_chunk_rows(*weight.shape)
     with torch.no_grad():
         for start in range(0, num_rows, rows):
-            scaled = (hidden[start : start + rows] @ weight.t()).float() / temperature  # (rows, V)
+            scaled = (hidden[start : start + rows] @ weight.t()).float()  # (rows, V)
+            if temperature != 1:
+                scaled.div_(temperature)
             top = torch.topk(scaled, k, dim=-1, sorted=True).indices  # (rows, k)
             indices[start : start + rows] = top
-            log_probs[start : start + rows] = student_buckets(scaled, top, tail)[0]
+            log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+            log_probs[start : start + rows] = bucket_log_probs(scaled, log_norm, top, tail, in_place=True)[0]
     return indices, log_probs
 
 
