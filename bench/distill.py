@@ -4,8 +4,9 @@ Runs, one after the other (never together: the machine has 2 cores), all on buil
 prepared once in bench/.cache (8192-token BPE, shared with bench/throughput.py), all uncompiled so the
 comparison does not depend on compile times:
 
-1. teacher: keel's default model (6 x 384, context 256), --teacher-steps steps (or the run given with
-   --teacher, reused as it is);
+1. teacher: 4 x 256 at context 128 (a third of keel's default model, so the whole bench fits in well
+   under an hour on a shared 2-core machine), --teacher-steps steps (or the run given with --teacher,
+   reused as it is);
 2. the teacher's cache: its top-k log-probs on the windows the student will train on, built once
    and timed on its own (it is part of the distilled student's wall clock);
 3. distilled: the student (2 x 128 by default) with task.kind=distill, --student-steps steps;
@@ -17,7 +18,7 @@ Every model is scored on the whole val split (bits per byte, as `keel eval`). Th
 parameters, training tokens/s (the run's tokens over its training time), generation tokens/s (one
 prompt, 128 new tokens sampled with a KV cache, after one warm-up), and val bits/byte.
 
-    python bench/distill.py                        # teacher 500 steps + cache + 3 students: ~30 minutes idle
+    python bench/distill.py                        # teacher 400 steps + cache + 3 students: ~25 minutes idle
     python bench/distill.py --teacher bench/.cache/distill/DATE/teacher     # reuse a teacher
     python bench/distill.py --quick                # smoke run: tiny models, ~3 minutes
 """
@@ -46,8 +47,8 @@ from throughput import DATA_DIR, prepare_data  # noqa: E402
 
 CACHE = Path(__file__).parent / ".cache"
 COMMON = ["train.compile=false", "train.batch_size=8", "train.eval_every=100000", "train.log_every=50"]
-TEACHER = ["model.context_length=256"]  # keel's default shape otherwise: 6 x 384, 6 heads
-STUDENT = ["model.n_layer=2", "model.d_model=128", "model.n_head=4", "model.context_length=256"]
+TEACHER = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "model.context_length=128"]
+STUDENT = ["model.n_layer=2", "model.d_model=128", "model.n_head=4", "model.context_length=128"]
 QUICK_TEACHER = ["model.n_layer=2", "model.d_model=128", "model.n_head=4", "model.context_length=128"]
 QUICK_STUDENT = ["model.n_layer=1", "model.d_model=64", "model.n_head=2", "model.context_length=128"]
 GENERATE_TOKENS = 128
@@ -93,8 +94,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=CACHE / "distill" / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--data", type=Path, default=DATA_DIR, help="prepared stdlib data (prepared if missing)")
     parser.add_argument("--teacher", type=Path, help="reuse this trained teacher run")
-    parser.add_argument("--teacher-steps", type=int, default=500)
-    parser.add_argument("--student-steps", type=int, default=800)
+    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--student-steps", type=int, default=500)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--set", action="append", default=[], help="distillation settings, e.g. distill.ratio=0.9")
     args = parser.parse_args()
