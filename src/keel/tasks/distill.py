@@ -485,7 +485,7 @@ def build_teacher_cache(
         needed = [c for c in range(cache.num_chunks()) if c not in done]
         if needed:
             extra = {
-                "teacher": str(teacher.checkpoint),
+                "teacher": str(teacher.checkpoint.resolve()),
                 "teacher_weights_sha256": teacher.weights_hash,
                 "data": data_hash,
                 "k": k,
@@ -500,7 +500,7 @@ def build_teacher_cache(
 
             ckpt.load_checkpoint(teacher.checkpoint, model, device)
             model.eval()
-            with tqdm(total=total, desc="teacher cache", unit=" windows", disable=None, dynamic_ncols=True) as bar:
+            with tqdm(total=total, desc="teacher cache", unit=" windows", dynamic_ncols=True) as bar:
                 for chunk in needed:
                     windows = order[_chunk_entries(cache, chunk, len(order))]
                     records = np.zeros(len(windows), dtype=record)
