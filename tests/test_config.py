@@ -66,3 +66,16 @@ def test_reference_lists_every_key_with_help():
     for required in ["data.path", "model.n_kv_head", "optim.warmup_steps", "train.max_minutes", "train.compile"]:
         assert required in keys
     assert all(help_text for _, _, help_text in rows)
+
+
+def test_a_run_saved_by_an_older_keel_loads_without_the_settings_it_lost(tmp_path, capsys):
+    """A key keel removed (supervisor.norm_init_ratio went in 0.1) in a run directory's config.yaml is
+    dropped with a note; the same key in a config the user passes is refused."""
+    from keel.runs.rundir import load_run_config
+
+    (tmp_path / "config.yaml").write_text("supervisor:\n  norm_init_ratio: 1000.0\n  spike_window: 200\n")
+    config = load_run_config(tmp_path)
+    assert config.supervisor.spike_window == 200
+    assert "supervisor.norm_init_ratio" in capsys.readouterr().err
+    with pytest.raises(UserError, match="unknown config key supervisor.norm_init_ratio"):
+        config_lib.load(tmp_path / "config.yaml")

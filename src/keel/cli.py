@@ -147,6 +147,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from keel.inference import merge_run
+
+    out = merge_run(Path(args.run_dir), Path(args.out))
+    print(f"merged the adapters of {args.run_dir} into {out}")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from keel.runs.registry import Registry, format_runs_table
 
@@ -323,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", metavar="DATA_DIR", help="evaluate on this data's val split (default: the run's data)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="fold a LoRA run's adapters into its base: a plain run directory")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("runs", help="table of runs from the registry")
     p.add_argument(

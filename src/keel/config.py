@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +67,20 @@ class SFTConfig:
     loss_on: str = opt(
         "completion",
         "completion (completion tokens / assistant turns and their end token) | all (every token of each example).",
+    )
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the init.from model, its weights frozen (any task)."""
+
+    rank: int = opt(0, "Rank of the adapters; 0 trains every weight (no LoRA), > 0 trains only the adapters.")
+    alpha: float = opt(16.0, "The adapters' update is scaled by alpha / rank.")
+    dropout: float = opt(0.0, "Dropout on the adapters' input during training.")
+    targets: str = opt(
+        "all",
+        "Comma-separated linear layers that get adapters: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+        "down_proj (every block), a dotted path such as blocks.0.attn.q_proj, or all.",
     )
 
 
@@ -353,6 +368,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -507,8 +523,12 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     return config
 
 
-def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config file (or start from defaults when path is None), apply overrides, validate."""
+def load(path: str | Path | None, overrides: list[str] | None = None, saved: bool = False) -> RunConfig:
+    """Read a YAML config file (or start from defaults when path is None), apply overrides, validate.
+
+    saved=True reads a config keel wrote into a run directory, perhaps by an older keel: keys this
+    keel no longer has are dropped with a note on stderr (a user's own file with them is refused).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -525,7 +545,24 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> RunConf
                 f"config file {path} holds a {type(raw).__name__}, not a mapping of sections; "
                 "write it as `section:` lines with `key: value` under each, as `keel config` lists them."
             )
+    if saved:
+        dropped = _drop_unknown(RunConfig, raw, "")
+        if dropped:
+            gone = ", ".join(dropped)
+            print(f"note: {path} has settings this keel no longer has ({gone}); ignored.", file=sys.stderr)
     return from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+def _drop_unknown(cls: type, raw: dict[str, Any], prefix: str) -> list[str]:
+    """Remove the keys cls does not know from raw, in place; returns their dotted names."""
+    types_, dropped = _field_types(cls), []
+    for name in list(raw):
+        if name not in types_:
+            del raw[name]
+            dropped.append(prefix + name)
+        elif _is_section(types_[name]) and isinstance(raw[name], dict):
+            dropped += _drop_unknown(types_[name], raw[name], f"{prefix}{name}.")
+    return dropped
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
@@ -631,6 +668,18 @@ def validate(config: RunConfig) -> None:
     need(
         d.displacement_patience > 0,
         f"dpo.displacement_patience must be a positive integer, got {d.displacement_patience}.",
+    )
+    lo = config.lora
+    need(lo.rank >= 0, f"lora.rank must be >= 0 (0 turns LoRA off), got {lo.rank}.")
+    need(lo.alpha > 0, f"lora.alpha must be positive, got {lo.alpha}.")
+    need(0 <= lo.dropout < 1, f"lora.dropout must be within [0, 1), got {lo.dropout}.")
+    need(
+        lo.rank == 0 or bool(config.init.from_),
+        "lora.rank > 0 adapts a trained model: set init.from=RUN_DIR to the run whose weights the adapters go on.",
+    )
+    need(
+        lo.rank == 0 or o.optimizer == "adamw",
+        "lora.rank > 0 trains with optim.optimizer=adamw (Muon is for full matrices, not low-rank factors).",
     )
     need(
         config.task.kind != "dpo" or bool(config.init.from_),

@@ -15,8 +15,9 @@ from keel.data.chat import CHAT_TOKENS, Message, Template, render, template_of
 from keel.data.tokenizer import EOT
 from keel.errors import UserError
 from keel.models.gpt import GPT
+from keel.models.lora import check_base, lora_for_run, merge_lora
 from keel.runs.rundir import TOKENIZER_FILE, load_run_config
-from keel.tasks.lm import mean_token_loss
+from keel.tasks.lm import load_init_weights, mean_token_loss
 from keel.train import checkpoint as ckpt
 from keel.train.precision import pick_device, pick_dtype
 
@@ -43,7 +44,12 @@ def load_run(run_dir: Path, device: str = "auto") -> LoadedRun:
         raise UserError(f"{run_dir} has no usable checkpoint yet; train it first with keel train.")
     torch_device = pick_device(device)
     model = GPT(config.model).to(torch_device)
+    if config.lora.rank:  # the base's weights, the run's adapters on them, folded in for speed
+        load_init_weights(model, Path(config.init.from_))
+        lora_for_run(model, config)
+        check_base(ckpt.read_meta(path).get("lora_base"), Path(config.init.from_), run_dir)
     _, meta = ckpt.load_checkpoint(path, model, torch_device)
+    merge_lora(model)
     model.eval()
     tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
     dtype = pick_dtype(config.train.dtype, torch_device)
@@ -201,3 +207,49 @@ def evaluate_task(run: LoadedRun) -> dict[str, float]:
     whole = dataclasses.replace(run.config.train, eval_batches=1 << 30)
     config = dataclasses.replace(run.config, train=whole)
     return build_task(config, run.path, run.device, run.dtype).evaluate(run.model)
+
+
+def merge_run(run_dir: Path, out: Path) -> Path:
+    """Write a LoRA run's newest good checkpoint, adapters folded into the weights, as a plain run
+    directory `out` (for sample, eval, chat, export, or init.from of another run). Written beside `out`
+    and renamed into place, so a refused or interrupted merge leaves nothing that looks complete."""
+    import dataclasses
+    import shutil
+
+    from keel import config as config_lib
+    from keel.config import LoRAConfig
+    from keel.runs.rundir import CONFIG_FILE, LOCK_FILE
+
+    run_dir, out = Path(run_dir), Path(out)
+    config = load_run_config(run_dir)
+    if not config.lora.rank:
+        raise UserError(
+            f"{run_dir} has no adapters (lora.rank=0): its checkpoints hold every weight already; use it as it is."
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not empty; pass a new directory.")
+    run = load_run(run_dir)
+    tmp = out.with_name(f".{out.name}.tmp-merge")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = ckpt.read_meta(ckpt.find_latest_good(run_dir)[0])
+        merged = dataclasses.replace(config, lora=LoRAConfig())
+        ckpt.save_checkpoint(
+            tmp,
+            run.step,
+            run.model,
+            {},
+            {**meta, "lora_base": None, "merged_from": str(run_dir.resolve()), "config": merged.to_dict()},
+            keep_last=1,
+        )
+        config_lib.save(merged, tmp / CONFIG_FILE)
+        shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        (tmp / LOCK_FILE).touch()
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

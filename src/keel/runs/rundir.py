@@ -70,6 +70,14 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
         from keel.tasks.distill import open_teacher
 
         open_teacher(resolved)  # a teacher that cannot teach this student is refused before anything is written
+    if resolved.lora.rank:  # a target that matches no layer is refused before anything is written
+        import torch
+
+        from keel.models.gpt import GPT
+        from keel.models.lora import apply_lora
+
+        with torch.device("meta"):
+            apply_lora(GPT(resolved.model), resolved.lora, base_vocab=resolved.model.vocab_size)
 
     if (run_dir / CONFIG_FILE).exists() and has_checkpoints(run_dir):
         previous = load_run_config(run_dir)
@@ -93,6 +101,17 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
             )
         if not new_data:
             _check_same_data(run_dir, Path(config.data.path))
+        if resolved.lora.rank != previous.lora.rank:
+            raise UserError(
+                f"{run_dir} was trained with lora.rank={previous.lora.rank}, not {resolved.lora.rank}; "
+                "resume it with the same lora settings or use a new --run-dir."
+            )
+        if resolved.lora.rank:
+            from keel.models.lora import check_base
+            from keel.train import checkpoint as ckpt
+
+            newest = ckpt.list_checkpoints(run_dir)[-1]
+            check_base(ckpt.read_meta(newest).get("lora_base"), Path(config.init.from_), run_dir)
     return resolved
 
 
@@ -256,4 +275,4 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise UserError(
             f"{run_dir} is not a keel run directory (no {CONFIG_FILE}); pass the directory `keel train` wrote."
         )
-    return config_lib.load(path)
+    return config_lib.load(path, saved=True)

@@ -2,7 +2,8 @@
 
 A checkpoint is `RUN_DIR/checkpoints/step_{step:08d}/` holding
 
-    model.safetensors   the weights (tied tensors stored once, re-tied on load)
+    model.safetensors   the weights (tied tensors stored once, re-tied on load); of a model with
+                        frozen parameters (LoRA) only the trainable ones: the rest is the base run's
     state.pt            optimizer, RNG, data cursor, supervisor state... loadable with weights_only=True
     meta.json           step, tokens, val_loss, resolved config, keel version, save time
     MANIFEST.json       sha256 and size of the three files above
@@ -68,7 +69,11 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"
     tmp.mkdir()
     try:
-        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+        if _has_frozen(model):
+            trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+            safetensors.torch.save_file(trainable, str(tmp / WEIGHTS))
+        else:
+            safetensors.torch.save_model(model, str(tmp / WEIGHTS))
         torch.save(train_state, tmp / STATE)
         # Prove now, not at resume time, that the state loads without executing code; mmap keeps
         # this cheap because no tensor data is read.
@@ -174,7 +179,10 @@ def load_checkpoint(
     if reason:
         raise UserError(f"checkpoint {path} is corrupt ({reason}); load an earlier checkpoint from {path.parent}.")
     try:
-        safetensors.torch.load_model(model, path / WEIGHTS, strict=True, device=str(map_location))
+        if _has_frozen(model):
+            _load_trainable(model, path / WEIGHTS, str(map_location))
+        else:
+            safetensors.torch.load_model(model, path / WEIGHTS, strict=True, device=str(map_location))
     except RuntimeError as err:
         # The first line is "Error(s) in loading state_dict for X:"; the next names the first problem.
         lines = str(err).splitlines()
@@ -186,6 +194,31 @@ def load_checkpoint(
     train_state = torch.load(path / STATE, map_location=map_location, weights_only=True)
     meta = json.loads((path / META).read_text())
     return train_state, meta
+
+
+def read_meta(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json, or {} when it cannot be read (a damaged checkpoint is found and passed
+    over when it is loaded)."""
+    try:
+        return json.loads((Path(checkpoint) / META).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _has_frozen(model: nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def _load_trainable(model: nn.Module, file: Path, device: str) -> None:
+    """Load a checkpoint of the trainable parameters only: exactly those, nothing else."""
+    state = safetensors.torch.load_file(file, device=device)
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"Error(s) in loading the trainable parameters:\n missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def find_latest_good(

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from keel.config import RunConfig, TrainConfig
 from keel.errors import UserError
+from keel.models.lora import lora_for_run, reset_adapters
 from keel.models.memory import apply_activation_checkpointing
 from keel.runs.registry import Registry
 from keel.runs.rundir import LOGBOOK_FILE, data_identity
@@ -139,12 +140,13 @@ class Trainer:
             config, self.run_dir, self.device, self.dtype, heartbeat=lambda: write_heartbeat(self.run_dir, 0)
         )
         self.model = self.task.build_model()
+        self.lora_base = lora_for_run(self.model, config)  # adapters on a frozen base, applied from outside
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         # The task's loss is compiled as a whole (trunk, head and statistics in one graph); the
         # parameters and checkpoints are those of the plain module either way.
         latest = ckpt.list_checkpoints(self.run_dir)
-        started = _read_meta(latest[-1]).get("compiled") if latest else None
+        started = ckpt.read_meta(latest[-1]).get("compiled") if latest else None
         self.compiled = should_compile(t, ckpt.checkpoint_step(latest[-1]) if latest else 0, self.device, started)
         self.loss_fn = torch.compile(self.task.loss) if self.compiled else self.task.loss
         self.optimizer = build_optimizer(self.model, config.optim)
@@ -233,6 +235,7 @@ class Trainer:
             "healthy": healthy,
             "data_identity": self.data_identity,  # a resume on other data is refused (runs.rundir)
             "compiled": self.compiled,  # a resume keeps it: a run that changed kernels midway would not repeat
+            "lora_base": self.lora_base,  # the weights the adapters go on: loading them elsewhere is refused
             "time": time.time(),
             "config": self.config.to_dict(),
         }
@@ -353,7 +356,10 @@ class Trainer:
         return None
 
     def _reinitialise(self) -> None:
-        self.task.init_weights(self.model)
+        if self.lora_base:
+            reset_adapters(self.model, self.config.train.seed)  # the frozen base is as it was
+        else:
+            self.task.init_weights(self.model)
         self.optimizer = build_optimizer(self.model, self.config.optim)  # fresh state, as at step 0
         self.state = LoopState(grad_clip=self.config.optim.grad_clip)
 
@@ -688,13 +694,6 @@ def _metrics(record: StepRecord, skipped: bool) -> dict[str, float]:
     if skipped:
         values["skipped"] = 1.0
     return values
-
-
-def _read_meta(checkpoint: Path) -> dict:
-    try:
-        return json.loads((checkpoint / ckpt.META).read_text())
-    except (OSError, ValueError):
-        return {}  # a damaged checkpoint is found and passed over when it is loaded
 
 
 def _latest_step(run_dir: Path) -> int | None:
