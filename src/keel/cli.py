@@ -126,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from keel.inference import evaluate_run, load_run
 
     run = load_run(Path(args.run_dir), int8=args.int8)
-    if run.config.task.kind != "pretrain":
+    if run.config.task.kind not in ("pretrain", "distill"):  # a distilled student is scored as pretraining is
         from keel.inference import evaluate_task
 
         if args.data:
@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", None, "train a model, resuming if the run directory has checkpoints"),
         ("sft", "sft", "keel train with task.kind=sft: fine-tune --set init.from=RUN on examples"),
         ("dpo", "dpo", "keel train with task.kind=dpo: align --set init.from=RUN on preference pairs"),
+        ("distill", "distill", "keel train with task.kind=distill: a student learns from --set distill.teacher=RUN"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to keys it leaves out)")

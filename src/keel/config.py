@@ -44,7 +44,7 @@ class TaskConfig:
     kind: str = opt(
         "pretrain",
         "pretrain (next-token prediction on text) | sft (supervised fine-tuning on examples) | "
-        "dpo (preference pairs; needs init.from).",
+        "dpo (preference pairs; needs init.from) | distill (learn from a teacher run; needs distill.teacher).",
     )
 
 
@@ -101,6 +101,36 @@ class DPOConfig:
     displacement_patience: int = opt(
         50,
         "Steps the chosen log-prob must keep falling while the margin grows before the likelihood-displacement signal.",
+    )
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (task.kind=distill): the student is this run's model, the teacher another run."""
+
+    teacher: str = opt(
+        "",
+        "RUN_DIR of the teacher, whose best checkpoint is distilled; it must share the data's tokenizer. "
+        "Its top-k log-probs are cached once in RUN_DIR/cache and reused by later students.",
+    )
+    loss: str = opt(
+        "forward",
+        "forward (KL(teacher || student), as torchtune) | reverse (KL(student || teacher)) | "
+        "jsd (generalised Jensen-Shannon with distill.jsd_beta, as TRL's GKD).",
+    )
+    temperature: float = opt(1.0, "Temperature T of both distributions; the divergence is scaled by T^2.")
+    ratio: float = opt(
+        0.5, "Share r of the divergence in the loss: (1 - r) * cross-entropy on the data + r * T^2 * divergence."
+    )
+    jsd_beta: float = opt(0.5, "Weight of the teacher in the mixture of distill.loss=jsd, within (0, 1).")
+    top_k: int = opt(
+        32,
+        "Teacher log-probs kept per position: the top k, plus the rest of the mass as one bucket (k = vocab: exact).",
+    )
+    max_windows: int = opt(
+        0,
+        "Training windows the teacher caches and the student cycles through; 0: the whole train split, or one epoch "
+        "of the run (train.max_steps x batch_size x grad_accum windows) if that is fewer.",
     )
 
 
@@ -337,6 +367,7 @@ class RunConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -355,7 +386,7 @@ def _to_dict(section: Any) -> dict[str, Any]:
 # loading
 
 
-TASK_KINDS = ("pretrain", "sft", "dpo")
+TASK_KINDS = ("pretrain", "sft", "dpo", "distill")
 
 
 def _is_section(tp: Any) -> bool:
@@ -653,6 +684,20 @@ def validate(config: RunConfig) -> None:
     need(
         config.task.kind != "dpo" or bool(config.init.from_),
         "task.kind=dpo needs a reference model: set init.from=RUN_DIR to the run (usually the SFT run) it starts from.",
+    )
+    k = config.distill
+    need(k.loss in ("forward", "reverse", "jsd"), f"distill.loss must be forward, reverse or jsd, got {k.loss!r}.")
+    need(k.temperature > 0, f"distill.temperature must be positive, got {k.temperature}.")
+    need(0 <= k.ratio <= 1, f"distill.ratio must be within [0, 1], got {k.ratio}.")
+    need(
+        0 < k.jsd_beta < 1,
+        f"distill.jsd_beta must be within (0, 1) (0 and 1 are forward and reverse), got {k.jsd_beta}.",
+    )
+    need(k.top_k > 0, f"distill.top_k must be a positive integer, got {k.top_k}.")
+    need(k.max_windows >= 0, f"distill.max_windows must be >= 0 (0 means automatic), got {k.max_windows}.")
+    need(
+        config.task.kind != "distill" or bool(k.teacher),
+        "task.kind=distill needs a teacher: set distill.teacher=RUN_DIR to the run the student learns from.",
     )
 
 

@@ -66,6 +66,10 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
         )
     resolved = dataclasses.replace(config, name=config.name or run_dir.name, model=model)
     config_lib.validate(resolved)
+    if resolved.task.kind == "distill":
+        from keel.tasks.distill import open_teacher
+
+        open_teacher(resolved)  # a teacher that cannot teach this student is refused before anything is written
     if resolved.lora.rank:  # a target that matches no layer is refused before anything is written
         import torch
 
@@ -221,7 +225,7 @@ def _owner_of(fd: int, run_dir: Path) -> str:
     return ", ".join(parts)
 
 
-DATA_KIND = {"pretrain": None, "sft": "sft", "dpo": "pref"}  # the data each task.kind trains on
+DATA_KIND = {"pretrain": None, "sft": "sft", "dpo": "pref", "distill": None}  # the data each task.kind trains on
 
 
 def open_task_data(config: RunConfig):

@@ -18,7 +18,8 @@ def build_task(
     dtype: torch.dtype,
     heartbeat: Callable[[], None] = lambda: None,
 ) -> Task:
-    """The task of config.task.kind; `heartbeat` is called during a long set-up (DPO's reference pass)."""
+    """The task of config.task.kind; `heartbeat` is called during a long set-up (DPO's reference pass, the
+    distillation teacher's cache)."""
     kind = config.task.kind
     if kind == "pretrain":
         from keel.tasks.pretrain import PretrainTask
@@ -32,6 +33,10 @@ def build_task(
         from keel.tasks.dpo import DPOTask
 
         return DPOTask(config, run_dir, device, dtype, heartbeat)
+    if kind == "distill":
+        from keel.tasks.distill import DistillTask
+
+        return DistillTask(config, device, dtype, heartbeat)
     raise AssertionError(f"config validation lets no other task.kind through: {kind}")
 
 

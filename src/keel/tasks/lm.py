@@ -1,6 +1,6 @@
 """Language-model maths shared by every LM task: the chunked output head and what it computes.
 
-Pretraining, SFT, DPO (and distillation next) all end in the same place: the last hidden states
+Pretraining, SFT, DPO and distillation all end in the same place: the last hidden states
 times the (V, C) output matrix. That product is the largest tensor of a step, (B·T, V), so it is
 never held whole: the functions here take it a chunk of rows at a time.
 
@@ -9,6 +9,9 @@ never held whole: the functions here take it a chunk of rows at a time.
 - `linear_log_probs`: log p(target) per position (DPO's sequence log-probs, evaluation). The
   gradient of an arbitrary function of those is recomputed chunk by chunk in backward.
 - `lm_loss`: the model's trunk + norm + chunked head, with the supervisor's statistics.
+
+Distillation's head (the teacher's top k, the student's divergence from them) lives in
+`keel.tasks.distill`, chunked by `loss_chunk_rows` the same way.
 """
 
 from __future__ import annotations
