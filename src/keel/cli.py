@@ -189,7 +189,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from keel.demo import run_demo
 
-    run_demo(args.minutes, args.finetune_minutes)
+    run_demo(args.minutes, args.finetune_minutes, full=args.full)
     return 0
 
 
@@ -390,7 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-minutes",
         type=float,
         default=2.0,
-        help="time for SFT and again for DPO after pretraining (default 2; 0 skips them)",
+        help="time for SFT, DPO and (--full) distillation after pretraining (default 2; 0 skips them)",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="go on to distil a half-size student and export the DPO model (HF) and the student (int8 GGUF)",
     )
     p.set_defaults(func=cmd_demo)
 

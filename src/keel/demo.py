@@ -3,6 +3,9 @@
 Pretraining on builtin:python-stdlib, then supervised fine-tuning on builtin:stdlib-sft (a
 function's signature and docstring -> its body) and DPO on builtin:stdlib-pref (the real body
 preferred to a mechanically corrupted one), each stage a supervised run started from the last.
+`--full` goes on to production: a student of half the width and depth distilled from the pretrained
+run, the DPO model exported as a Hugging Face directory and the student as an int8 GGUF file, and a
+summary of one line per stage.
 """
 
 from __future__ import annotations
@@ -33,16 +36,24 @@ def ensure_data(data_dir: Path, vocab_size: int = 8192) -> None:
     )
 
 
+# --full: the student's windows the teacher caches (~0.5M tokens at the default context: a minute or two)
+STUDENT_WINDOWS = 2048
+
+
 def run_demo(
     minutes: float,
     finetune_minutes: float = 2.0,
     data_dir: Path = Path("data/python-stdlib"),
     runs_dir: Path = Path("runs"),
+    full: bool = False,
 ) -> Path:
     if minutes <= 0:
         raise UserError(f"--minutes must be positive, got {minutes}.")
     if finetune_minutes < 0:
         raise UserError(f"--finetune-minutes must be >= 0 (0 skips SFT and DPO), got {finetune_minutes}.")
+    if full and finetune_minutes == 0:
+        raise UserError("--full needs the fine-tuning stages; give --finetune-minutes a positive value.")
+    started = time.perf_counter()
     ensure_data(data_dir)
     open_data(data_dir)
     name = time.strftime("demo-%Y%m%d-%H%M%S")
@@ -67,12 +78,65 @@ def run_demo(
     print(f"\nthe run lives in {run_dir}: keel sample {run_dir} --prompt 'def '; keel eval {run_dir}; keel runs")
     if finetune_minutes == 0:
         return run_dir
-    sft_dir = finetune(run_dir, "sft", "builtin:stdlib-sft", finetune_minutes)
-    finetune(sft_dir, "dpo", "builtin:stdlib-pref", finetune_minutes)
+    size = f"{run.model.num_params():,} parameters"
+    stages = [f"pretrain  {size}, {minutes:g} min: val {result.bits_per_byte:.3f} bits/byte"]
+    sft_dir, numbers = finetune(run_dir, "sft", "builtin:stdlib-sft", finetune_minutes)
+    stages.append(f"sft       {finetune_minutes:g} min: held-out completion loss {numbers['val_loss']:.3f} nats/token")
+    dpo_dir, numbers = finetune(sft_dir, "dpo", "builtin:stdlib-pref", finetune_minutes)
+    stages.append(
+        f"dpo       {finetune_minutes:g} min: held-out reward accuracy {numbers['val_reward_accuracy']:.2f}, "
+        f"KL to the SFT model {numbers['val_kl']:.3f}"
+    )
+    if not full:
+        return run_dir
+    stages += distill_and_export(run_dir, dpo_dir, data_dir, finetune_minutes, result.bits_per_byte)
+    print(f"\n===== keel demo --full: {(time.perf_counter() - started) / 60:.1f} minutes, stage by stage =====")
+    print("\n".join(stages))
     return run_dir
 
 
-def finetune(init_dir: Path, kind: str, source: str, minutes: float) -> Path:
+def distill_and_export(base_dir: Path, dpo_dir: Path, data_dir: Path, minutes: float, teacher_bpb: float) -> list[str]:
+    """The production end of --full: a half-size student distilled from the base, then both exported."""
+    from keel.export import export_run
+
+    base = load_run(base_dir).config.model
+    student_dir = base_dir.parent / f"{base_dir.name}-student"
+    config = config_lib.load(
+        None,
+        [
+            f"name={student_dir.name}",
+            "task.kind=distill",
+            f"data.path={data_dir}",
+            f"distill.teacher={base_dir}",
+            f"distill.max_windows={STUDENT_WINDOWS}",
+            f"model.n_layer={max(1, base.n_layer // 2)}",
+            f"model.d_model={base.d_model // 2}",
+            f"model.n_head={max(1, base.n_head // 2)}",
+            "model.n_kv_head=0",
+            f"model.context_length={base.context_length}",
+            "train.max_steps=0",
+            f"train.max_minutes={minutes}",
+        ],
+    )
+    print(f"\ndistill: training {student_dir.name} for {minutes:g} minutes from the teacher {base_dir}")
+    code = launch(config, student_dir)
+    if code != 0:
+        raise UserError(f"distillation stopped with exit code {code}; see `keel logbook {student_dir}`.")
+    student = load_run(student_dir)
+    bpb = evaluate_run(student).bits_per_byte
+    lines = [
+        f"distill   {student.model.num_params():,} parameters, {minutes:g} min after the teacher's cache: "
+        f"val {bpb:.3f} bits/byte (teacher {teacher_bpb:.3f})"
+    ]
+    for run_dir, fmt, int8 in ((dpo_dir, "hf", False), (student_dir, "gguf", True)):
+        out = run_dir.parent / f"{run_dir.name}-{fmt}"
+        r = export_run(run_dir, out, fmt=fmt, int8=int8)
+        kind = "GGUF, Q8_0 weights" if int8 else "Hugging Face Llama" + (", chat template" if r.chat else "")
+        lines.append(f"export    {run_dir.name} -> {out} ({kind}, {r.num_bytes / 1e6:.1f} MB)")
+    return lines
+
+
+def finetune(init_dir: Path, kind: str, source: str, minutes: float) -> tuple[Path, dict[str, float]]:
     """Prepare `source` with init_dir's tokenizer and train task `kind` from it; print held-out numbers."""
     data_dir = init_dir.parent / f"{init_dir.name}-{source.removeprefix('builtin:')}"
     if not (data_dir / "manifest.json").is_file():
@@ -101,4 +165,4 @@ def finetune(init_dir: Path, kind: str, source: str, minutes: float) -> Path:
         f"{kind} held-out: "
         + "  ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in numbers.items())
     )
-    return run_dir
+    return run_dir, numbers

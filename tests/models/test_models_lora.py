@@ -232,3 +232,10 @@ def test_keel_export_adapters_writes_the_base_and_a_peft_adapter(tiny_data, base
         "--adapters goes with --format hf",
     )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_lora_distill_run_trains_the_adapters_from_a_teacher(tiny_data, base_run, tmp_path):
+    """A student continued from a run (here the teacher's own base) with adapters: only they learn."""
+    sets = lora_sets(tiny_data, base_run, "task.kind=distill", f"distill.teacher={base_run}", "train.max_steps=10")
+    assert run(tmp_path / "student", *sets).status == "finished"
+    assert all(".lora_" in name for name in weights_of(tmp_path / "student"))
