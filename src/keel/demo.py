@@ -36,8 +36,8 @@ def ensure_data(data_dir: Path, vocab_size: int = 8192) -> None:
     )
 
 
-# --full: the student's windows the teacher caches (~0.5M tokens at the default context: a minute or two)
-STUDENT_WINDOWS = 2048
+# --full: the windows the teacher caches for the student (131k tokens at the default context, a minute or two)
+STUDENT_WINDOWS = 512
 
 
 def run_demo(
