@@ -235,7 +235,9 @@ def test_keel_export_adapters_writes_the_base_and_a_peft_adapter(tiny_data, base
 
 
 def test_lora_distill_run_trains_the_adapters_from_a_teacher(tiny_data, base_run, tmp_path):
-    """A student continued from a run (here the teacher's own base) with adapters: only they learn."""
-    sets = lora_sets(tiny_data, base_run, "task.kind=distill", f"distill.teacher={base_run}", "train.max_steps=10")
+    """A student continued from a run (here a copy of the teacher) with adapters: only they learn."""
+    teacher = tmp_path / "teacher"  # its cache goes into the teacher's directory: not into the shared base_run
+    shutil.copytree(base_run, teacher)
+    sets = lora_sets(tiny_data, base_run, "task.kind=distill", f"distill.teacher={teacher}", "train.max_steps=10")
     assert run(tmp_path / "student", *sets).status == "finished"
     assert all(".lora_" in name for name in weights_of(tmp_path / "student"))
