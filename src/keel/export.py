@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from keel.data.chat import CHAT_TOKENS, END, jinja_template
 from keel.data.tokenizer import EOT
 from keel.errors import UserError
+from keel.train.checkpoint import fsync
 
 MARKER = "keel_export.json"
 FORMATS = ("hf", "gguf")
@@ -94,8 +94,8 @@ def export_run(
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         for path in tmp.iterdir():
-            _fsync(path)
-        _fsync(tmp)
+            fsync(path)
+        fsync(tmp)
     except OSError as err:  # a full disk, a quota, no permission: the earlier export (if any) is untouched
         _remove(tmp)
         raise UserError(
@@ -111,7 +111,7 @@ def export_run(
     if out.exists():
         out.rename(old)
     tmp.rename(out)
-    _fsync(out.parent)
+    fsync(out.parent)
     _remove(old)
     files = sorted(p.name for p in out.iterdir())
     return ExportResult(out, fmt, dtype, int8, run.step, files, sum((out / f).stat().st_size for f in files), chat)
@@ -189,11 +189,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

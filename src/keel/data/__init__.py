@@ -130,7 +130,7 @@ def prepare(
         if kind != "text":
             manifest = build_examples(build_dir, plan, progress)
             for name in [*manifest["files"], MANIFEST_FILE]:
-                _fsync(build_dir / name)
+                fsync(build_dir / name)
         else:
             vocab_size, val_fraction = vocab_size or DEFAULT_VOCAB_SIZE, val_fraction or DEFAULT_VAL_FRACTION
             manifest = _build(
@@ -308,7 +308,7 @@ def _build(
     }
     (build_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     for name in files + [MANIFEST_FILE]:
-        _fsync(build_dir / name)
+        fsync(build_dir / name)
     return manifest
 
 
@@ -388,7 +388,7 @@ def _read_pieces(path: Path) -> Iterator[tuple[bool, str]]:
             yield starts_document, text
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file, or a folder's entries, to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -422,7 +422,7 @@ def _move_into_place(build_dir: Path, out_dir: Path) -> None:
         for name in old_names - new_names:
             (out_dir / name).unlink(missing_ok=True)
         os.replace(build_dir / MANIFEST_FILE, out_dir / MANIFEST_FILE)
-        _fsync(out_dir)
+        fsync(out_dir)
         build_dir.rmdir()
 
 

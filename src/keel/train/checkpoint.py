@@ -93,8 +93,8 @@ def save_checkpoint(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for name in (*CHECKSUMMED, MANIFEST):
-            _fsync(tmp / name)
-        _fsync(tmp)
+            fsync(tmp / name)
+        fsync(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, (safetensors.SafetensorError, RuntimeError)) and _WRITE_FAILED.search(str(err)):
@@ -107,7 +107,7 @@ def save_checkpoint(
     if final.exists():
         final.rename(replaced)
     tmp.rename(final)
-    _fsync(root)
+    fsync(root)
     shutil.rmtree(replaced, ignore_errors=True)
     _prune(run_dir, step, keep_last)
     return final
@@ -291,7 +291,7 @@ def _val_loss(path: Path) -> float | None:
     return None
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     # Linux flushes a file's (or directory's) dirty data through any descriptor, even read-only.
     fd = os.open(path, os.O_RDONLY)
     try:
