@@ -85,7 +85,7 @@ def build_cache(config_sets: list[str], run_dir: Path) -> float:
     config = init_run_dir(config_lib.load(None, config_sets), run_dir)
     device = pick_device(config.train.device)
     start = time.perf_counter()
-    build_task(config, run_dir, device, pick_dtype(config.train.dtype, device))
+    build_task(config, device, pick_dtype(config.train.dtype, device))
     return time.perf_counter() - start
 
 

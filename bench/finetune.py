@@ -147,7 +147,7 @@ def pretrain_base(minutes: float, sets: list[str], run_dir: Path) -> Stage:
         [f"data.path={DATA_DIR.resolve()}", "train.max_steps=0", f"train.max_minutes={minutes}", *sets], run_dir
     )
     device, dtype = device_and_dtype(config)
-    initial = build_task(config, run_dir, device, dtype).build_model()
+    initial = build_task(config, device, dtype).build_model()
     tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
     before = evaluate_run(LoadedRun(config, initial, tokenizer, 0, device, dtype, run_dir))
     del initial
@@ -198,7 +198,7 @@ def fine_tune_sft(base_run: Path, data: Path, minutes: float, sets: list[str], r
         run_dir,
     )
     device, dtype = device_and_dtype(config)
-    task = build_task(whole_val(config), run_dir, device, dtype)  # also counts the examples trained on
+    task = build_task(whole_val(config), device, dtype)  # also counts the examples trained on
     before = task.evaluate(task.build_model())["val_loss"]
     result = run_training("sft", config, run_dir)
     after = task.evaluate(load_run(run_dir).model)["val_loss"]
@@ -253,7 +253,7 @@ def align_dpo(
     device, dtype = device_and_dtype(config)
     # Built before training, so the reference pass is done (and cached in the run) outside the budget.
     started = time.perf_counter()
-    task = build_task(whole_val(config), run_dir, device, dtype)
+    task = build_task(whole_val(config), device, dtype)
     print(
         f"dpo: reference log-probs of {sum(len(s) for s in task.splits.values()):,} sequences (train and val) "
         f"in {time.perf_counter() - started:.0f} s, before the budget",

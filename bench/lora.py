@@ -56,7 +56,7 @@ def one(mode: str, base: Path, data: Path, steps: int, rank: int, lr_factor: flo
     config = init_run_dir(config_lib.load(None, sets), run_dir)
     whole = config_lib.apply_overrides(config, ["train.eval_batches=1073741824"])
     device = pick_device(config.train.device)
-    task = build_task(whole, run_dir, device, pick_dtype(config.train.dtype, device))
+    task = build_task(whole, device, pick_dtype(config.train.dtype, device))
     before = task.evaluate(task.build_model())["val_loss"]
     with Registry(out / f"{mode}.sqlite") as registry:
         started = time.perf_counter()

@@ -216,7 +216,7 @@ def evaluate_task(run: LoadedRun) -> dict[str, float]:
 
     whole = dataclasses.replace(run.config.train, eval_batches=1 << 30)
     config = dataclasses.replace(run.config, train=whole)
-    return build_task(config, run.path, run.device, run.dtype).evaluate(run.model)
+    return build_task(config, run.device, run.dtype).evaluate(run.model)
 
 
 def merge_run(run_dir: Path, out: Path) -> Path:

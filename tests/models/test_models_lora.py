@@ -113,7 +113,7 @@ _PARTS = [f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
 
 
 def test_lora_dpo_run_trains_the_adapters_against_its_base(pref_data, base_run, tmp_path):
-    """The reference is the base itself, computed once before the policy is built: no second copy."""
+    """The reference is the policy with its adapters off: no second copy."""
     result = run(tmp_path / "dpo", *lora_sets(pref_data, base_run, "task.kind=dpo", "train.max_steps=10"))
     assert result.status == "finished"
     assert all(".lora_" in name or name == "embed.added" for name in weights_of(tmp_path / "dpo"))

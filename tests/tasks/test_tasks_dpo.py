@@ -1,5 +1,6 @@
 """DPO: the losses and their soft targets, per-token log-probs through the chunked head, the reference
-cache, calibration to rater shares, and the likelihood-displacement monitor."""
+computed as pairs are first seen (LoRA: adapters off), calibration to rater shares, and the
+likelihood-displacement monitor."""
 
 import json
 
@@ -7,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TRAIN, run, write_pref_data
+from conftest import TINY_TRAIN, run
 
 from keel import config as config_lib
 from keel.inference import load_run
+from keel.models.lora import FrozenRows, lora_for_run
 from keel.runs.rundir import init_run_dir, load_run_config
 from keel.supervisor.monitors import StepRecord
 from keel.tasks import lm
-from keel.tasks.dpo import CACHE_DIR, DPOTask, LikelihoodDisplacementMonitor, preference_loss
+from keel.tasks.dpo import DPOTask, LikelihoodDisplacementMonitor, preference_loss
 from keel.tasks.lm import IGNORE_INDEX, linear_log_probs, sequence_log_probs
 
 
@@ -59,30 +61,50 @@ def test_per_token_log_probs_equal_log_softmax_in_value_and_gradients(monkeypatc
 
 def dpo_task(run_dir, *sets) -> DPOTask:
     config = init_run_dir(config_lib.load(None, [*TINY_TRAIN, "train.compile=false", *sets]), run_dir)
-    return DPOTask(config, run_dir, torch.device("cpu"), torch.float32)
+    return DPOTask(config, torch.device("cpu"), torch.float32)
 
 
-def test_reference_log_probs_are_cached_under_the_reference_and_data_hash(pref_data, base_run, tmp_path):
+def test_reference_log_probs_are_computed_when_first_seen_and_kept_in_the_task_state(pref_data, base_run, tmp_path):
     sets = [f"data.path={pref_data}", "task.kind=dpo", f"init.from={base_run}"]
     task = dpo_task(tmp_path / "run", *sets)
-    [cache] = (tmp_path / "run" / CACHE_DIR).iterdir()
-    # the reference is the init run: at step 0 the policy's log-probs are the cached ones
+    assert all(np.isnan(values).all() for values in task.reference.values())  # nothing computed up front
     batch = task.batch(0)
+    # the reference is the init run: at step 0 the policy's log-probs are the reference's
     log_probs, _ = sequence_log_probs(task.build_model(), batch.tensors["inputs"], batch.tensors["targets"])
     torch.testing.assert_close(log_probs.detach(), batch.tensors["reference"], atol=1e-4, rtol=1e-5)
-    # a second task reads the cache instead of computing (a poisoned value shows it was read)
-    import safetensors.torch
+    assert (~np.isnan(task.reference["train"])).sum() == len(batch.tensors["inputs"])  # just this batch's
+    assert not (tmp_path / "run" / "cache").exists()
+    # the values travel in the checkpoint: a resumed task reads them instead of computing (a poisoned
+    # value shows it was read) and computes only what is still missing
+    state = task.state_dict()
+    first = int(np.flatnonzero(~np.isnan(task.reference["train"]))[0])
+    state["reference"]["train"][first] = 123.0
+    resumed = dpo_task(tmp_path / "run", *sets)
+    resumed.load_state_dict(state)
+    assert resumed.reference["train"][first] == 123.0
+    assert torch.equal(resumed.batch(1).tensors["reference"], task.batch(1).tensors["reference"])
 
-    values = safetensors.torch.load_file(cache)
-    with safetensors.safe_open(str(cache), "pt") as f:
-        metadata = f.metadata()
-    values["train"][0] = 123.0
-    safetensors.torch.save_file(values, cache, metadata=metadata)
-    assert dpo_task(tmp_path / "run", *sets).reference["train"][0] == 123.0
-    # other data (or another reference: the key hashes both) gets its own file, never the stale one
-    other = write_pref_data(base_run, tmp_path, max_pairs=50)
-    assert dpo_task(tmp_path / "run", f"data.path={other}", *sets[1:]).reference["train"][0] != 123.0
-    assert len(list((tmp_path / "run" / CACHE_DIR).iterdir())) == 2
+
+def test_a_lora_policy_with_its_adapters_off_is_its_base_bit_for_bit(pref_data, base_run, tmp_path):
+    """So the LoRA DPO reference needs no second copy of the model."""
+    sets = [f"data.path={pref_data}", "task.kind=dpo", f"init.from={base_run}", "lora.rank=4", "lora.alpha=8"]
+    task = dpo_task(tmp_path / "run", *sets)
+    policy = task.build_model()
+    lora_for_run(policy, task.config)
+    assert isinstance(policy.embed, FrozenRows)  # the chat markers the base lacks: trainable rows
+    with torch.no_grad():  # a policy that has trained: adapters and added rows moved
+        for name, param in policy.named_parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    ids = np.arange(8)
+    expected = task._reference_log_probs("train", ids)  # no policy bound: the frozen copy of the base
+    task.bind(policy)
+    assert task.frozen is not None and task.policy is policy
+    assert np.array_equal(task._reference_log_probs("train", ids), expected)
+    assert policy.training  # the policy's mode is given back
+    batch = task._rows("train", np.arange(4))
+    moved, _ = sequence_log_probs(policy, batch.tensors["inputs"], batch.tensors["targets"])
+    assert not torch.allclose(moved, batch.tensors["reference"])  # adapters on again afterwards
 
 
 def test_likelihood_displacement_is_signalled_once_with_the_numbers():
@@ -149,7 +171,7 @@ def calibration_data(base_run, folder, seed=0):
 def implied_preference_by_class(run_dir) -> dict[int, float]:
     """sigma(beta h) of the trained run on its held-out pairs, averaged per class."""
     config = load_run_config(run_dir)
-    task = DPOTask(config, run_dir, torch.device("cpu"), torch.float32)  # its cached reference log-probs
+    task = DPOTask(config, torch.device("cpu"), torch.float32)
     model, val = load_run(run_dir).model, task.splits["val"]
     pairs = np.arange(len(val) // 2)
     batch = task._rows("val", pairs)

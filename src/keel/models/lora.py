@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,6 +53,7 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.off = False  # adapters_off: the base layer alone
         self.reset_adapter()
 
     def reset_adapter(self) -> None:
@@ -58,6 +61,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.off:
+            return F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
         return F.linear(x, self.weight, self.bias) + update * self.scaling
 
@@ -72,10 +77,12 @@ class FrozenRows(nn.Module):
     def __init__(self, frozen: nn.Parameter, added: nn.Parameter, embedding: bool):
         super().__init__()
         self.frozen, self.added, self.embedding = frozen, added, embedding
+        self.off = False  # adapters_off: the added rows at their step-0 value
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch.cat((self.frozen, self.added))
+        added = self.frozen.mean(dim=0, keepdim=True).expand_as(self.added) if self.off else self.added
+        return torch.cat((self.frozen, added))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, self.weight) if self.embedding else F.linear(x, self.weight)
@@ -130,6 +137,20 @@ def _free_added_rows(model: nn.Module, base_vocab: int) -> None:
 
 def is_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """`model` as its base: adapters skipped and added rows at their step-0 value (reset_adapters), so
+    the base's outputs, bit for bit, without a second copy of it in memory (DPO's reference)."""
+    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, FrozenRows))]
+    for module in modules:
+        module.off = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.off = False
 
 
 def reset_adapters(model: nn.Module, seed: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -13,13 +12,12 @@ from keel.tasks.base import Batch, LossOutput, Task
 
 def build_task(
     config: RunConfig,
-    run_dir: Path,
     device: torch.device,
     dtype: torch.dtype,
     heartbeat: Callable[[], None] = lambda: None,
 ) -> Task:
-    """The task of config.task.kind; `heartbeat` is called during a long set-up (DPO's reference pass, the
-    distillation teacher's cache)."""
+    """The task of config.task.kind; `heartbeat` is called during a long set-up (the distillation
+    teacher's cache)."""
     kind = config.task.kind
     if kind == "pretrain":
         from keel.tasks.pretrain import PretrainTask
@@ -32,7 +30,7 @@ def build_task(
     if kind == "dpo":
         from keel.tasks.dpo import DPOTask
 
-        return DPOTask(config, run_dir, device, dtype, heartbeat)
+        return DPOTask(config, device, dtype)
     if kind == "distill":
         from keel.tasks.distill import DistillTask
 

@@ -9,6 +9,7 @@ A task supplies
   the device (nothing is read back to the host here);
 - `evaluate(model)`: held-out numbers, `val_loss` among them (it picks the best checkpoint);
 - `monitors()`: monitors of its own metrics for the supervisor, beside the loop's standard ones;
+- `bind(model)`: the model being trained, for a task that also computes with it outside the loss;
 - `state_dict()` / `load_state_dict()`: anything resumable it holds beyond the data cursor.
 
 The loop does the rest once: schedule, precision, compile, gradient accumulation, clipping,
@@ -71,6 +72,10 @@ class Task:
     def init_weights(self, model: torch.nn.Module) -> None:
         """Put the weights of step 0 into `model` (also after a rollback to before every checkpoint)."""
         raise NotImplementedError
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """The model the loop trains, once built and wrapped (LoRA, activation checkpointing), for a task
+        that computes with it outside its loss (DPO's reference: a LoRA policy with its adapters off)."""
 
     def batch(self, index: int) -> Batch:
         raise NotImplementedError

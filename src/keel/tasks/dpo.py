@@ -18,9 +18,12 @@ minimised at σ(β·h) = p: a 50/50 pair pulls nowhere, a 90/10 pair pulls towar
 while a hard label keeps pushing σ(β·h) towards 1. (TRL's label smoothing is one global constant;
 here each pair has its own.)
 
-The reference log-probs are computed once, before the first step, and cached in
-RUN_DIR/cache/ under a key made of the reference checkpoint's weights hash, the data's hash, the
-context length and the dtype: a different reference or different data can never read a stale cache.
+The reference log-probs of a sequence are computed the first time a batch holds it, by the init
+run's weights (a frozen copy; with LoRA, the policy itself with its adapters off, so no second copy
+of the model is held), and kept: a pair seen again costs nothing, and the values travel in the
+checkpoints (the task's state), so a resumed run computes each one exactly where an uninterrupted run
+did. Training starts at once, however many pairs the data holds; the first epoch's steps pay one
+forward pass more (about a third of a step).
 
 Metrics per step: reward accuracy (share of pairs with h > 0), the mean margin β·h, the chosen and
 rejected log-probs, and `kl`, the mean log π/π_ref of the responses (an estimate of the KL to the
@@ -30,28 +33,24 @@ fall while the margin grows: both responses losing probability, the rejected one
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from collections import deque
-from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 
 from keel.config import RunConfig
 from keel.data.examples import Sequences, open_examples
+from keel.models.lora import adapters_off, is_lora
 from keel.supervisor.monitors import Signal, StepRecord
 from keel.tasks.base import ACT_NORM, Batch, LossOutput
 from keel.tasks.lm import IGNORE_INDEX, LMTask, sequence_log_probs
 from keel.tasks.sft import check_lengths
 from keel.train.precision import autocast
-
-CACHE_DIR = "cache"
 
 
 def preference_loss(margin: torch.Tensor, p: torch.Tensor, beta: float, kind: str) -> torch.Tensor:
@@ -69,14 +68,7 @@ def preference_loss(margin: torch.Tensor, p: torch.Tensor, beta: float, kind: st
 class DPOTask(LMTask):
     kind = "dpo"
 
-    def __init__(
-        self,
-        config: RunConfig,
-        run_dir: Path,
-        device: torch.device,
-        dtype: torch.dtype,
-        heartbeat: Callable[[], None] = lambda: None,
-    ):
+    def __init__(self, config: RunConfig, device: torch.device, dtype: torch.dtype):
         super().__init__(config, device, dtype)
         self.data = open_examples(Path(config.data.path), kind="pref")
         self.splits = {split: self.data.sequences(split) for split in ("train", "val")}
@@ -85,7 +77,13 @@ class DPOTask(LMTask):
             split: self.data.p_chosen(split) if config.dpo.soft_labels else np.ones(len(s) // 2, dtype=np.float32)
             for split, s in self.splits.items()
         }
-        self.reference = reference_log_probs(self, Path(run_dir), heartbeat)
+        # {split: (num_sequences,)} summed response log-probs under the reference; NaN until computed
+        self.reference = {split: np.full(len(s), np.nan, dtype=np.float32) for split, s in self.splits.items()}
+        self.policy: torch.nn.Module | None = None  # a LoRA policy, whose base is the reference
+        self.frozen: torch.nn.Module | None = None  # else a frozen copy of the init weights, built when needed
+
+    def bind(self, model: torch.nn.Module) -> None:
+        self.policy = model if is_lora(model) else None
 
     # -- the stream of pairs ------------------------------------------------------------------
 
@@ -104,7 +102,7 @@ class DPOTask(LMTask):
         tensors = {
             "inputs": inputs,
             "targets": targets,
-            "reference": torch.from_numpy(self.reference[split][ids]),
+            "reference": torch.from_numpy(self._reference(split, ids)),
             "p_chosen": torch.from_numpy(self.p_chosen[split][pairs]),
         }
         return Batch(tensors, units=len(pairs), tokens=tokens)
@@ -139,6 +137,41 @@ class DPOTask(LMTask):
 
     def monitors(self) -> list:
         return [LikelihoodDisplacementMonitor(self.config.dpo.displacement_patience)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": {split: torch.from_numpy(values.copy()) for split, values in self.reference.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for split, values in state.get("reference", {}).items():
+            if split in self.reference and len(values) == len(self.reference[split]):
+                self.reference[split] = values.numpy().copy()
+
+    # -- the reference ------------------------------------------------------------------------
+
+    def _reference(self, split: str, ids: np.ndarray) -> np.ndarray:
+        """The reference log-probs of sequences `ids`, computing those not known yet."""
+        values = self.reference[split]
+        missing = np.unique(ids[np.isnan(values[ids])])
+        if len(missing):
+            values[missing] = self._reference_log_probs(split, missing)
+        return values[ids]
+
+    def _reference_log_probs(self, split: str, ids: np.ndarray) -> np.ndarray:
+        if self.policy is not None:
+            model, base = self.policy, adapters_off(self.policy)
+        else:
+            if self.frozen is None:
+                self.frozen = self.build_model().requires_grad_(False)  # the init run's weights
+            model, base = self.frozen, nullcontext()
+        inputs, targets, _ = pad_rows(self.splits[split], ids, self.config.model.context_length, self.data.eot_id)
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), base, autocast(self.device, self.dtype):
+                log_probs, _ = sequence_log_probs(model, inputs.to(self.device), targets.to(self.device))
+        finally:
+            model.train(training)
+        return log_probs.float().cpu().numpy()
 
 
 def _pairs_at(positions: np.ndarray, num_pairs: int, seed: int) -> np.ndarray:
@@ -180,53 +213,6 @@ def pair_statistics(log_probs: torch.Tensor, reference: torch.Tensor, beta: floa
         "rejected_logp": rejected,
         "kl": (ratio_chosen + ratio_rejected) / 2,
     }
-
-
-# -- the reference log-probs, computed once ----------------------------------------------------
-
-
-def reference_log_probs(task: DPOTask, run_dir: Path, heartbeat: Callable[[], None]) -> dict[str, np.ndarray]:
-    """Summed response log-probs of every sequence under the reference model, from the cache or computed
-    now (then cached); {split: (num_sequences,) float32}."""
-    from keel.train import checkpoint as ckpt
-
-    init_run = Path(task.config.init.from_)
-    checkpoint = ckpt.find_best(init_run)
-    weights_hash = json.loads((checkpoint / ckpt.MANIFEST).read_text())["files"][ckpt.WEIGHTS]["sha256"]
-    key = hashlib.sha256(
-        json.dumps([weights_hash, task.data.fingerprint(), task.config.model.context_length, str(task.dtype)]).encode()
-    ).hexdigest()
-    path = run_dir / CACHE_DIR / f"reference-{key[:16]}.safetensors"
-    if path.is_file():
-        try:
-            with safetensors.safe_open(str(path), "pt") as cached:
-                if cached.metadata().get("key") == key:
-                    return {split: cached.get_tensor(split).numpy() for split in task.splits}
-        except (OSError, safetensors.SafetensorError):
-            pass  # damaged: computed again below
-    reference = task.build_model()  # the init run's weights, vocabulary extended as the policy's
-    reference.eval()
-    computed = {}
-    rows = 2 * task.config.train.batch_size
-    with torch.no_grad():
-        for split, sequences in task.splits.items():
-            values = []
-            for start in range(0, len(sequences), rows):
-                ids = np.arange(start, min(start + rows, len(sequences)))
-                inputs, targets, _ = pad_rows(sequences, ids, task.config.model.context_length, task.data.eot_id)
-                with autocast(task.device, task.dtype):
-                    log_probs, _ = sequence_log_probs(reference, inputs.to(task.device), targets.to(task.device))
-                values.append(log_probs.float().cpu())
-                heartbeat()
-            computed[split] = torch.cat(values)
-    del reference
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    safetensors.torch.save_file(computed, str(tmp), metadata={"key": key, "reference": str(checkpoint)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return {split: values.numpy() for split, values in computed.items()}
 
 
 # -- likelihood displacement -----------------------------------------------------------------------

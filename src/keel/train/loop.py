@@ -136,13 +136,12 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()
         use_deterministic_kernels(t.deterministic)
-        self.task = build_task(
-            config, self.run_dir, self.device, self.dtype, heartbeat=lambda: write_heartbeat(self.run_dir, 0)
-        )
+        self.task = build_task(config, self.device, self.dtype, heartbeat=lambda: write_heartbeat(self.run_dir, 0))
         self.model = self.task.build_model()
         self.lora_base = lora_for_run(self.model, config)  # adapters on a frozen base, applied from outside
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
+        self.task.bind(self.model)
         # The task's loss is compiled as a whole (trunk, head and statistics in one graph); the
         # parameters and checkpoints are those of the plain module either way.
         latest = ckpt.list_checkpoints(self.run_dir)
