@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     kind = [f"task.kind={args.task}"] if getattr(args, "task", None) else []
     config = config_lib.load(args.config, kind + args.set)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config, args.config)
-    return launch(config, run_dir, new_data=args.new_data)
+    return launch(config, run_dir, new_data=args.new_data, nproc=args.nproc)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -314,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--new-data",
             action="store_true",
             help="resume on other data or another tokenizer on purpose (refused otherwise)",
+        )
+        p.add_argument(
+            "--nproc",
+            type=int,
+            default=1,
+            metavar="N",
+            help="train with N processes on this machine (train.parallel=ddp|fsdp decides how they share a step)",
         )
         p.set_defaults(func=cmd_train, task=task)
 

@@ -221,6 +221,11 @@ class TrainConfig:
         False,
         "Recompute each block's activations in the backward pass: far less memory for about a third more compute.",
     )
+    parallel: str = opt(
+        "ddp",
+        "ddp | fsdp: how several processes (keel train --nproc N, or torchrun) share a step: ddp replicates "
+        "the model, fsdp (FSDP2) shards weights, gradients and optimizer state across them.",
+    )
 
 
 @dataclass
@@ -639,6 +644,7 @@ def validate(config: RunConfig) -> None:
         "set train.max_steps or train.max_minutes: the lr schedule needs the length of the run.",
     )
     need(t.compile in (True, False, "auto"), f"train.compile must be true, false or auto, got {t.compile!r}.")
+    need(t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, got {t.parallel!r}.")
     need(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         f"train.device must be auto, cpu or cuda, got {t.device!r}.",

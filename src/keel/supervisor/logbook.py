@@ -44,9 +44,10 @@ def _plain(value: Any) -> Any:
 class Logbook:
     """Appends entries to a JSONL file; `mirror` (e.g. the registry's events table) sees each one too."""
 
-    def __init__(self, path: Path, mirror: Callable[[dict], None] | None = None):
+    def __init__(self, path: Path, mirror: Callable[[dict], None] | None = None, quiet: bool = False):
         self.path = Path(path)
         self.mirror = mirror
+        self.quiet = quiet  # ranks other than 0 of a multi-process run: rank 0 writes the run's logbook
 
     def write(self, step: int, kind: str, name: str, message: str, evidence: dict[str, Any] | None = None) -> dict:
         assert kind in KINDS, kind
@@ -58,6 +59,8 @@ class Logbook:
             "message": message,
             "evidence": {key: _plain(value) for key, value in (evidence or {}).items()},
         }
+        if self.quiet:
+            return entry
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # O_APPEND with one write() per line: the trainer and the watchdog may both append to this file.

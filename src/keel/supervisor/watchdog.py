@@ -26,6 +26,14 @@ is the wall time faults cost, apart from redoing the `lost_steps` since the newe
 
 The child must be the trainer itself, not a launcher with workers of its own: a hung child is
 killed with SIGKILL, which a launcher cannot pass on to its workers.
+
+Several ranks (`nproc` > 1). The watchdog is then the launcher itself, as torchrun would be: it
+starts one child per rank with torch.distributed's environment (RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT on a free local port) and watches every rank's heartbeat
+(`heartbeat.json` for rank 0, `heartbeat.rankR.json` for the others). When any rank dies or goes
+silent, the whole group is killed and restarted together from the newest checkpoint, and the
+logbook says which rank it was. A rank stuck in a collective is caught by its heartbeat or by the
+collective's own timeout (keel.train.parallel), whichever comes first.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -45,6 +54,13 @@ from keel.config import WatchdogConfig
 EXIT_USER_ERROR = 2
 EXIT_STOPPED_BY_SUPERVISOR = 3
 HEARTBEAT_FILE = "heartbeat.json"
+
+
+def heartbeat_file(rank: int) -> str:
+    """Rank 0's heartbeat is the run's; the other ranks of a multi-process run beat in files of their own."""
+    return HEARTBEAT_FILE if rank == 0 else f"heartbeat.rank{rank}.json"
+
+
 RESTART_ENV = "KEEL_RESTART"
 WATCHDOG_PID_ENV = "KEEL_WATCHDOG_PID"  # the child stops when its parent is no longer this process
 
@@ -60,6 +76,7 @@ class _Segment:
     hung: bool
     heartbeat_step: int | None
     seconds_since_life: float  # from the last heartbeat (or the start) to the moment it ended
+    rank: int | None = None  # several ranks: the one that failed first
 
 
 def newest_checkpoint_step(run_dir: Path) -> int | None:
@@ -78,6 +95,7 @@ def run_watchdog(
     on_event: Callable[[dict], None] | None = None,
     env: dict[str, str] | None = None,
     pass_fds: tuple[int, ...] = (),
+    nproc: int = 1,
 ) -> int:
     """Run argv until it finishes, restarting it after crashes and hangs; returns the exit code.
 
@@ -95,7 +113,7 @@ def run_watchdog(
     with stop:
         while True:
             checkpoint_before = newest_checkpoint_step(run_dir)
-            segment = _run_segment(argv, run_dir, config, restart, env, stop, poll_s, pass_fds)
+            segment = _run_segment(argv, run_dir, config, restart, env, stop, poll_s, pass_fds, nproc)
             code = segment.returncode if segment.returncode >= 0 else 128 - segment.returncode
             stop.report()
             if stop.requested or segment.returncode in (
@@ -119,6 +137,8 @@ def run_watchdog(
                 if segment.returncode < 0
                 else {"exit_code": segment.returncode}
             )
+            if segment.rank is not None:
+                evidence["rank"] = segment.rank
             lost_steps = (
                 None if segment.heartbeat_step is None else max(0, segment.heartbeat_step - (checkpoint_step or 0))
             )
@@ -190,34 +210,74 @@ def _run_segment(
     stop: _StopRequests,
     poll_s: float,
     pass_fds: tuple[int, ...],
+    nproc: int = 1,
 ) -> _Segment:
-    """Start the child once and watch it until it exits or its heartbeat goes stale."""
-    heartbeat = _Heartbeat(run_dir / HEARTBEAT_FILE)
+    """Start the child (one per rank) once and watch until it exits, one fails or a heartbeat goes stale."""
+    base_env = {**(os.environ if env is None else env), RESTART_ENV: str(restart), WATCHDOG_PID_ENV: str(os.getpid())}
+    envs = [base_env] if nproc == 1 else _rank_envs(base_env, nproc)
+    heartbeats = [_Heartbeat(run_dir / heartbeat_file(rank)) for rank in range(nproc)]
     forwarded = 0
-    child_env = {**(os.environ if env is None else env), RESTART_ENV: str(restart), WATCHDOG_PID_ENV: str(os.getpid())}
-    # Same process group as ours (no new session): Ctrl-C on the terminal reaches the child directly.
-    child = subprocess.Popen(argv, env=child_env, pass_fds=pass_fds)
+    # Same process group as ours (no new session): Ctrl-C on the terminal reaches the children directly.
+    children = [subprocess.Popen(argv, env=child_env, pass_fds=pass_fds) for child_env in envs]
+    ranked = nproc > 1
+
+    def ended(rank: int, returncode: int, hung: bool, silent_s: float) -> _Segment:
+        step = heartbeats[0].step if heartbeats[0].step is not None else heartbeats[rank].step
+        return _Segment(returncode, hung, step, silent_s, rank if ranked else None)
+
     try:
         while True:
-            try:
-                returncode = child.wait(timeout=poll_s)
-                heartbeat.poll()
-                return _Segment(returncode, False, heartbeat.step, time.monotonic() - heartbeat.last_life)
-            except subprocess.TimeoutExpired:
-                pass
+            time.sleep(poll_s) if ranked else _wait_quietly(children[0], poll_s)
+            for hb in heartbeats:
+                hb.poll()
+            codes = [child.poll() for child in children]
+            failed = next((r for r, code in enumerate(codes) if code not in (None, 0)), None)
+            if failed is not None or all(code is not None for code in codes):
+                rank = failed if failed is not None else 0
+                silent_s = time.monotonic() - heartbeats[rank].last_life
+                return ended(rank, codes[rank], False, silent_s)
             stop.report()
             for signum in stop.signals[forwarded:]:
-                child.send_signal(signum)
+                for child in children:
+                    if child.poll() is None:
+                        child.send_signal(signum)
             forwarded = len(stop.signals)
-            heartbeat.poll()
-            silent_s = time.monotonic() - heartbeat.last_life
-            if silent_s > config.hang_timeout_s:
-                child.kill()
-                return _Segment(child.wait(), True, heartbeat.step, silent_s)
+            silent = [time.monotonic() - hb.last_life for hb in heartbeats]
+            rank = max(range(nproc), key=lambda r: silent[r])
+            if silent[rank] > config.hang_timeout_s:
+                for child in children:
+                    child.kill()
+                codes = [child.wait() for child in children]
+                return ended(rank, codes[rank], True, silent[rank])
     finally:
-        if child.poll() is None:  # we are leaving on an exception: never leave an orphan trainer
-            child.kill()
-            child.wait()
+        for child in children:
+            if child.poll() is None:  # we are leaving on an exception or a failed rank: no orphan trainers
+                child.kill()
+                child.wait()
+
+
+def _wait_quietly(child: subprocess.Popen, timeout: float) -> None:
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _rank_envs(env: dict[str, str], nproc: int) -> list[dict[str, str]]:
+    """torch.distributed's environment for each of nproc local ranks, with a free port for the rendezvous;
+    the cores are shared out (torchrun's default of one thread each would idle a many-core machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    common = {
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", threads),
+    }
+    return [{**env, **common, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)]
 
 
 class _Heartbeat:
@@ -302,6 +362,8 @@ def _describe(segment: _Segment, checkpoint_step: int | None, hang_timeout_s: fl
         what = f"was killed by {name}" + (" (often the out-of-memory killer)" if name == "SIGKILL" else "")
     else:
         what = f"exited with code {segment.returncode}"
+    if segment.rank is not None:
+        what = f"(rank {segment.rank}) {what}"
     where = "before its first heartbeat" if segment.heartbeat_step is None else f"at step ~{segment.heartbeat_step}"
     newest = "none" if checkpoint_step is None else f"step {checkpoint_step}"
     return f"{what} {where} (newest checkpoint: {newest})"

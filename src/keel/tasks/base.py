@@ -50,13 +50,14 @@ class LossOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]  # detached scalars, means over the batch's units (ACT_NORM, LOGIT_NORM, ...)
 
 
-def step_weights(batches: list[Batch]) -> list[float]:
-    """Divisors that turn each micro-batch's mean loss into its share of the step's mean: U / u.
+def step_weights(batches: list[Batch], total: float | None = None) -> list[float]:
+    """Divisors that turn each micro-batch's mean loss into its share of the step's mean: U / u, with U
+    the step's units (`total`: over every rank's micro-batches; by default these batches' own).
 
     Dividing (rather than multiplying by u / U) keeps pretraining bit for bit what it was: with
     equal micro-batches the divisor is exactly grad_accum.
     """
-    total = sum(b.units for b in batches)
+    total = sum(b.units for b in batches) if total is None else total
     return [total / b.units if b.units else float("inf") for b in batches]
 
 

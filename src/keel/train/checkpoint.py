@@ -8,10 +8,15 @@ A checkpoint is `RUN_DIR/checkpoints/step_{step:08d}/` holding
     meta.json           step, tokens, val_loss, resolved config, keel version, save time
     MANIFEST.json       sha256 and size of the three files above
 
+An FSDP run's checkpoint holds `sharded/` (torch.distributed.checkpoint: each rank's shards of the
+weights and the optimizer state, plus its `.metadata`) instead of model.safetensors, and state.pt
+without the optimizer; its MANIFEST lists every shard file. It loads at any world size, one process
+included (DCP reshards on load), and an ordinary checkpoint loads into an FSDP run.
+
 It is written into `.tmp-step_.../`, every file and the directory are fsynced, the directory is
 renamed into place and the parent fsynced, so a crash leaves either a complete checkpoint or a
-`.tmp-*` directory that is never read and is removed by the next save. Only one process writes
-checkpoints for a run (rank 0 under torchrun).
+`.tmp-*` directory that is never read and is removed by the next save. Rank 0 writes the
+checkpoint (under FSDP every rank first writes its shards into the temporary directory).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -41,11 +47,19 @@ STATE = "state.pt"
 META = "meta.json"
 MANIFEST = "MANIFEST.json"
 CHECKSUMMED = (WEIGHTS, STATE, META)
+SHARDED = "sharded"  # the directory of torch.distributed.checkpoint's files in an FSDP run's checkpoint
+SHARDED_METADATA = f"{SHARDED}/.metadata"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, train_state: dict[str, Any], meta: dict[str, Any], keep_last: int
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+    sharded: bool = False,
 ) -> Path:
     """Write the checkpoint for `step` and prune old ones; returns its directory.
 
@@ -54,22 +68,18 @@ def save_checkpoint(
     An existing checkpoint for the same step is replaced. Pruning keeps the `keep_last` newest
     checkpoints plus the one with the lowest finite `meta["val_loss"]`, and deletes any with a
     step above `step`: after a rollback those belong to the abandoned timeline, and a later
-    resume must not pick them up.
+    resume must not pick them up. `sharded`: every rank has written its shards (write_shards) and
+    the weights are those, not model.safetensors.
     """
     assert step >= 0 and keep_last >= 1, (step, keep_last)
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a crash mid-write or mid-delete
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
-
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-{final.name}"
-    tmp.mkdir()
+    root, final, tmp = _paths(run_dir, step)
+    if not sharded:
+        _clear_temporaries(root)
+        tmp.mkdir()
     try:
-        if _has_frozen(model):
+        if sharded:
+            assert (tmp / SHARDED_METADATA).is_file(), "write_shards comes first, on every rank"
+        elif _has_frozen(model):
             trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
             safetensors.torch.save_file(trainable, str(tmp / WEIGHTS))
         else:
@@ -86,14 +96,15 @@ def save_checkpoint(
             ) from None
         meta = {**meta, "step": step, "keel_version": _keel_version(), "saved_at": time.time()}
         (tmp / META).write_text(json.dumps(meta, indent=2))
+        names = [STATE, META, *_shard_files(tmp)] if sharded else list(CHECKSUMMED)
         manifest = {
-            "files": {
-                name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size} for name in CHECKSUMMED
-            }
+            "files": {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size} for name in names}
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        for name in (*CHECKSUMMED, MANIFEST):
+        for name in (*names, MANIFEST):
             fsync(tmp / name)
+        if sharded:
+            fsync(tmp / SHARDED)
         fsync(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,6 +122,121 @@ def save_checkpoint(
     shutil.rmtree(replaced, ignore_errors=True)
     _prune(run_dir, step, keep_last)
     return final
+
+
+def _paths(run_dir: Path, step: int) -> tuple[Path, Path, Path]:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    return root, final, root / f".tmp-{final.name}"
+
+
+def _clear_temporaries(root: Path) -> None:
+    for stale in root.glob(".tmp-*"):  # left by a crash mid-write or mid-delete
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+
+
+def _shard_files(path: Path) -> list[str]:
+    return sorted(str(f.relative_to(path)) for f in (path / SHARDED).rglob("*") if f.is_file())
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / SHARDED).is_dir()
+
+
+def write_shards(run_dir: Path, step: int, model: nn.Module, optimizer, main: bool) -> bool:
+    """Every rank of an FSDP run, before rank 0's save_checkpoint(sharded=True): this rank's shards of
+    the weights and optimizer state into the step's temporary directory (a collective call).
+
+    Returns whether the optimizer state went in: before the first update there is none, and asking
+    DCP for it would make one (a zero-gradient step that counts as AdamW's first), so it stays out.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    root, _, tmp = _paths(run_dir, step)
+    if main:
+        _clear_temporaries(root)
+        tmp.mkdir()
+    dist.barrier()
+    with_optimizer = bool(optimizer.state)
+    if with_optimizer:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    try:
+        dcp.save(state, checkpoint_id=tmp / SHARDED)
+    except Exception as err:  # DCP gathers every rank's failure and raises on all of them
+        if _WRITE_FAILED.search(str(err)) or "No space" in str(err) or isinstance(err, OSError):
+            raise _as_os_error(err) from err
+        raise
+    return with_optimizer
+
+
+def load_into_sharded(path: Path, model: nn.Module, optimizer, device: torch.device) -> dict[str, Any]:
+    """Load a checkpoint into a model and optimizer that may be sharded (FSDP) or plain, from sharded
+    files (any world size: DCP reshards) or an ordinary checkpoint; returns the train_state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    path = Path(path)
+    reason = verify_checkpoint(path)
+    if reason:
+        raise UserError(f"checkpoint {path} is corrupt ({reason}); load an earlier checkpoint from {path.parent}.")
+    train_state = torch.load(path / STATE, map_location=device, weights_only=True)
+    try:
+        if is_sharded(path) and not train_state.get("optimizer_in_shards", True):  # saved before any update
+            state = {"model": get_model_state_dict(model)}
+            _dcp_load(state, path)
+            set_model_state_dict(model, state["model"])
+            optimizer.state.clear()
+        elif is_sharded(path):
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            _dcp_load(state, path)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:  # an ordinary checkpoint (one process, or DDP) into an FSDP run: full tensors, sharded on load
+            weights = safetensors.torch.load_file(path / WEIGHTS, device="cpu")
+            for name, param in model.named_parameters(remove_duplicate=False):
+                if name not in weights:  # a tied weight is stored once, under one of its names
+                    twin = next(n for n, p in model.named_parameters() if p is param)
+                    weights[name] = weights[twin]
+            names = {id(p): n for n, p in model.named_parameters()}
+            order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+            saved = train_state.pop("optimizer")
+            if not saved["state"]:  # saved before any update: the optimizer starts afresh
+                full = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(model, weights, options=full)
+                optimizer.state.clear()
+                return train_state
+            optim_state = {
+                "state": {order[i]: value for i, value in saved["state"].items()},
+                "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]],
+            }
+            set_state_dict(
+                model,
+                optimizer,
+                model_state_dict=weights,
+                optim_state_dict=optim_state,
+                options=StateDictOptions(full_state_dict=True),
+            )
+    except (RuntimeError, KeyError, ValueError, StopIteration) as err:
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(
+            f"checkpoint {path} does not fit the model because the model's shape differs from the run's config "
+            f"({detail}); resume with the config saved in the checkpoint's {META}, or start a new run directory."
+        ) from None
+    return train_state
 
 
 # How safetensors ("I/O error: No space left on device (os error 28)") and torch.save ("iostream
@@ -145,7 +271,7 @@ def verify_checkpoint(path: Path) -> str | None:
     path = Path(path)
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
-        for name in CHECKSUMMED:
+        for name in (STATE, META, SHARDED_METADATA) if SHARDED_METADATA in files else CHECKSUMMED:
             if name not in files:
                 return f"{name} not listed in {MANIFEST}"
         for name, entry in files.items():
@@ -179,7 +305,9 @@ def load_checkpoint(
     if reason:
         raise UserError(f"checkpoint {path} is corrupt ({reason}); load an earlier checkpoint from {path.parent}.")
     try:
-        if _has_frozen(model):
+        if is_sharded(path):
+            _load_sharded_weights(model, path)
+        elif _has_frozen(model):
             _load_trainable(model, path / WEIGHTS, str(map_location))
         else:
             safetensors.torch.load_model(model, path / WEIGHTS, strict=True, device=str(map_location))
@@ -203,6 +331,25 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
         return json.loads((Path(checkpoint) / META).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _load_sharded_weights(model: nn.Module, path: Path) -> None:
+    """An FSDP run's weights into a plain model, in this one process (keel sample, eval, export)."""
+
+    state = model.state_dict()
+    _dcp_load({"model": state}, path)
+    model.load_state_dict(state, strict=True)
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """DCP's load in place into `state`; in one process without a process group (it reshards either way)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    alone = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path / SHARDED, no_dist=alone)
 
 
 def _has_frozen(model: nn.Module) -> bool:

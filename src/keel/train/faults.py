@@ -9,7 +9,8 @@
 - `diskfull@S`: from step S on, the process cannot write a file past 64 KiB (RLIMIT_FSIZE: the
   kernel fails the write with EFBIG, as a full disk fails it with ENOSPC), only in the first process
   of a run, so a restart finds room again; checkpoints fail, small files (heartbeat) still work.
-`keel chaos` and the tests use it to prove the supervisor and watchdog repair these faults.
+An entry may end in `:R` to strike rank R only in a multi-process run (`nan@120:1`); without it, every
+rank. `keel chaos` and the tests use it to prove the supervisor and watchdog repair these faults.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ DISK_FULL_BYTES = 64 * 1024
 
 
 class Faults:
-    def __init__(self, spec: str = "", segment: int = 0):
+    def __init__(self, spec: str = "", segment: int = 0, rank: int = 0):
         self.nan_batches: set[int] = set()
         self.spike_batches: set[int] = set()
         self.hang_steps: set[int] = set()
@@ -35,10 +36,14 @@ class Faults:
         self.segment = segment
         for item in filter(None, (part.strip() for part in spec.split(","))):
             kind, _, step = item.partition("@")
+            step, _, only_rank = step.partition(":")
+            if only_rank.isdigit() and int(only_rank) != rank:
+                continue
             steps = {"nan": self.nan_batches, "spike": self.spike_batches, "hang": self.hang_steps, "diskfull": None}
-            if kind not in steps or not step.isdigit():
+            if kind not in steps or not step.isdigit() or (only_rank and not only_rank.isdigit()):
                 raise UserError(
-                    f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP, hang@STEP or diskfull@STEP; "
+                    f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP, hang@STEP or diskfull@STEP "
+                    "(each optionally :RANK); "
                     "fix or unset KEEL_FAULTS."
                 )
             if kind == "diskfull":
@@ -48,7 +53,8 @@ class Faults:
 
     @classmethod
     def from_env(cls) -> "Faults":
-        return cls(os.environ.get("KEEL_FAULTS", ""), int(os.environ.get("KEEL_RESTART", "0")))
+        env = os.environ
+        return cls(env.get("KEEL_FAULTS", ""), int(env.get("KEEL_RESTART", "0")), int(env.get("RANK", "0")))
 
     def corrupt_loss(self, loss: torch.Tensor, batch: int) -> torch.Tensor:
         # By batch, not step: the loop queues a step's forward before it knows whether the one

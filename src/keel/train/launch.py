@@ -6,18 +6,21 @@ import sys
 from pathlib import Path
 
 from keel.config import RunConfig
+from keel.errors import UserError
 from keel.runs.registry import Registry
 from keel.runs.rundir import LOGBOOK_FILE, RunClaim, resolve_run, write_run_dir
 from keel.supervisor.logbook import Logbook
 from keel.supervisor.watchdog import run_watchdog
 
 
-def launch(config: RunConfig, run_dir: Path, new_data: bool = False) -> int:
+def launch(config: RunConfig, run_dir: Path, new_data: bool = False, nproc: int = 1) -> int:
     """Train or resume the run in run_dir; returns the process exit code.
 
     Everything is checked before anything is written; the directory is then this process's (and its
     trainer's) until both have exited. new_data: resume on other data or another tokenizer on purpose.
+    nproc: trainer processes (ranks) on this machine, each on its own device when they are GPUs.
     """
+    check_nproc(nproc, config)
     config = resolve_run(config, run_dir, new_data)
     run_dir.mkdir(parents=True, exist_ok=True)
     claim = RunClaim(run_dir)
@@ -51,9 +54,31 @@ def launch(config: RunConfig, run_dir: Path, new_data: bool = False) -> int:
                 )
             write_run_dir(config, run_dir)
             argv = [sys.executable, "-m", "keel.train.worker", str(run_dir)]
-            code = run_watchdog(argv, run_dir, config.watchdog, on_event=record, pass_fds=(claim.fd,))
+            code = run_watchdog(argv, run_dir, config.watchdog, on_event=record, pass_fds=(claim.fd,), nproc=nproc)
             if code != 0:
                 registry.fail_if_running(config.name)  # unless the trainer said how it ended
     finally:
         claim.release()
     return code
+
+
+def check_nproc(nproc: int, config: RunConfig) -> None:
+    """--nproc must fit the machine: one core per rank on CPUs, one GPU per rank on CUDA."""
+    import os
+
+    import torch
+
+    from keel.train.precision import pick_device
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}.")
+    if nproc == 1:
+        return
+    if pick_device(config.train.device).type == "cuda":
+        have, what = torch.cuda.device_count(), "GPUs"
+    else:
+        have, what = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, "cores"
+    if nproc > have:
+        raise UserError(
+            f"--nproc {nproc} is more processes than this machine's {have} {what}; use --nproc {have} or fewer."
+        )

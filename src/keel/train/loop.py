@@ -17,6 +17,7 @@ repeats the uninterrupted one exactly, unless train.max_minutes plans the lr sch
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -40,12 +41,20 @@ from keel.runs.rundir import LOGBOOK_FILE, data_identity
 from keel.supervisor.logbook import Logbook
 from keel.supervisor.monitors import StepRecord
 from keel.supervisor.policy import Action, Supervisor
-from keel.supervisor.watchdog import HEARTBEAT_FILE
+from keel.supervisor.watchdog import heartbeat_file
 from keel.tasks import build_task
 from keel.tasks.base import ACT_NORM, LOGIT_NORM, step_weights
 from keel.train import checkpoint as ckpt
 from keel.train.faults import Faults
 from keel.train.optim import build_optimizer, lr_at, reset_moments, step_unless
+from keel.train.parallel import (
+    Parallel,
+    check_layout,
+    destroy_process_group,
+    init_process_group,
+    my_micro_batches,
+    world_from_env,
+)
 from keel.train.precision import (
     autocast,
     grad_scaler,
@@ -119,10 +128,11 @@ class _Timer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def write_heartbeat(run_dir: Path, step: int) -> None:
-    tmp = run_dir / f".{HEARTBEAT_FILE}.tmp"
-    tmp.write_text(json.dumps({"step": step, "time": time.time(), "pid": os.getpid()}))
-    os.replace(tmp, run_dir / HEARTBEAT_FILE)
+def write_heartbeat(run_dir: Path, step: int, rank: int = 0) -> None:
+    name = heartbeat_file(rank)
+    tmp = run_dir / f".{name}.tmp"
+    tmp.write_text(json.dumps({"step": step, "time": time.time(), "pid": os.getpid(), "rank": rank}))
+    os.replace(tmp, run_dir / name)
 
 
 class Trainer:
@@ -131,12 +141,18 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: Path, registry: Registry | None, progress: bool):
         self.config, self.run_dir, self.registry, self.progress = config, Path(run_dir), registry, progress
         t = config.train
+        self.world = world_from_env()
         self.device = pick_device(t.device)
+        if self.device.type == "cuda" and self.world.distributed:  # one GPU per rank
+            self.device = torch.device("cuda", self.world.local_rank)
+            torch.cuda.set_device(self.device)
+        check_layout(t.grad_accum, self.world, t.parallel, config)
+        init_process_group(self.world, self.device)
         self.dtype = pick_dtype(t.dtype, self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
         use_deterministic_kernels(t.deterministic)
-        self.task = build_task(config, self.device, self.dtype, heartbeat=lambda: write_heartbeat(self.run_dir, 0))
+        self.task = build_task(config, self.device, self.dtype, heartbeat=lambda: self.beat(0))
         self.model = self.task.build_model()
         self.lora_base = lora_for_run(self.model, config)  # adapters on a frozen base, applied from outside
         if t.activation_checkpointing:
@@ -147,13 +163,19 @@ class Trainer:
         latest = ckpt.list_checkpoints(self.run_dir)
         started = ckpt.read_meta(latest[-1]).get("compiled") if latest else None
         self.compiled = should_compile(t, ckpt.checkpoint_step(latest[-1]) if latest else 0, self.device, started)
-        self.loss_fn = torch.compile(self.task.loss) if self.compiled else self.task.loss
-        self.optimizer = build_optimizer(self.model, config.optim)
+        if self.compiled and self.world.distributed and t.parallel == "fsdp":
+            self.compiled = False  # FSDP2's hooks inside a compiled loss: not on this path yet
+        loss = torch.compile(self.task.loss) if self.compiled else self.task.loss
+        # Several processes: DDP or FSDP2 around the model, from outside; one: the loss as it is.
+        self.parallel = Parallel(self.model, loss, self.world, t.parallel, self.device)
+        self.optimizer = build_optimizer(self.model, config.optim)  # after FSDP2 has sharded the parameters
         self.data_identity = data_identity(Path(config.data.path))
         self.scaler = grad_scaler(self.device, self.dtype)
         self.state = LoopState(grad_clip=config.optim.grad_clip)
-        self.segment = registry.start_run(config.name, str(run_dir), config.to_dict()) if registry else 0
-        self.logbook = Logbook(self.run_dir / LOGBOOK_FILE, mirror=self._mirror_event)
+        if not self.world.main:
+            self.registry = None  # rank 0 speaks for the run: registry and logbook
+        self.segment = self.registry.start_run(config.name, str(run_dir), config.to_dict()) if self.registry else 0
+        self.logbook = Logbook(self.run_dir / LOGBOOK_FILE, mirror=self._mirror_event, quiet=not self.world.main)
         self.supervisor = (
             Supervisor(config.supervisor, self.logbook, t.max_steps, config.optim.grad_clip, self.task.monitors())
             if config.supervisor.enabled
@@ -169,8 +191,13 @@ class Trainer:
         self.tokens_applied = 0  # and the tokens they trained on
         self.start_time = time.perf_counter()
         self.clock_base = 0.0  # training seconds of the segments before this process, from its checkpoint
+        self.agreed_seconds = 0.0  # several ranks: rank 0's training seconds at the last step
+        self.agreed_stop: str | None = None
 
     # -- small pieces -----------------------------------------------------------------------
+
+    def beat(self, step: int) -> None:
+        write_heartbeat(self.run_dir, step, self.world.rank)
 
     def _mirror_event(self, entry: dict) -> None:
         if self.registry is not None:
@@ -179,7 +206,13 @@ class Trainer:
     def train_seconds(self) -> float:
         """Training time so far, earlier process segments included (time a crash lost after the last
         checkpoint is not counted: those steps are trained again)."""
+        if self.world.distributed:  # rank 0's, as of the last step: every rank must decide alike
+            return self.agreed_seconds
         return self.clock_base + time.perf_counter() - self.start_time
+
+    def stopping(self) -> str | None:
+        """The stop request the run acts on (several ranks: one every rank has seen, at the same step)."""
+        return self.agreed_stop if self.world.distributed else self.stop_signal
 
     def planned_steps(self) -> float:
         """The run's length in optimizer steps as planned now: train.max_steps, or the steps
@@ -207,19 +240,21 @@ class Trainer:
         return lr
 
     def _evaluate(self) -> dict[str, float]:
-        evaluation = self.task.evaluate(self.model)
+        with self.parallel.full_weights():
+            evaluation = self.task.evaluate(self.model)
         assert "val_loss" in evaluation, "a task's evaluation reports val_loss, which picks the best checkpoint"
         return evaluation
 
     # -- checkpoints ------------------------------------------------------------------------
 
     def save(self, val_loss: float | None = None) -> None:
-        write_heartbeat(self.run_dir, self.state.step)
+        self.beat(self.state.step)
         self.flush_metrics()  # every step up to a checkpoint reaches the registry first (or its queue, in an outage)
         self.state.train_seconds = self.train_seconds()
+        sharded = self.parallel.kind == "fsdp"  # the optimizer state goes into the shards
         train_state = {
             "loop": dataclasses.asdict(self.state),
-            "optimizer": self.optimizer.state_dict(),
+            **({} if sharded else {"optimizer": self.optimizer.state_dict()}),
             "scaler": self.scaler.state_dict(),
             "supervisor": self.supervisor.state_dict() if self.supervisor else {},
             "task": self.task.state_dict(),
@@ -235,23 +270,38 @@ class Trainer:
             "data_identity": self.data_identity,  # a resume on other data is refused (runs.rundir)
             "compiled": self.compiled,  # a resume keeps it: a run that changed kernels midway would not repeat
             "lora_base": self.lora_base,  # the weights the adapters go on: loading them elsewhere is refused
+            "world_size": self.world.size,
             "time": time.time(),
             "config": self.config.to_dict(),
         }
+        path, error = None, None
         try:
-            path = ckpt.save_checkpoint(
-                self.run_dir,
-                self.state.step,
-                self.model,
-                train_state,
-                meta,
-                keep_last=self.config.train.keep_checkpoints,
-            )
+            if sharded:
+                in_shards = ckpt.write_shards(
+                    self.run_dir, self.state.step, self.model, self.optimizer, self.world.main
+                )
+                train_state["optimizer_in_shards"] = in_shards
+            if self.world.main:
+                path = ckpt.save_checkpoint(
+                    self.run_dir,
+                    self.state.step,
+                    self.model,
+                    train_state,
+                    meta,
+                    keep_last=self.config.train.keep_checkpoints,
+                    sharded=sharded,
+                )
         except OSError as err:
-            self._checkpoint_failed(err)
+            error = err
+        if self.world.distributed:  # every rank learns whether the checkpoint exists now
+            failed = self.parallel.sum(torch.tensor([0.0 if error is None else 1.0])).item()
+            if failed and error is None:
+                error = OSError(errno.EIO, "another rank could not write its part")
+        if error is not None:
+            self._checkpoint_failed(error)
             return
         self.checkpoint_failures = 0
-        if self.registry is not None:
+        if self.registry is not None and path is not None:
             self.registry.log_checkpoint(self.config.name, self.state.step, str(path), val_loss)
 
     def _checkpoint_failed(self, err: OSError) -> None:
@@ -311,8 +361,11 @@ class Trainer:
         return False
 
     def _load(self, path: Path) -> None:
-        train_state, _ = ckpt.load_checkpoint(path, self.model, self.device)
-        self.optimizer.load_state_dict(train_state["optimizer"])
+        if self.parallel.kind == "fsdp" or ckpt.is_sharded(path):  # reshards to this world size
+            train_state = ckpt.load_into_sharded(path, self.model, self.optimizer, self.device)
+        else:
+            train_state, _ = ckpt.load_checkpoint(path, self.model, self.device)
+            self.optimizer.load_state_dict(train_state["optimizer"])
         self.scaler.load_state_dict(train_state["scaler"])
         state = LoopState(**train_state["loop"])
         if self.supervisor and train_state["supervisor"]:
@@ -369,18 +422,24 @@ class Trainer:
         t = self.config.train
         start = time.perf_counter()
         with self.timer("data"):
-            batches = [self.task.batch(cursor * t.grad_accum + micro) for micro in range(t.grad_accum)]
+            mine = my_micro_batches(t.grad_accum, self.world)  # all of them with one process
+            batches = [self.task.batch(cursor * t.grad_accum + micro) for micro in mine]
+            units = None
+            if self.world.distributed:  # the step's units over every rank's micro-batches
+                units = self.parallel.sum(
+                    torch.tensor(float(sum(b.units for b in batches)), dtype=torch.float64)
+                ).item()
         loss_sum = torch.zeros((), device=self.device)
         metrics: dict[str, torch.Tensor] = {}
-        for batch, divisor in zip(batches, step_weights(batches)):
+        for i, (batch, divisor) in enumerate(zip(batches, step_weights(batches, units))):
             with self.timer("data"):
                 tensors = batch.to(self.device).tensors
-            with self.timer("forward_backward"):
+            with self.timer("forward_backward"), self.parallel.accumulating(last=i == len(batches) - 1):
                 with autocast(self.device, self.dtype):
-                    out = self.loss_fn(self.model, tensors)
+                    out = self.parallel.forward(tensors)
                 loss = self.faults.corrupt_loss(out.loss, cursor)
                 # Each micro-batch's mean weighted by its share of the step's units: the step's loss
-                # is the mean over all of them, however they fall into micro-batches.
+                # is the mean over all of them, however they fall into micro-batches (and ranks).
                 self.scaler.scale(loss / divisor).backward()
                 loss_sum += loss.detach() / divisor
                 for name, value in out.metrics.items():
@@ -394,11 +453,13 @@ class Trainer:
         are the ones the supervisor's judgement left.
         """
         start = time.perf_counter()
+        if self.world.distributed:
+            launched = self._reduced(launched, time.perf_counter() - start)
         lr = self._set_lr()
         with self.timer("optimizer"):
             self.scaler.unscale_(self.optimizer)
             params = [p for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = self.parallel.total_norm([p.grad for p in params])
             if self.state.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.state.grad_clip, grad_norm)
             skip = self._skip_flag(launched.loss, grad_norm)
@@ -431,8 +492,37 @@ class Trainer:
             list(numbers),
             values,
             ready,
-            launched.seconds + time.perf_counter() - start,
+            # Several ranks: rank 0's time up to the reduction, the same number on every rank (the
+            # supervisor's throughput monitor must decide alike everywhere).
+            launched.seconds + (0.0 if self.world.distributed else time.perf_counter() - start),
         )
+
+    def _reduced(self, launched: Launched, seconds: float) -> Launched:
+        """The step as one process would see it: each rank's share of the loss and metrics summed over
+        the ranks (a NaN anywhere is a NaN everywhere), rank 0's time and everyone's tokens.
+
+        Decisions that hang on the clock or on a signal are taken here on rank 0's clock and on any
+        rank's stop request, so that every rank stops, plans its lr and ends its budget at one step.
+        """
+        names = list(launched.metrics)
+        own = [launched.loss.float(), *(launched.metrics[n].float() for n in names)]
+        main = self.world.main
+        host = torch.tensor(
+            [
+                launched.seconds + seconds if main else 0.0,
+                self.clock_base + time.perf_counter() - self.start_time if main else 0.0,
+                1.0 if self.stop_signal else 0.0,
+                float(launched.tokens),
+            ],
+            dtype=torch.float64,
+        )
+        summed = self.parallel.sum(torch.cat((torch.stack(own).double().cpu(), host)))
+        step_seconds, self.agreed_seconds, stops, tokens = summed[-4:].tolist()
+        if stops and not self.stop_signal:
+            self.stop_signal = "a stop request to another rank"
+        self.agreed_stop = self.stop_signal if stops else None
+        values = summed[: len(own)].float().to(self.device)
+        return Launched(values[0], dict(zip(names, values[1:])), int(tokens), step_seconds)
 
     def _skip_flag(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor | None:
         if self.supervisor is not None:
@@ -456,7 +546,7 @@ class Trainer:
             grad_norm=v.pop("grad_norm"),
             lr=pending.lr,
             tokens=pending.tokens,
-            step_seconds=pending.seconds + time.perf_counter() - start,
+            step_seconds=pending.seconds + (0.0 if self.world.distributed else time.perf_counter() - start),
             act_norm=v.pop("act_norm", math.nan),
             logit_norm=v.pop("logit_norm", math.nan),
             loss_scale=v.pop("loss_scale", None),
@@ -467,7 +557,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         t = self.config.train
-        write_heartbeat(self.run_dir, self.state.step)
+        self.beat(self.state.step)
         resumed = self.restore()
         if not resumed:
             self.save()  # step 0: rollbacks always have somewhere to go
@@ -482,6 +572,7 @@ class Trainer:
             {"segment": self.segment, "tokens": self.state.tokens},
         )
         self.start_time, self.clock_base = time.perf_counter(), self.state.train_seconds
+        self.agreed_seconds = self.clock_base
         step_limit = t.max_steps or math.inf
         # A resumed run whose time or token budget is already spent trains no further.
         status, diagnosis, record, val_loss = self._limit_reached() or "finished", "", None, None
@@ -533,7 +624,7 @@ class Trainer:
                     last = step >= step_limit or limit is not None  # evaluated and saved, whatever the intervals
                     if not skip and (step % t.eval_every == 0 or last):
                         with self.timer("eval"):
-                            write_heartbeat(self.run_dir, step)
+                            self.beat(step)
                             evaluation = self._evaluate()
                             val_loss = evaluation["val_loss"]
                         self.pending_metrics.append((step, evaluation))
@@ -549,7 +640,7 @@ class Trainer:
                         if len(self.pending_metrics) >= t.log_every:
                             self.flush_metrics()
                         if time.time() - last_beat > 0.25:
-                            write_heartbeat(self.run_dir, step)
+                            self.beat(step)
                             last_beat = time.time()
                         bar.update(step - bar.n)
                         if self.state.cursor % t.log_every == 0:
@@ -562,8 +653,8 @@ class Trainer:
                                 postfix["left"] = f"{max(0.0, t.max_minutes - self.train_seconds() / 60):.1f}min"
                             bar.set_postfix(postfix, refresh=False)
                     status = limit or status
-                    if self.stop_signal or status != "finished":
-                        status = "stopped" if self.stop_signal else status
+                    if self.stopping() or status != "finished":
+                        status = "stopped" if self.stopping() else status
                         break
                 if launched is not None:
                     pending = self.finish(launched)
@@ -729,7 +820,10 @@ def _stop_on_signals(trainer: Trainer):
 def train(config: RunConfig, run_dir: Path, registry: Registry | None = None, progress: bool = True) -> TrainResult:
     """Train (or resume) the run in run_dir, whose config.yaml was written by init_run_dir."""
     trainer = Trainer(config, run_dir, registry, progress)
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        destroy_process_group()
     if registry is not None:
         registry.update_run(config.name, status="stopped" if result.status.startswith("stopped") else "finished")
     return result

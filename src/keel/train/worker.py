@@ -1,5 +1,8 @@
 """The trainer process the watchdog starts: `python -m keel.train.worker RUN_DIR`.
 
+Under torchrun (`torchrun --nproc-per-node N -m keel.train.worker RUN_DIR`) each rank is one of
+these; RUN_DIR must have been written by `keel train` first (see docs/distributed.md).
+
 It trains the run whose resolved config `keel train` wrote into RUN_DIR. Exit codes tell the
 watchdog what to do: 0 finished or cleanly stopped, 2 a user error, 3 stopped by the
 supervisor (neither is worth a restart); anything else is a crash.
@@ -19,8 +22,8 @@ from keel.errors import UserError
 from keel.supervisor.watchdog import (
     EXIT_STOPPED_BY_SUPERVISOR,
     EXIT_USER_ERROR,
-    HEARTBEAT_FILE,
     WATCHDOG_PID_ENV,
+    heartbeat_file,
 )
 
 
@@ -43,15 +46,19 @@ def main(argv: list[str]) -> int:
     run_dir = Path(argv[0])
     stop_with_watchdog()
     # A first sign of life before the slow imports (torch takes seconds to load on a busy machine).
-    (run_dir / HEARTBEAT_FILE).write_text(json.dumps({"step": None, "time": time.time(), "pid": os.getpid()}))
+    beat = heartbeat_file(int(os.environ.get("RANK", "0")))
+    (run_dir / beat).write_text(json.dumps({"step": None, "time": time.time(), "pid": os.getpid()}))
     from keel.runs.registry import Registry
     from keel.runs.rundir import load_run_config
     from keel.train.loop import train
 
     try:
         config = load_run_config(run_dir)
-        with Registry() as registry:  # closing saves the writes a registry outage held back
-            result = train(config, run_dir, registry)
+        if os.environ.get("RANK", "0") != "0":  # rank 0 keeps the registry for the run
+            result = train(config, run_dir, None, progress=False)
+        else:
+            with Registry() as registry:  # closing saves the writes a registry outage held back
+                result = train(config, run_dir, registry)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
