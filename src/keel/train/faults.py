@@ -6,6 +6,8 @@
 - `spike@S`: multiply the loss of the step on batch S (and so its gradients) by 100, once per process;
 - `hang@S`: stop making progress (sleep forever) after step S, only in the first process of a
   run (KEEL_RESTART unset or 0), so the watchdog's restart can get past it.
+- `kill@S`: die by SIGKILL after step S, only in the first process of a run (as the
+  out-of-memory killer would end it);
 - `diskfull@S`: from step S on, the process cannot write a file past 64 KiB (RLIMIT_FSIZE: the
   kernel fails the write with EFBIG, as a full disk fails it with ENOSPC), only in the first process
   of a run, so a restart finds room again; checkpoints fail, small files (heartbeat) still work.
@@ -32,6 +34,7 @@ class Faults:
         self.nan_batches: set[int] = set()
         self.spike_batches: set[int] = set()
         self.hang_steps: set[int] = set()
+        self.kill_steps: set[int] = set()
         self.disk_full_step: int | None = None
         self.segment = segment
         for item in filter(None, (part.strip() for part in spec.split(","))):
@@ -39,10 +42,16 @@ class Faults:
             step, _, only_rank = step.partition(":")
             if only_rank.isdigit() and int(only_rank) != rank:
                 continue
-            steps = {"nan": self.nan_batches, "spike": self.spike_batches, "hang": self.hang_steps, "diskfull": None}
+            steps = {
+                "nan": self.nan_batches,
+                "spike": self.spike_batches,
+                "hang": self.hang_steps,
+                "kill": self.kill_steps,
+                "diskfull": None,
+            }
             if kind not in steps or not step.isdigit() or (only_rank and not only_rank.isdigit()):
                 raise UserError(
-                    f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP, hang@STEP or diskfull@STEP "
+                    f"KEEL_FAULTS entry {item!r} is not nan@STEP, spike@STEP, hang@STEP, kill@STEP or diskfull@STEP "
                     "(each optionally :RANK); "
                     "fix or unset KEEL_FAULTS."
                 )
@@ -71,6 +80,8 @@ class Faults:
         if self.segment == 0 and step in self.hang_steps:
             while True:
                 time.sleep(3600)
+        if self.segment == 0 and step in self.kill_steps:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def maybe_fill_disk(self, step: int) -> None:
         if self.segment == 0 and self.disk_full_step is not None and step >= self.disk_full_step:

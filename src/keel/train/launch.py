@@ -68,6 +68,7 @@ def check_nproc(nproc: int, config: RunConfig) -> None:
 
     import torch
 
+    from keel.train.parallel import World, check_layout
     from keel.train.precision import pick_device
 
     if nproc < 1:
@@ -82,3 +83,4 @@ def check_nproc(nproc: int, config: RunConfig) -> None:
         raise UserError(
             f"--nproc {nproc} is more processes than this machine's {have} {what}; use --nproc {have} or fewer."
         )
+    check_layout(config.train.grad_accum, World(0, nproc, 0), config.train.parallel, config)

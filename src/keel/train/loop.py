@@ -274,6 +274,13 @@ class Trainer:
             "time": time.time(),
             "config": self.config.to_dict(),
         }
+        if not self.parallel.replicas_agree():
+            message = (
+                f"the ranks' weights differ at step {self.state.step}: a rank went its own way; "
+                "the group restarts from the newest checkpoint."
+            )
+            self.logbook.write(self.state.step, "fault", "replicas_diverged", message, {})
+            raise RuntimeError(message)
         path, error = None, None
         try:
             if sharded:

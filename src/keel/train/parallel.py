@@ -170,9 +170,18 @@ class Parallel:
             return nullcontext()
         return _unsharded(self.module)
 
-    def barrier(self) -> None:
-        if self.kind != "none":
-            dist.barrier()
+    def replicas_agree(self) -> bool:
+        """DDP: whether every rank holds the same weights (compared by a float64 fingerprint per tensor).
+        A difference means a rank went its own way (a skipped or extra update, a flipped bit)."""
+        if self.kind != "ddp":
+            return True
+        with torch.no_grad():
+            prints = torch.stack(
+                [torch.stack((p.double().sum(), p.double().square().sum())) for p in self.model.parameters()]
+            ).flatten()
+        bounds = torch.cat((prints, -prints)).to(self.device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)  # the largest and (negated) smallest of each across ranks
+        return torch.equal(bounds[: len(prints)], -bounds[len(prints) :])
 
 
 @contextmanager

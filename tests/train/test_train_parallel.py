@@ -1,0 +1,140 @@
+"""Several processes on gloo (2 CPU ranks): DDP and FSDP2 equal one process, one verdict for all ranks,
+sharded checkpoints that load at another world size, a dead rank restarts the group, bad layouts refused."""
+
+import pytest
+import torch
+from conftest import assert_user_error, keel, tiny_train_args
+
+from keel.inference import load_run
+from keel.runs.registry import Registry
+from keel.supervisor.logbook import read_logbook
+from keel.train import checkpoint as ckpt
+
+# constant lr: a run stopped at step 16 and resumed follows the schedule of the uninterrupted one
+STEPS = ["train.grad_accum=2", "train.compile=false", "optim.schedule=constant", "train.max_steps=20"]
+
+
+def train(data, run_dir, *sets, nproc=1, env=None):
+    result = keel(*tiny_train_args(data, run_dir, *STEPS, *sets), "--nproc", str(nproc), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def losses(run_dir, registry_file=None) -> list[float]:
+    with Registry(registry_file) as registry:
+        return [value for _, value in registry.metrics(run_dir.name, "loss")["loss"]]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return dict(load_run(run_dir).model.state_dict())
+
+
+def entries(run_dir, kind=None) -> list[dict]:
+    return [e for e in read_logbook(run_dir / "logbook.jsonl") if kind is None or e["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_data, tmp_path_factory):
+    """Two DDP ranks, one micro-batch each (with a registry of its own)."""
+    folder = tmp_path_factory.mktemp("two")
+    run_dir = train(tiny_data, folder / "two", nproc=2, env={"KEEL_HOME": str(folder / "home")})
+    return run_dir, losses(run_dir, folder / "home" / "registry.sqlite")
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_data, tmp_path_factory):
+    """The reference: one process, two micro-batches a step (with a registry of its own)."""
+    folder = tmp_path_factory.mktemp("one")
+    run_dir = train(tiny_data, folder / "one", env={"KEEL_HOME": str(folder / "home")})
+    return run_dir, losses(run_dir, folder / "home" / "registry.sqlite")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_rank_with_two_micro_batches(parallel, one_rank, two_ranks, tiny_data, tmp_path):
+    one_rank, reference = one_rank
+    if parallel == "ddp":
+        two, two_losses = two_ranks
+    else:
+        two = train(tiny_data, tmp_path / "two", f"train.parallel={parallel}", nproc=2)
+        two_losses = losses(two)
+    assert len(two_losses) == len(reference) == 20
+    # equal per step within float32 reduction order; a gloo AVG that summed would double every gradient
+    assert two_losses == pytest.approx(reference, rel=1e-5)
+    final, expected = weights(two), weights(one_rank)
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], atol=2e-5, rtol=1e-4)
+    sharded = ckpt.is_sharded(ckpt.list_checkpoints(two)[-1])
+    assert sharded == (parallel == "fsdp")  # DDP's replicated state is written once, the ordinary way
+    assert [e["name"] for e in entries(two, "fault")] == []
+
+
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(tiny_data, tmp_path):
+    run_dir = train(tiny_data, tmp_path / "nan", nproc=2, env={"KEEL_FAULTS": "nan@12:1"})
+    actions = [e for e in entries(run_dir, "action") if e["name"] == "skip_update"]
+    assert [e["step"] for e in actions] == [12], actions
+    # every checkpoint compared the ranks' weights: a rank that had applied the update would have crashed it
+    assert not entries(run_dir, "fault") and not entries(run_dir, "restart")
+    with Registry() as registry:
+        assert registry.get_run(run_dir.name)["step"] == 20
+
+
+def test_spikes_on_one_rank_roll_back_once_everywhere(tiny_data, tmp_path):
+    sets = ["model.d_model=128", "train.max_steps=100", "train.eval_every=100", "train.checkpoint_every=20"]
+    run_dir = train(
+        tiny_data, tmp_path / "spikes", *sets, nproc=2, env={"KEEL_FAULTS": "spike@60:1,spike@61:1,spike@62:1"}
+    )
+    kinds = [e["name"] for e in entries(run_dir, "action")]
+    assert kinds.count("rollback") == 1 and kinds.count("skip_update") >= 2, kinds
+    assert not entries(run_dir, "fault")  # the ranks' weights agreed at every checkpoint after it
+    with Registry() as registry:
+        assert registry.get_run(run_dir.name)["step"] == 100
+
+
+def test_sharded_checkpoints_load_at_another_world_size(one_rank, tiny_data, tmp_path):
+    one_rank, _ = one_rank
+    run_dir = tmp_path / "chain"
+    train(tiny_data, run_dir, "train.max_steps=6")  # one process
+    train(tiny_data, run_dir, "train.max_steps=13", "train.parallel=fsdp", nproc=2)  # 1 -> 2: sharded on load
+    assert ckpt.is_sharded(ckpt.list_checkpoints(run_dir)[-1])
+    train(tiny_data, run_dir, "train.parallel=fsdp")  # 2 -> 1: DCP reshards the shards for one process
+    final, expected = weights(run_dir), weights(one_rank)  # keel's one-process loading reads shards too
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], atol=2e-5, rtol=1e-4)
+    # a sharded checkpoint resumed into another model shape: one sentence
+    train(tiny_data, tmp_path / "shaped", "train.max_steps=4", "train.parallel=fsdp", nproc=2)
+    args = tiny_train_args(tiny_data, tmp_path / "shaped", *STEPS, "train.parallel=fsdp", "model.d_model=96")
+    result = keel(*args, "--nproc", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "model" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_killed_rank_restarts_the_group_from_the_checkpoint_bit_identically(two_ranks, tiny_data, tmp_path):
+    whole, _ = two_ranks
+    killed = train(tiny_data, tmp_path / "killed", nproc=2, env={"KEEL_FAULTS": "kill@12:1"})
+    crash = [e for e in entries(killed, "fault") if e["name"] == "crash"]
+    assert len(crash) == 1 and crash[0]["evidence"]["rank"] == 1 and crash[0]["evidence"]["signal"] == "SIGKILL"
+    assert "rank 1" in crash[0]["message"]
+    assert [e["name"] for e in entries(killed, "restart")] == ["restart"]
+    final = ckpt.list_checkpoints(killed)[-1] / ckpt.WEIGHTS
+    assert final.read_bytes() == (ckpt.list_checkpoints(whole)[-1] / ckpt.WEIGHTS).read_bytes()
+
+
+def test_a_rank_hung_in_a_collective_is_killed_and_the_group_restarted(tiny_data, tmp_path):
+    run_dir = train(
+        tiny_data, tmp_path / "hung", "watchdog.hang_timeout_s=10", nproc=2, env={"KEEL_FAULTS": "hang@12:1"}
+    )
+    hang = [e for e in entries(run_dir, "fault") if e["name"] == "hang"]
+    assert len(hang) == 1 and "rank" in hang[0]["evidence"], hang
+    with Registry() as registry:
+        assert registry.get_run(run_dir.name)["step"] == 20
+
+
+def test_bad_layouts_are_refused_with_one_sentence(tiny_data, tmp_path):
+    args = tiny_train_args(tiny_data, tmp_path / "bad", *STEPS)
+    assert_user_error(keel(*args, "--nproc", "64"), "--nproc 64", "cores")
+    assert_user_error(keel(*args, "--nproc", "0"), "--nproc")
+    assert_user_error(keel(*args, "--set", "train.grad_accum=3", "--nproc", "2"), "train.grad_accum=3", "multiple of 2")
+    muon = ["--set", "optim.optimizer=muon", "--set", "train.parallel=fsdp"]
+    assert_user_error(keel(*args, *muon, "--nproc", "2"), "muon", "train.parallel=ddp")
+    assert_user_error(keel(*args, "--set", "train.parallel=zero3"), "train.parallel")
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
