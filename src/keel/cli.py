@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     kind = [f"task.kind={args.task}"] if getattr(args, "task", None) else []
     config = config_lib.load(args.config, kind + args.set)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config, args.config)
-    return launch(config, run_dir, new_data=args.new_data, nproc=args.nproc)
+    return launch(config, run_dir, new_data=args.new_data, nproc=args.nproc, write_only=args.write_only)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -321,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
             default=1,
             metavar="N",
             help="train with N processes on this machine (train.parallel=ddp|fsdp decides how they share a step)",
+        )
+        p.add_argument(
+            "--write-only",
+            action="store_true",
+            help="check the config and write the run directory without training, for torchrun to start its ranks",
         )
         p.set_defaults(func=cmd_train, task=task)
 

@@ -1,6 +1,10 @@
 """Several processes on gloo (2 CPU ranks): DDP and FSDP2 equal one process, one verdict for all ranks,
 sharded checkpoints that load at another world size, a dead rank restarts the group, bad layouts refused."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import assert_user_error, keel, tiny_train_args
@@ -68,8 +72,17 @@ def test_two_ranks_equal_one_rank_with_two_micro_batches(parallel, one_rank, two
     assert [e["name"] for e in entries(two, "fault")] == []
 
 
-def test_a_nan_on_one_rank_is_skipped_by_every_rank(tiny_data, tmp_path):
-    run_dir = train(tiny_data, tmp_path / "nan", nproc=2, env={"KEEL_FAULTS": "nan@12:1"})
+def test_a_nan_on_one_rank_is_skipped_by_every_rank_under_torchrun(tiny_data, tmp_path):
+    """Started as on a cluster: keel writes the run directory, torchrun starts keel's worker per rank."""
+    run_dir = tmp_path / "nan"
+    written = keel(*tiny_train_args(tiny_data, run_dir, *STEPS), "--write-only")
+    assert written.returncode == 0 and not ckpt.list_checkpoints(run_dir), written.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "KEEL_FAULTS": "nan@12:1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*torchrun, "-m", "keel.train.worker", str(run_dir)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     actions = [e for e in entries(run_dir, "action") if e["name"] == "skip_update"]
     assert [e["step"] for e in actions] == [12], actions
     # every checkpoint compared the ranks' weights: a rank that had applied the update would have crashed it

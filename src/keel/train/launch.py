@@ -13,17 +13,26 @@ from keel.supervisor.logbook import Logbook
 from keel.supervisor.watchdog import run_watchdog
 
 
-def launch(config: RunConfig, run_dir: Path, new_data: bool = False, nproc: int = 1) -> int:
+def launch(config: RunConfig, run_dir: Path, new_data: bool = False, nproc: int = 1, write_only: bool = False) -> int:
     """Train or resume the run in run_dir; returns the process exit code.
 
     Everything is checked before anything is written; the directory is then this process's (and its
     trainer's) until both have exited. new_data: resume on other data or another tokenizer on purpose.
     nproc: trainer processes (ranks) on this machine, each on its own device when they are GPUs.
+    write_only: check and write the run directory, train nothing (for torchrun or SLURM to start
+    `python -m keel.train.worker RUN_DIR` on every rank; docs/distributed.md).
     """
     check_nproc(nproc, config)
     config = resolve_run(config, run_dir, new_data)
     run_dir.mkdir(parents=True, exist_ok=True)
     claim = RunClaim(run_dir)
+    if write_only:
+        try:
+            write_run_dir(config, run_dir)
+        finally:
+            claim.release()
+        print(f"wrote {run_dir}; start its ranks with: torchrun --standalone --nproc-per-node N -m keel.train.worker {run_dir}")
+        return 0
 
     def record(entry: dict) -> None:
         print(f"watchdog: {entry['message']}", file=sys.stderr)
