@@ -22,8 +22,9 @@ The reference log-probs of a sequence are computed the first time a batch holds 
 run's weights (a frozen copy; with LoRA, the policy itself with its adapters off, so no second copy
 of the model is held), and kept: a pair seen again costs nothing, and the values travel in the
 checkpoints (the task's state), so a resumed run computes each one exactly where an uninterrupted run
-did. Training starts at once, however many pairs the data holds; the first epoch's steps pay one
-forward pass more (about a third of a step).
+did (each sequence is computed alone, so its value is the same whatever batch, rank or process
+segment first meets it). Training starts at once, however many pairs the data holds; the first
+epoch's steps pay one forward pass more (about a third of a step).
 
 Metrics per step: reward accuracy (share of pairs with h > 0), the mean margin β·h, the chosen and
 rejected log-probs, and `kl`, the mean log π/π_ref of the responses (an estimate of the KL to the
@@ -166,12 +167,17 @@ class DPOTask(LMTask):
         inputs, targets, _ = pad_rows(self.splits[split], ids, self.config.model.context_length, self.data.eot_id)
         training = model.training
         model.eval()
+        values = []
         try:
             with torch.no_grad(), base, autocast(self.device, self.dtype):
-                log_probs, _ = sequence_log_probs(model, inputs.to(self.device), targets.to(self.device))
+                # One sequence at a time: its value then never depends on the batch it first came in,
+                # which differs between ranks and after a resume (the task state is rank 0's).
+                for row in range(len(ids)):
+                    x, y = inputs[row : row + 1].to(self.device), targets[row : row + 1].to(self.device)
+                    values.append(sequence_log_probs(model, x, y)[0])
         finally:
             model.train(training)
-        return log_probs.float().cpu().numpy()
+        return torch.cat(values).float().cpu().numpy()
 
 
 def _pairs_at(positions: np.ndarray, num_pairs: int, seed: int) -> np.ndarray:

@@ -31,7 +31,9 @@ def launch(config: RunConfig, run_dir: Path, new_data: bool = False, nproc: int 
             write_run_dir(config, run_dir)
         finally:
             claim.release()
-        print(f"wrote {run_dir}; start its ranks with: torchrun --standalone --nproc-per-node N -m keel.train.worker {run_dir}")
+        print(
+            f"wrote {run_dir}; start its ranks: torchrun --standalone --nproc-per-node N -m keel.train.worker {run_dir}"
+        )
         return 0
 
     def record(entry: dict) -> None:

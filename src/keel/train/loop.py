@@ -301,7 +301,7 @@ class Trainer:
         except OSError as err:
             error = err
         if self.world.distributed:  # every rank learns whether the checkpoint exists now
-            failed = self.parallel.sum(torch.tensor([0.0 if error is None else 1.0])).item()
+            failed = self.parallel.sum_host(torch.tensor([0.0 if error is None else 1.0])).item()
             if failed and error is None:
                 error = OSError(errno.EIO, "another rank could not write its part")
         if error is not None:
@@ -433,7 +433,7 @@ class Trainer:
             batches = [self.task.batch(cursor * t.grad_accum + micro) for micro in mine]
             units = None
             if self.world.distributed:  # the step's units over every rank's micro-batches
-                units = self.parallel.sum(
+                units = self.parallel.sum_host(
                     torch.tensor(float(sum(b.units for b in batches)), dtype=torch.float64)
                 ).item()
         loss_sum = torch.zeros((), device=self.device)
@@ -523,12 +523,11 @@ class Trainer:
             ],
             dtype=torch.float64,
         )
-        summed = self.parallel.sum(torch.cat((torch.stack(own).double().cpu(), host)))
-        step_seconds, self.agreed_seconds, stops, tokens = summed[-4:].tolist()
+        values = self.parallel.sum(torch.stack(own))  # on the device: nothing waits for it
+        step_seconds, self.agreed_seconds, stops, tokens = self.parallel.sum_host(host).tolist()
         if stops and not self.stop_signal:
             self.stop_signal = "a stop request to another rank"
         self.agreed_stop = self.stop_signal if stops else None
-        values = summed[: len(own)].float().to(self.device)
         return Launched(values[0], dict(zip(names, values[1:])), int(tokens), step_seconds)
 
     def _skip_flag(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor | None:

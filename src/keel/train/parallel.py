@@ -114,6 +114,9 @@ class Parallel:
     def __init__(self, model: nn.Module, loss: Callable, world: World, kind: str, device: torch.device):
         self.world, self.kind, self.device = world, kind if world.distributed else "none", device
         self.model = model
+        # Host numbers (clock, stop requests, unit counts) go over gloo: on GPUs the device numbers then
+        # reduce on NCCL's stream without the host waiting for them.
+        self.host_group = dist.new_group(backend="gloo") if self.kind != "none" and device.type == "cuda" else None
         if self.kind == "none":
             self.module = None
             self.forward = lambda tensors: loss(model, tensors)
@@ -150,12 +153,20 @@ class Parallel:
             yield
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """values summed over the ranks (a new tensor; the same one with one process)."""
+        """Device values summed over the ranks, queued without waiting (the same tensor with one process)."""
         if self.kind == "none":
             return values
-        out = values.to(self.device).clone()
+        out = values.clone()
         dist.all_reduce(out)
-        return out.to(values.device)
+        return out
+
+    def sum_host(self, values: torch.Tensor) -> torch.Tensor:
+        """Host (CPU) values summed over the ranks."""
+        if self.kind == "none":
+            return values
+        out = values.clone()
+        dist.all_reduce(out, group=self.host_group)
+        return out
 
     def total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         norm = torch.nn.utils.get_total_norm(grads)
