@@ -149,5 +149,7 @@ def test_bad_layouts_are_refused_with_one_sentence(tiny_data, tmp_path):
     assert_user_error(keel(*args, "--set", "train.grad_accum=3", "--nproc", "2"), "train.grad_accum=3", "multiple of 2")
     muon = ["--set", "optim.optimizer=muon", "--set", "train.parallel=fsdp"]
     assert_user_error(keel(*args, *muon, "--nproc", "2"), "muon", "train.parallel=ddp")
+    compiled = ["--set", "train.compile=true", "--set", "train.parallel=fsdp"]
+    assert_user_error(keel(*args, *compiled, "--nproc", "2"), "train.compile=true", "train.parallel=fsdp")
     assert_user_error(keel(*args, "--set", "train.parallel=zero3"), "train.parallel")
     assert not (tmp_path / "bad").exists()  # refused before anything was written

@@ -164,7 +164,7 @@ class Trainer:
         started = ckpt.read_meta(latest[-1]).get("compiled") if latest else None
         self.compiled = should_compile(t, ckpt.checkpoint_step(latest[-1]) if latest else 0, self.device, started)
         if self.compiled and self.world.distributed and t.parallel == "fsdp":
-            self.compiled = False  # FSDP2's hooks inside a compiled loss: not on this path yet
+            self.compiled = False  # compile=auto: FSDP2 runs eager (compile=true is refused by check_layout)
         loss = torch.compile(self.task.loss) if self.compiled else self.task.loss
         # Several processes: DDP or FSDP2 around the model, from outside; one: the loss as it is.
         self.parallel = Parallel(self.model, loss, self.world, t.parallel, self.device)

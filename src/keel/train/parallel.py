@@ -85,6 +85,11 @@ def check_layout(grad_accum: int, world: World, parallel: str, config) -> None:
             f"micro-batches are shared out among them; set train.grad_accum to a multiple of {world.size}."
         )
     if parallel == "fsdp":
+        if config.train.compile is True:
+            raise UserError(
+                "train.compile=true is not supported with train.parallel=fsdp yet (FSDP2's hooks inside the "
+                "compiled loss); use train.compile=auto or false, or train.parallel=ddp."
+            )
         if config.optim.optimizer == "muon":
             raise UserError(
                 "optim.optimizer=muon needs whole matrices, which train.parallel=fsdp shards; "
