@@ -23,6 +23,19 @@ def test_entries_are_appended_as_strict_json_lines_and_mirrored(tmp_path):
     assert mirrored == read_logbook(path) == strict
 
 
+def test_another_rank_writes_only_its_own_faults_marked_with_its_rank(tmp_path):
+    path = tmp_path / "logbook.jsonl"
+    rank1 = Logbook(path, rank=1)
+    rank1.write(5, "action", "skip_update", "skipped")  # rank 0 writes the run's actions
+    rank1.write(6, "fault", "checkpoint_failed", "no space", {"errno": 28})
+    Logbook(path).write(6, "fault", "checkpoint_failed", "another rank could not write its part")
+    entries = read_logbook(path)
+    assert [(e["name"], e["evidence"].get("rank")) for e in entries] == [
+        ("checkpoint_failed", 1),
+        ("checkpoint_failed", None),
+    ]
+
+
 def test_a_line_torn_by_a_crash_is_skipped_and_later_entries_stay_whole(tmp_path):
     path = tmp_path / "logbook.jsonl"
     book = Logbook(path)

@@ -44,10 +44,12 @@ def _plain(value: Any) -> Any:
 class Logbook:
     """Appends entries to a JSONL file; `mirror` (e.g. the registry's events table) sees each one too."""
 
-    def __init__(self, path: Path, mirror: Callable[[dict], None] | None = None, quiet: bool = False):
+    def __init__(self, path: Path, mirror: Callable[[dict], None] | None = None, rank: int = 0):
         self.path = Path(path)
         self.mirror = mirror
-        self.quiet = quiet  # ranks other than 0 of a multi-process run: rank 0 writes the run's logbook
+        # Ranks other than 0 of a multi-process run write only their own faults, marked with their rank:
+        # everything else rank 0 writes for the run (all ranks take the same actions).
+        self.rank = rank
 
     def write(self, step: int, kind: str, name: str, message: str, evidence: dict[str, Any] | None = None) -> dict:
         assert kind in KINDS, kind
@@ -59,8 +61,10 @@ class Logbook:
             "message": message,
             "evidence": {key: _plain(value) for key, value in (evidence or {}).items()},
         }
-        if self.quiet:
-            return entry
+        if self.rank:
+            if kind != "fault":
+                return entry
+            entry["evidence"]["rank"] = self.rank
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # O_APPEND with one write() per line: the trainer and the watchdog may both append to this file.

@@ -175,7 +175,7 @@ class Trainer:
         if not self.world.main:
             self.registry = None  # rank 0 speaks for the run: registry and logbook
         self.segment = self.registry.start_run(config.name, str(run_dir), config.to_dict()) if self.registry else 0
-        self.logbook = Logbook(self.run_dir / LOGBOOK_FILE, mirror=self._mirror_event, quiet=not self.world.main)
+        self.logbook = Logbook(self.run_dir / LOGBOOK_FILE, mirror=self._mirror_event, rank=self.world.rank)
         self.supervisor = (
             Supervisor(config.supervisor, self.logbook, t.max_steps, config.optim.grad_clip, self.task.monitors())
             if config.supervisor.enabled
@@ -302,8 +302,9 @@ class Trainer:
             error = err
         if self.world.distributed:  # every rank learns whether the checkpoint exists now
             failed = self.parallel.sum_host(torch.tensor([0.0 if error is None else 1.0])).item()
-            if failed and error is None:
-                error = OSError(errno.EIO, "another rank could not write its part")
+            if failed and error is None:  # that rank's logbook entry says why
+                self._checkpoint_failed(OSError(errno.EIO, "another rank could not write its part"), own=False)
+                return
         if error is not None:
             self._checkpoint_failed(error)
             return
@@ -311,7 +312,7 @@ class Trainer:
         if self.registry is not None and path is not None:
             self.registry.log_checkpoint(self.config.name, self.state.step, str(path), val_loss)
 
-    def _checkpoint_failed(self, err: OSError) -> None:
+    def _checkpoint_failed(self, err: OSError, own: bool = True) -> None:
         """A checkpoint that cannot be written (disk full, no permission, quota) leaves the earlier
         ones intact (written elsewhere, renamed into place only when complete); training goes on
         and the next checkpoint tries again. CHECKPOINT_FAILURES_TO_STOP failures in a row stop the
@@ -327,7 +328,8 @@ class Trainer:
         )
         print(f"trainer: {message}", file=sys.stderr)
         try:
-            self.logbook.write(step, "fault", "checkpoint_failed", message, {"error": why, "errno": err.errno})
+            if own or self.world.main:  # each rank logs its own failure; rank 0 also the others'
+                self.logbook.write(step, "fault", "checkpoint_failed", message, {"error": why, "errno": err.errno})
         except OSError:
             pass  # the logbook is on the same full disk; stderr has the message
         if stopping:
