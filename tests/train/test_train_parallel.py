@@ -153,3 +153,18 @@ def test_bad_layouts_are_refused_with_one_sentence(tiny_data, tmp_path):
     assert_user_error(keel(*args, *compiled, "--nproc", "2"), "train.compile=true", "train.parallel=fsdp")
     assert_user_error(keel(*args, "--set", "train.parallel=zero3"), "train.parallel")
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_fine_tuning_tasks_match_one_rank(kind, sft_data, pref_data, base_run, tmp_path):
+    """SFT's micro-batches carry different numbers of loss tokens: each is weighted by its share of the
+    whole step across both ranks, as one process weights its two. DPO's reference log-probs are
+    computed on each rank for its own pairs."""
+    data = sft_data if kind == "sft" else pref_data
+    sets = [f"task.kind={kind}", f"init.from={base_run}", "train.max_steps=8", "train.checkpoint_every=8"]
+    one = train(data, tmp_path / "one", *sets)
+    two = train(data, tmp_path / "two", *sets, nproc=2)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    final, expected = weights(two), weights(one)
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], atol=2e-5, rtol=1e-4)
