@@ -78,7 +78,7 @@ def rows(scorer) -> dict:
 def test_classifier_is_accurate_and_cached_with_its_checksum(digits, scorer):
     classifier = scorer.classifier
     assert classifier.trained
-    assert classifier.val_accuracy >= 0.97  # 99.4% when written
+    assert classifier.val_accuracy >= 0.97  # 99% when written (on this split, seed 0)
     info = json.loads((digits / "quality" / iq.INFO_FILE).read_text())
     assert info["weights_sha256"] == hashlib.sha256((digits / "quality" / iq.WEIGHTS_FILE).read_bytes()).hexdigest()
     assert info["data_identity"] == hashlib.sha256((digits / "manifest.json").read_bytes()).hexdigest()

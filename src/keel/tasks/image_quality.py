@@ -130,9 +130,9 @@ class ClassifierSettings:
 
 class FeatureClassifier(nn.Module):
     """Three 3×3 conv + batch-norm + ReLU blocks with two max-pools, a 4×4 average pool, a ReLU feature
-    layer, then class logits. Batch norm is there for speed of training (it reaches the same accuracy in
-    about half the epochs); in eval mode it is a fixed affine map, so an image's features do not depend
-    on the batch it is scored in."""
+    layer, then class logits. Batch norm is there for speed of training (without it the same epochs left
+    MNIST underfitted); in eval mode it is a fixed affine map, so an image's features do not depend on the
+    batch it is scored in."""
 
     def __init__(self, channels: int, num_classes: int, width: int = 16, feature_dim: int = 128) -> None:
         super().__init__()
@@ -175,7 +175,8 @@ def load_classifier(
     data: str | Path | ImageData, settings: ClassifierSettings | None = None, cache_dir: str | Path | None = None
 ) -> Classifier:
     """The dataset's quality classifier: from the cache when it is for this data and these settings and its
-    weights' sha256 verifies; otherwise trained (seeded, deterministic on one machine) and cached atomically."""
+    weights' sha256 verifies; otherwise trained (seeded: bit-exact on one machine at one thread count) and
+    cached atomically."""
     data = data if isinstance(data, ImageData) else read_image_data(data)
     settings = settings or ClassifierSettings()
     if data.num_classes < 2:
@@ -240,8 +241,8 @@ def augment(
     random `blurred_share` of them blurred with one sigma in [0.3, 1] × `max_blur`.
 
     The blur is there so that class accuracy asks "is this a 7?" and not "is this a crisp 7?": trained on
-    crisp digits only, the classifier called a quarter of slightly blurred real MNIST digits wrong, which
-    would count softness twice (FD sees it anyway: blurred real images stay far from the floor in FD).
+    crisp digits only, the classifier got many mildly blurred real MNIST digits wrong (docs/benchmarks.md),
+    which counts softness twice: FD sees it anyway, blurred real images stay far above the floor in FD.
     """
     batch, _, height, width = images.shape
     if shift > 0:
