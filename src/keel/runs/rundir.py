@@ -57,7 +57,11 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
     _check_run_dir(run_dir, Path(config.data.path))
     data = open_task_data(config)
     model = init_model_config(config) if config.init.from_ else config.model
-    if model.vocab_size == 0:
+    if config.task.kind == "diffusion":
+        from keel.tasks.diffusion import check_data
+
+        check_data(config, data)  # images have no vocabulary; the patch size must fit them
+    elif model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=data.vocab_size)
     elif model.vocab_size < data.vocab_size:
         raise UserError(
@@ -87,6 +91,12 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
             for key, old in dataclasses.asdict(previous.model).items()
             if key != "attention" and (new := getattr(resolved.model, key)) != old
         ]
+        if resolved.task.kind == "diffusion":  # these shape the DiT and what its output means
+            changed += [
+                f"diffusion.{key} {old!r} -> {new!r}"
+                for key in ("patch_size", "objective")
+                if (old := getattr(previous.diffusion, key)) != (new := getattr(resolved.diffusion, key))
+            ]
         if changed:
             raise UserError(
                 f"{run_dir} holds checkpoints of a model with a different shape ({', '.join(changed)}); "
@@ -122,9 +132,10 @@ def write_run_dir(config: RunConfig, run_dir: Path) -> None:
     tmp = run_dir / f".{CONFIG_FILE}.tmp"
     config_lib.save(config, tmp)
     os.replace(tmp, run_dir / CONFIG_FILE)
-    tmp = run_dir / f".{TOKENIZER_FILE}.tmp"
-    shutil.copyfile(Path(config.data.path) / TOKENIZER_FILE, tmp)
-    os.replace(tmp, run_dir / TOKENIZER_FILE)
+    if (Path(config.data.path) / TOKENIZER_FILE).is_file():  # images have none
+        tmp = run_dir / f".{TOKENIZER_FILE}.tmp"
+        shutil.copyfile(Path(config.data.path) / TOKENIZER_FILE, tmp)
+        os.replace(tmp, run_dir / TOKENIZER_FILE)
 
 
 def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:
@@ -225,13 +236,18 @@ def _owner_of(fd: int, run_dir: Path) -> str:
     return ", ".join(parts)
 
 
-DATA_KIND = {"pretrain": None, "sft": "sft", "dpo": "pref", "distill": None}  # the data each task.kind trains on
+# the data each task.kind trains on
+DATA_KIND = {"pretrain": None, "sft": "sft", "dpo": "pref", "distill": None, "diffusion": "images"}
 
 
 def open_task_data(config: RunConfig):
     """The data dir of config.data.path, checked to be of the kind the task trains on."""
     kind = DATA_KIND[config.task.kind]
     path = Path(config.data.path)
+    if kind == "images":
+        from keel.data.images import open_images
+
+        return open_images(path)
     return open_data(path) if kind is None else open_examples(path, kind=kind)
 
 
