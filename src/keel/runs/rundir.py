@@ -1,8 +1,8 @@
 """The run directory: the resolved config and tokenizer that make a run self-describing.
 
-`runs/<name>/` holds `config.yaml`, `tokenizer.json`, `checkpoints/`, `logbook.jsonl`,
-`heartbeat.json` and `keel.lock`; metrics and events live in the registry. keel only ever writes into
-a directory that is new, empty, or one of its own runs.
+`runs/<name>/` holds `config.yaml`, `tokenizer.json` (a diffusion run: `images.json` and `samples/`),
+`checkpoints/`, `logbook.jsonl`, `heartbeat.json` and `keel.lock`; metrics and events live in the
+registry. keel only ever writes into a directory that is new, empty, or one of its own runs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from keel.errors import UserError
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = "keel.lock"
 TOKENIZER_FILE = "tokenizer.json"
+IMAGES_FILE = "images.json"  # a diffusion run's image shape and class names, in place of a tokenizer
 LOGBOOK_FILE = "logbook.jsonl"
 
 
@@ -126,16 +127,22 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
 
 
 def write_run_dir(config: RunConfig, run_dir: Path) -> None:
-    """Write the resolved config and the data's tokenizer into run_dir (which must exist), and mark it as
-    keel's (an empty lock file, which `keel train` takes while it runs)."""
+    """Write the resolved config and the data's tokenizer (a diffusion run: its images' shape) into run_dir
+    (which must exist), and mark it as keel's (an empty lock file, which `keel train` takes while it runs)."""
     (run_dir / LOCK_FILE).touch(exist_ok=True)
     tmp = run_dir / f".{CONFIG_FILE}.tmp"
     config_lib.save(config, tmp)
     os.replace(tmp, run_dir / CONFIG_FILE)
-    if (Path(config.data.path) / TOKENIZER_FILE).is_file():  # images have none
-        tmp = run_dir / f".{TOKENIZER_FILE}.tmp"
-        shutil.copyfile(Path(config.data.path) / TOKENIZER_FILE, tmp)
-        os.replace(tmp, run_dir / TOKENIZER_FILE)
+    if config.task.kind == "diffusion":  # images have no tokenizer; the model's shape depends on theirs
+        manifest = json.loads((Path(config.data.path) / "manifest.json").read_text())
+        shape = {key: manifest[key] for key in ("channels", "height", "width", "num_classes", "class_names")}
+        tmp = run_dir / f".{IMAGES_FILE}.tmp"
+        tmp.write_text(json.dumps(shape, indent=2) + "\n")
+        os.replace(tmp, run_dir / IMAGES_FILE)
+        return
+    tmp = run_dir / f".{TOKENIZER_FILE}.tmp"
+    shutil.copyfile(Path(config.data.path) / TOKENIZER_FILE, tmp)
+    os.replace(tmp, run_dir / TOKENIZER_FILE)
 
 
 def init_run_dir(config: RunConfig, run_dir: Path) -> RunConfig:

@@ -50,9 +50,16 @@ GRID_SEED = 0  # nor do the sample grids' starting noise
 SAMPLES_DIR = "samples"
 
 
-def dit_config(config: RunConfig, data: ImageData) -> DiTConfig:
-    channels, height, width = data.shape
-    return DiTConfig(config.model, channels, height, width, config.diffusion.patch_size, data.num_classes)
+def dit_config(config: RunConfig, images: dict) -> DiTConfig:
+    """The DiT of the run for images described by `images` (an image manifest, or a run's images.json)."""
+    return DiTConfig(
+        config.model,
+        images["channels"],
+        images["height"],
+        images["width"],
+        config.diffusion.patch_size,
+        images["num_classes"],
+    )
 
 
 def check_data(config: RunConfig, data: ImageData) -> None:
@@ -209,7 +216,7 @@ class DiffusionTask(Task):
         self.objective = config.diffusion.objective
         self.train_images, self.train_labels = self.data.images("train"), self.data.labels("train")
         self.null_class = self.data.num_classes  # the label of a dropped class (unused without classes)
-        self.num_patches = dit_config(config, self.data).num_patches
+        self.num_patches = dit_config(config, self.data.manifest).num_patches
         self.ema: EMA | None = None
         if len(self.train_images) < config.train.batch_size:
             raise UserError(
@@ -219,7 +226,7 @@ class DiffusionTask(Task):
 
     def build_model(self) -> DiT:
         torch.manual_seed(self.config.train.seed)
-        model = DiT(dit_config(self.config, self.data)).to(self.device)
+        model = DiT(dit_config(self.config, self.data.manifest)).to(self.device)
         self.ema = EMA(model, self.config.diffusion.ema_decay)
         return model
 
