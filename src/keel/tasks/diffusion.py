@@ -186,7 +186,8 @@ class EMA:
             ema.lerp_(param.detach(), weight)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": {n: p.detach().clone() for n, p in self.model.named_parameters()}, "updates": self.updates}
+        weights = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        return {"weights": weights, "updates": self.updates.clone()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
