@@ -18,8 +18,8 @@ def build_task(
     heartbeat: Callable[[], None] = lambda: None,
     run_dir: Path | None = None,
 ) -> Task:
-    """The task of config.task.kind; `heartbeat` is called during a long set-up (the distillation
-    teacher's cache); `run_dir` receives what a task writes beside the checkpoints (diffusion's sample grids)."""
+    """The task of config.task.kind; `heartbeat` is called during long work (the distillation teacher's
+    cache, diffusion's sample grids); `run_dir` receives what a task writes beside the checkpoints (the grids)."""
     kind = config.task.kind
     if kind == "pretrain":
         from keel.tasks.pretrain import PretrainTask
@@ -40,7 +40,7 @@ def build_task(
     if kind == "diffusion":
         from keel.tasks.diffusion import DiffusionTask
 
-        return DiffusionTask(config, device, dtype, run_dir)
+        return DiffusionTask(config, device, dtype, run_dir, heartbeat)
     raise AssertionError(f"config validation lets no other task.kind through: {kind}")
 
 

@@ -30,6 +30,7 @@ import copy
 import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -210,8 +211,16 @@ class EMA:
 class DiffusionTask(Task):
     kind = "diffusion"
 
-    def __init__(self, config: RunConfig, device: torch.device, dtype: torch.dtype, run_dir: Path | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        run_dir: Path | None = None,
+        heartbeat: Callable[[], None] = lambda: None,
+    ):
         self.config, self.device, self.dtype, self.run_dir = config, device, dtype, run_dir
+        self.heartbeat = heartbeat  # sampling a grid takes long enough for the watchdog to think the run hung
         self.data = open_images(Path(config.data.path))
         check_data(config, self.data)
         self.objective = config.diffusion.objective
@@ -265,7 +274,9 @@ class DiffusionTask(Task):
         """The loss of the EMA weights on the fixed validation batches, and a sample grid for the report."""
         numbers = {"val_loss": validation_loss(self.ema.model, self.data, self.config, self.device, self.dtype)}
         if self.config.diffusion.grid_columns and self.run_dir is not None:
-            write_eval_grid(self.ema.model, self.config, Path(self.run_dir) / SAMPLES_DIR, self.ema.step)
+            write_eval_grid(
+                self.ema.model, self.config, Path(self.run_dir) / SAMPLES_DIR, self.ema.step, self.heartbeat
+            )
         return numbers
 
 
@@ -327,6 +338,7 @@ def sample_images(
     guidance: float = 1.0,
     seed: int = 0,
     batch_size: int = 250,
+    on_step: Callable[[], None] = lambda: None,
 ) -> np.ndarray:
     """`num` images from `model` (pass the EMA weights), as uint8 (num, C, H, W).
 
@@ -335,6 +347,7 @@ def sample_images(
     model, ddpm (ancestral) or ddim for a ddpm one, auto for heun / ddim. guidance: the classifier-free
     guidance scale (1: the conditional model alone). The same seed gives the same images whatever the
     device; images are made `batch_size` at a time (a different batch_size gives other ddpm samples).
+    on_step is called after every sampler step (the trainer's heartbeat).
     """
     cfg = model.config
     sampler = resolve_sampler(objective, sampler)
@@ -362,7 +375,7 @@ def sample_images(
     for start in range(0, num, batch_size):
         y = labels[start : start + batch_size].to(device)
         x = torch.randn((len(y), cfg.channels, cfg.height, cfg.width), generator=generator).to(device)
-        predict = functools.partial(_guided, model, y, guidance, cfg.num_classes)
+        predict = functools.partial(_guided, model, y, guidance, cfg.num_classes, on_step)
         if objective == "flow":
             x = _flow_sample(predict, x, sampler, steps)
         else:
@@ -372,9 +385,12 @@ def sample_images(
     return torch.cat(out).numpy() if out else np.zeros((0, cfg.channels, cfg.height, cfg.width), np.uint8)
 
 
-def _guided(model: DiT, y: torch.Tensor, guidance: float, null_class: int, x: torch.Tensor, t: float) -> torch.Tensor:
+def _guided(
+    model: DiT, y: torch.Tensor, guidance: float, null_class: int, on_step: Callable, x: torch.Tensor, t: float
+) -> torch.Tensor:
     """The model's prediction at x (B, C, H, W) and time t (0..1000 scale), with classifier-free guidance:
     unconditional + guidance * (conditional - unconditional), one batch of 2B."""
+    on_step()
     time = torch.full((len(x),), float(t), device=x.device)
     if guidance == 1:
         return model(x, time, y).float()
@@ -455,9 +471,13 @@ def save_grid(images: np.ndarray, rows: int, path: Path) -> Path:
     return path
 
 
-def write_eval_grid(model: DiT, config: RunConfig, samples_dir: Path, step: int) -> Path:
+def write_eval_grid(
+    model: DiT, config: RunConfig, samples_dir: Path, step: int, heartbeat: Callable[[], None] = lambda: None
+) -> Path:
     """The evaluation's grid of the configured sampler, RUN_DIR/samples/step_{step:08d}.png, from GRID_SEED."""
     f = config.diffusion
     labels, rows = grid_labels(model.config.num_classes, f.grid_columns)
-    images = sample_images(model, f.objective, len(labels), labels, f.sampler, f.sample_steps, f.guidance, GRID_SEED)
+    images = sample_images(
+        model, f.objective, len(labels), labels, f.sampler, f.sample_steps, f.guidance, GRID_SEED, on_step=heartbeat
+    )
     return save_grid(images, rows, samples_dir / f"step_{step:08d}.png")
