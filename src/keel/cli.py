@@ -239,6 +239,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.diffusion:
         from keel.demo import run_diffusion_demo
 
+        if args.full:
+            raise UserError("--full goes on from the language-model demo; drop it with --diffusion.")
+
         run_diffusion_demo(args.minutes if args.minutes is not None else 4.0)
         return 0
     from keel.demo import run_demo

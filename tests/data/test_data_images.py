@@ -76,6 +76,19 @@ def test_an_image_folder_takes_classes_from_subfolders_and_counts_corrupt_files(
     assert sorted(set(data.labels("train").tolist())) == [0, 1]
 
 
+def test_a_text_corpus_with_a_figure_stays_text(tmp_path):
+    from keel.data.images import is_image_source
+
+    assert is_image_source("builtin:mnist-5k")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "notes.md").write_text("some text")
+    _png(corpus / "figure.png")
+    assert not is_image_source(str(corpus))
+    (corpus / "notes.md").unlink()
+    assert is_image_source(str(corpus))
+
+
 def test_an_unlabelled_folder_and_resizing(tmp_path):
     folder = tmp_path / "flat"
     for i in range(5):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from keel.data.shards import FORMAT, MANIFEST_FILE, SPLITS, check_manifest, read_manifest, sha256_file, verify_files
+from keel.data.sources import SUFFIXES
 from keel.errors import UserError
 
 KIND = "images"
@@ -39,11 +40,17 @@ MAX_EXAMPLES = 5  # example paths kept per skip reason
 
 
 def is_image_source(source: str) -> bool:
-    """Whether `keel prepare` reads `source` as images: a built-in image set, or a folder holding image files."""
+    """Whether `keel prepare` reads `source` as images: a built-in image set, or a folder holding more image
+    files than text files keel reads (a corpus with a few figures stays a corpus, a set of images with a
+    README stays a set of images)."""
     if source in BUILTIN_IMAGES:
         return True
     path = Path(source)
-    return path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file())
+    if not path.is_dir():
+        return False
+    suffixes = [p.suffix.lower() for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    num_images = sum(suffix in IMAGE_SUFFIXES for suffix in suffixes)
+    return num_images > 0 and num_images > sum(suffix in SUFFIXES for suffix in suffixes)
 
 
 def file_names(split: str) -> tuple[str, str]:
