@@ -340,7 +340,7 @@ def sample_images(
     num: int,
     labels: list[int] | torch.Tensor | None = None,
     sampler: str = "auto",
-    steps: int = 32,
+    steps: int = 16,
     guidance: float = 1.0,
     seed: int = 0,
     batch_size: int = 250,
