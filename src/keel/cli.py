@@ -53,8 +53,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         context_length=args.context_length,
         too_long=args.too_long,
+        image_size=args.image_size,
     )
-    print(summary(manifest, args.out) if "kind" in manifest else format_prepare_summary(manifest, args.out))
+    if manifest.get("kind") == "images":
+        from keel.data.images import summary as image_summary
+
+        print(image_summary(manifest, args.out))
+    else:
+        print(summary(manifest, args.out) if "kind" in manifest else format_prepare_summary(manifest, args.out))
     return 0
 
 
@@ -86,9 +92,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from keel.inference import load_run, sample
+    from keel.runs.rundir import load_run_config
 
+    if load_run_config(Path(args.run_dir)).task.kind == "diffusion":
+        return sample_images_of_run(args)
+    for flag, value in (("--out", args.out), ("--sampler", args.sampler), ("--steps", args.steps)):
+        if value is not None:
+            raise UserError(f"{flag} applies to diffusion runs; {args.run_dir} makes text (use --prompt).")
     run = load_run(Path(args.run_dir), int8=args.int8)
     print(sample(run, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed))
+    return 0
+
+
+def sample_images_of_run(args: argparse.Namespace) -> int:
+    from keel.inference import load_diffusion_run, sample_grid
+
+    if args.prompt or args.int8:
+        raise UserError(
+            f"{'--prompt' if args.prompt else '--int8'} applies to language models; {args.run_dir} "
+            "is a diffusion run (use --out, --sampler, --steps, --guidance, --seed)."
+        )
+    run = load_diffusion_run(Path(args.run_dir))
+    path, rows = sample_grid(run, args.out, args.sampler, args.steps, args.guidance, args.seed, args.columns)
+    f = run.config.diffusion
+    what = (
+        f"{rows} rows (one per class: {', '.join(run.images['class_names'])})"
+        if run.images["num_classes"]
+        else (f"{rows} rows")
+    )
+    print(
+        f"wrote {path}: {what} x {args.columns} images from the EMA weights of step {run.step}, "
+        f"{args.sampler or f.sampler} sampler, {args.steps or f.sample_steps} steps, guidance "
+        f"{f.guidance if args.guidance is None else args.guidance:g}, seed {args.seed}"
+    )
     return 0
 
 
@@ -124,7 +160,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from keel.inference import evaluate_run, load_run
+    from keel.runs.rundir import load_run_config
 
+    if load_run_config(Path(args.run_dir)).task.kind == "diffusion":
+        from keel.inference import evaluate_diffusion, load_diffusion_run
+
+        if args.data or args.int8:
+            raise UserError(
+                f"{'--data' if args.data else '--int8'} applies to language models; {args.run_dir} "
+                "is a diffusion run, evaluated on its own data's val split."
+            )
+        run = load_diffusion_run(Path(args.run_dir))
+        numbers = evaluate_diffusion(run)
+        print(f"step {run.step}: val loss {numbers['val_loss']:.4f} ({run.config.diffusion.objective}, EMA weights)")
+        return 0
     run = load_run(Path(args.run_dir), int8=args.int8)
     if run.config.task.kind not in ("pretrain", "distill"):  # a distilled student is scored as pretraining is
         from keel.inference import evaluate_task
@@ -187,9 +236,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.diffusion:
+        from keel.demo import run_diffusion_demo
+
+        if args.full:
+            raise UserError("--full goes on from the language-model demo; drop it with --diffusion.")
+
+        run_diffusion_demo(args.minutes if args.minutes is not None else 4.0)
+        return 0
     from keel.demo import run_demo
 
-    run_demo(args.minutes, args.finetune_minutes, full=args.full)
+    run_demo(args.minutes if args.minutes is not None else 8.0, args.finetune_minutes, full=args.full)
     return 0
 
 
@@ -265,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="file or directory (.txt .md .rst .py .jsonl .parquet), builtin:python-stdlib, or "
         "hf:NAME[:CONFIG][:SPLIT]; SFT examples or preference pairs: .jsonl files, builtin:stdlib-sft "
-        "or builtin:stdlib-pref",
+        "or builtin:stdlib-pref; images: a folder of PNG/JPEG files (a subfolder per class), builtin:digits "
+        "or builtin:mnist-5k",
     )
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to create")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 8192)")
@@ -294,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dedup", choices=["exact", "minhash", "none"], default="exact", help="duplicate removal (default exact)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images: resize every image to N x N pixels (needed when their sizes differ)",
     )
     p.add_argument("--force", action="store_true", help="replace DATA_DIR if it exists")
     p.set_defaults(func=cmd_prepare)
@@ -329,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(func=cmd_train, task=task)
 
-    p = sub.add_parser("sample", help="generate text from a trained run")
+    p = sub.add_parser("sample", help="generate text from a trained run (a diffusion run: a PNG grid of images)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -338,6 +403,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--int8", action="store_true", help=INT8_HELP)
+    p.add_argument(
+        "--out", default=None, metavar="FILE.png", help="diffusion: where the grid goes (default RUN_DIR/samples/)"
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["auto", "euler", "heun", "ddpm", "ddim"],
+        default=None,
+        help="diffusion: euler | heun (flow), ddpm | ddim (ddpm) (default: the run's diffusion.sampler)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="diffusion: sampler steps (default diffusion.sample_steps)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="diffusion: classifier-free guidance scale, 1 = none (default diffusion.guidance)",
+    )
+    p.add_argument("--columns", type=int, default=8, help="diffusion: images per row of the grid (default 8)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("chat", help="talk to a fine-tuned run through its chat template (an empty line ends)")
@@ -397,7 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("demo", help="prepare the stdlib corpus, pretrain, sample, evaluate, then SFT and DPO")
-    p.add_argument("--minutes", type=float, default=8.0, help="pretraining time budget (default 8)")
+    p.add_argument("--minutes", type=float, default=None, help="pretraining time budget (default 8; --diffusion: 4)")
+    p.add_argument(
+        "--diffusion",
+        action="store_true",
+        help="instead: train a DiT on builtin:mnist-5k for --minutes and write a grid of generated digits",
+    )
     p.add_argument(
         "--finetune-minutes",
         type=float,

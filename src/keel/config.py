@@ -34,7 +34,10 @@ def _key(f: dataclasses.Field) -> str:
 class DataConfig:
     """Where the training tokens come from."""
 
-    path: str = opt("data/python-stdlib", "DATA_DIR written by `keel prepare` (tokenizer.json, shards, manifest.json).")
+    path: str = opt(
+        "data/python-stdlib",
+        "DATA_DIR written by `keel prepare` (tokenizer.json, shards, manifest.json; images for task.kind=diffusion).",
+    )
 
 
 @dataclass
@@ -44,7 +47,8 @@ class TaskConfig:
     kind: str = opt(
         "pretrain",
         "pretrain (next-token prediction on text) | sft (supervised fine-tuning on examples) | "
-        "dpo (preference pairs; needs init.from) | distill (learn from a teacher run; needs distill.teacher).",
+        "dpo (preference pairs; needs init.from) | distill (learn from a teacher run; needs distill.teacher) | "
+        "diffusion (a DiT generating images of the data's classes; model.* sizes its trunk).",
     )
 
 
@@ -131,6 +135,36 @@ class DistillConfig:
         0,
         "Training windows the teacher caches and the student cycles through; 0: the whole train split, or one epoch "
         "of the run (train.max_steps x batch_size x grad_accum windows) if that is fewer.",
+    )
+
+
+@dataclass
+class DiffusionConfig:
+    """Image generation (task.kind=diffusion): a DiT whose trunk is model.n_layer, d_model, n_head, mlp_hidden."""
+
+    objective: str = opt(
+        "flow",
+        "flow (rectified flow: x_t = (1 - t) x + t noise, velocity target, logit-normal t) | "
+        "ddpm (noise prediction on a cosine schedule of 1000 steps).",
+    )
+    patch_size: int = opt(4, "Side of the square patches the image is cut into (one token each); must divide it.")
+    class_dropout: float = opt(
+        0.1, "Share of training images whose class is replaced by the null class, for classifier-free guidance."
+    )
+    ema_decay: float = opt(
+        0.999, "Decay of the exponential moving average of the weights that evaluation and sampling use."
+    )
+    sampler: str = opt(
+        "auto", "euler | heun (flow) | ddpm (ancestral) | ddim (ddpm); auto: heun for flow, ddim for ddpm."
+    )
+    sample_steps: int = opt(16, "Sampler steps per image (a Heun step costs two model calls, guidance doubles each).")
+    guidance: float = opt(
+        1.0, "Classifier-free guidance scale of the samples; 1 is the plain conditional model (no guidance)."
+    )
+    # A grid is not free: every image goes through the model at every sampler step (twice with guidance),
+    # which adds up to dozens of training steps' worth of compute per evaluation; the default grid is small.
+    grid_columns: int = opt(
+        4, "Images per class row of the sample grid each evaluation writes to RUN_DIR/samples/; 0 writes none."
     )
 
 
@@ -374,6 +408,7 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -391,7 +426,8 @@ def _to_dict(section: Any) -> dict[str, Any]:
 # loading
 
 
-TASK_KINDS = ("pretrain", "sft", "dpo", "distill")
+TASK_KINDS = ("pretrain", "sft", "dpo", "distill", "diffusion")
+OBJECTIVES = {"flow": ("euler", "heun"), "ddpm": ("ddpm", "ddim")}  # diffusion.objective -> its samplers
 
 
 def _is_section(tp: Any) -> bool:
@@ -705,6 +741,41 @@ def validate(config: RunConfig) -> None:
         config.task.kind != "distill" or bool(k.teacher),
         "task.kind=distill needs a teacher: set distill.teacher=RUN_DIR to the run the student learns from.",
     )
+    _validate_diffusion(config)
+
+
+def _validate_diffusion(config: RunConfig) -> None:
+    """The diffusion section's own rules; what depends on the images (patch size, classes) is checked against
+    the data by keel.tasks.diffusion.check_data."""
+    f = config.diffusion
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    need(f.objective in OBJECTIVES, f"diffusion.objective must be flow or ddpm, got {f.objective!r}.")
+    samplers = OBJECTIVES[f.objective]
+    need(
+        f.sampler == "auto" or f.sampler in samplers,
+        f"diffusion.sampler={f.sampler} does not fit diffusion.objective={f.objective}; use "
+        f"{' or '.join(samplers)} (or auto).",
+    )
+    need(f.patch_size > 0, f"diffusion.patch_size must be a positive integer, got {f.patch_size}.")
+    need(0 <= f.class_dropout < 1, f"diffusion.class_dropout must be within [0, 1), got {f.class_dropout}.")
+    need(0 <= f.ema_decay < 1, f"diffusion.ema_decay must be within [0, 1), got {f.ema_decay}.")
+    need(f.sample_steps > 0, f"diffusion.sample_steps must be a positive integer, got {f.sample_steps}.")
+    need(f.guidance >= 0, f"diffusion.guidance must be >= 0 (1 is no guidance), got {f.guidance}.")
+    need(f.grid_columns >= 0, f"diffusion.grid_columns must be >= 0 (0 writes no grids), got {f.grid_columns}.")
+    if config.task.kind == "diffusion":
+        need(
+            config.train.parallel == "ddp",
+            "task.kind=diffusion keeps its EMA weights whole on every process; use train.parallel=ddp.",
+        )
+        need(
+            not config.init.from_,
+            "task.kind=diffusion trains a DiT from scratch; init.from (and LoRA) are for language-model runs, "
+            "drop init.from.",
+        )
 
 
 def _divisor_near(n: int, target: int) -> int:

@@ -1,4 +1,4 @@
-"""Using a trained run: load its best-known weights, sample text, chat, measure held-out loss."""
+"""Using a trained run: load its best-known weights, sample text (or images), chat, measure held-out loss."""
 
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def load_run(run_dir: Path, device: str = "auto", int8: bool = False) -> LoadedR
     """
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    if config.task.kind == "diffusion":
+        raise UserError(
+            f"{run_dir} is a diffusion run: keel sample makes its images and keel eval scores it; "
+            "chat and export are for language models."
+        )
     path, bad = ckpt.find_latest_good(run_dir)
     for bad_path, reason in bad:
         print(f"warning: checkpoint {bad_path.name} is unusable ({reason}); using an older one.")
@@ -263,3 +268,93 @@ def merge_run(run_dir: Path, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# ---- diffusion runs ------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionRun:
+    config: RunConfig
+    model: torch.nn.Module  # a DiT holding the checkpoint's EMA weights, in eval mode
+    images: dict  # the run's images.json: channels, height, width, num_classes, class_names
+    step: int
+    device: torch.device
+    path: Path  # the run directory
+    checkpoint: Path
+
+
+def load_diffusion_run(run_dir: Path, device: str = "auto") -> DiffusionRun:
+    """A diffusion run's newest checkpoint that passes its checksums, with its EMA weights (what sampling
+    and evaluation use) in the model."""
+    import json
+
+    from keel.models.dit import DiT
+    from keel.runs.rundir import IMAGES_FILE
+    from keel.tasks.diffusion import dit_config
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    if config.task.kind != "diffusion":
+        raise UserError(f"{run_dir} is a {config.task.kind} run, not a diffusion run.")
+    path, bad = ckpt.find_latest_good(run_dir)
+    for bad_path, reason in bad:
+        print(f"warning: checkpoint {bad_path.name} is unusable ({reason}); using an older one.")
+    if path is None:
+        raise UserError(f"{run_dir} has no usable checkpoint yet; train it first with keel train.")
+    images = json.loads((run_dir / IMAGES_FILE).read_text())
+    torch_device = pick_device(device)
+    model = DiT(dit_config(config, images)).to(torch_device)
+    train_state, meta = ckpt.load_checkpoint(path, model, torch_device)
+    ema = train_state.get("task", {}).get("ema")
+    if ema is not None:  # the raw weights otherwise (a checkpoint keel merge wrote carries no task state)
+        model.load_state_dict(ema["weights"], strict=True)
+    model.eval()
+    return DiffusionRun(config, model, images, meta["step"], torch_device, run_dir, path)
+
+
+def sample_grid(
+    run: DiffusionRun,
+    out: Path | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    columns: int = 8,
+) -> tuple[Path, int]:
+    """Write a PNG grid of samples, one row per class (four rows of an unlabelled model), `columns` images
+    each; sampler, steps and guidance default to the run's diffusion.* settings. Returns (path, rows)."""
+    from keel.tasks.diffusion import grid_labels, sample_images, save_grid
+
+    if columns < 1:
+        raise UserError(f"--columns must be a positive integer, got {columns}.")
+    f = run.config.diffusion
+    labels, rows = grid_labels(run.images["num_classes"], columns)
+    images = sample_images(
+        run.model,
+        f.objective,
+        len(labels),
+        labels,
+        sampler or f.sampler,
+        f.sample_steps if steps is None else steps,
+        f.guidance if guidance is None else guidance,
+        seed,
+    )
+    out = Path(out) if out is not None else run.path / "samples" / f"sample-step{run.step}-seed{seed}.png"
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out} must name a .png file.")
+    return save_grid(images, rows, out), rows
+
+
+def evaluate_diffusion(run: DiffusionRun) -> dict[str, float]:
+    """The run's diffusion loss with its EMA weights over its data's whole val split (fixed noise and t)."""
+    import dataclasses
+
+    from keel.data.images import open_images
+    from keel.tasks.diffusion import validation_loss
+
+    data = open_images(Path(run.config.data.path))
+    whole = dataclasses.replace(run.config.train, eval_batches=1 << 30)
+    config = dataclasses.replace(run.config, train=whole)
+    dtype = pick_dtype(config.train.dtype, run.device)
+    return {"val_loss": validation_loss(run.model, data, config, run.device, dtype)}

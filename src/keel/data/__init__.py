@@ -10,7 +10,8 @@ corpus is and however long its documents or lines are (see MEMORY_BOUND):
 
 With `tokenizer=DIR` the tokenizer of a data or run directory is reused instead of trained.
 JSONL sources of SFT examples or preference pairs (and builtin:stdlib-sft / -pref) make a
-DATA_DIR of token sequences with loss masks instead: see `keel.data.examples`.
+DATA_DIR of token sequences with loss masks instead: see `keel.data.examples`; a folder of images
+(or builtin:digits, builtin:mnist-5k) one of image arrays: see `keel.data.images`.
 
 Everything is built in a hidden sibling directory that is moved into place only when
 complete; on any failure it is deleted, and an existing DATA_DIR is left untouched. `force`
@@ -45,6 +46,7 @@ from keel.data.examples import (
     plan_examples,
     resolve_base,
 )
+from keel.data.images import build_images, is_image_source
 from keel.data.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -98,6 +100,7 @@ def prepare(
     tokenizer: Path | str | None = None,
     context_length: int | None = None,
     too_long: str | None = None,
+    image_size: int | None = None,
 ) -> dict:
     """Build DATA_DIR `out_dir` from `sources` and return its manifest.
 
@@ -111,9 +114,24 @@ def prepare(
 
     SFT examples and preference pairs need `tokenizer` (a data or run directory) and take
     `context_length` and `too_long`; see `keel.data.examples` for their options and manifest.
+    Images take `image_size` (resize every image to that square); see `keel.data.images`.
     """
     out_dir = Path(out_dir)
     _check_options(sources, out_dir, vocab_size, val_fraction, dedup, force, min_chars)
+    if image_size is not None or any(is_image_source(source) for source in sources):
+        unused = [
+            name
+            for name, value in (
+                ("--vocab-size", vocab_size),
+                ("--tokenizer", tokenizer),
+                ("--context-length", context_length),
+                ("--too-long", too_long),
+            )
+            if value is not None
+        ]
+        if unused:
+            raise UserError(f"{unused[0]} applies to text, not to images; drop it")
+        return _build_in_place(out_dir, lambda build_dir: build_images(build_dir, sources, val_fraction, image_size))
     kind = kind_of_sources(sources)
     if kind != "text":
         plan = plan_examples(sources, kind, tokenizer, val_fraction, context_length, too_long, min_chars, dedup)
@@ -124,27 +142,35 @@ def prepare(
             )
         documents = [read_source(source) for source in sources]  # checks every source before any work
         base_tokenizer = _reused_tokenizer(Path(tokenizer), vocab_size) if tokenizer is not None else None
+    if kind != "text":
+        return _build_in_place(out_dir, lambda build_dir: build_examples(build_dir, plan, progress))
+    vocab_size, val_fraction = vocab_size or DEFAULT_VOCAB_SIZE, val_fraction or DEFAULT_VAL_FRACTION
+    return _build_in_place(
+        out_dir,
+        lambda build_dir: _build(
+            build_dir,
+            sources,
+            documents,
+            vocab_size,
+            val_fraction,
+            dedup,
+            min_chars,
+            progress,
+            base_tokenizer,
+            tokenizer,
+        ),
+    )
+
+
+def _build_in_place(out_dir: Path, build: Callable[[Path], dict]) -> dict:
+    """Run `build(build_dir)` in a hidden sibling of out_dir, fsync what it wrote and move it into place;
+    on any failure the build directory is deleted and out_dir is left as it was."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     build_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        if kind != "text":
-            manifest = build_examples(build_dir, plan, progress)
-            for name in [*manifest["files"], MANIFEST_FILE]:
-                fsync(build_dir / name)
-        else:
-            vocab_size, val_fraction = vocab_size or DEFAULT_VOCAB_SIZE, val_fraction or DEFAULT_VAL_FRACTION
-            manifest = _build(
-                build_dir,
-                sources,
-                documents,
-                vocab_size,
-                val_fraction,
-                dedup,
-                min_chars,
-                progress,
-                base_tokenizer,
-                tokenizer,
-            )
+        manifest = build(build_dir)
+        for name in [*manifest["files"], MANIFEST_FILE]:
+            fsync(build_dir / name)
         _move_into_place(build_dir, out_dir)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -307,8 +333,6 @@ def _build(
         "sizes": {name: (build_dir / name).stat().st_size for name in files},
     }
     (build_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    for name in files + [MANIFEST_FILE]:
-        fsync(build_dir / name)
     return manifest
 
 

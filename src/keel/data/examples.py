@@ -893,9 +893,10 @@ def open_examples(data_dir: Path, kind: str | None = None) -> ExampleData:
             f"{data_dir} was written by a newer or unknown keel data format; re-create it with keel prepare --force"
         )
     found = manifest.get("kind", "text")
-    if found == "text":
+    if found in ("text", "images"):
+        holds = "pretraining text" if found == "text" else "images"
         raise UserError(
-            f"{data_dir} holds pretraining text, not SFT examples or preference pairs; prepare a JSONL of examples "
+            f"{data_dir} holds {holds}, not SFT examples or preference pairs; prepare a JSONL of examples "
             "with keel prepare FILE.jsonl --tokenizer DIR --out DATA_DIR"
         )
     if kind is not None and found != kind and found in KINDS:

@@ -52,17 +52,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 MATMUL_ATTENTION_MAX_CONTEXT = 512
 
 
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(hs)) v over q, k, v (B, nh, T, hs), scores materialised, softmax in float32.
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs)) v over q, k, v (B, nh, T, hs), scores materialised, softmax in float32;
+    causal masks the future, else every position sees every other.
 
     k and v have as many heads as q here (the caller repeats shared key/value heads).
     """
     B, n_head, T, head_dim = q.shape
-    causal = torch.full((T, T), float("-inf"), device=q.device).triu(1).to(q.dtype)  # (T, T), -inf above the diagonal
+    if causal:
+        mask = torch.full((T, T), float("-inf"), device=q.device).triu(1).to(q.dtype)  # (T, T), -inf above the diagonal
+    else:
+        mask = torch.zeros((T, T), device=q.device, dtype=q.dtype)  # (T, T)
     # baddbmm adds the mask inside the matmul instead of in a second pass over the scores; under
     # torch.compile it also stays a matmul rather than being rewritten into the flash kernel.
     scores = torch.baddbmm(
-        causal.expand(B * n_head, T, T),
+        mask.expand(B * n_head, T, T),
         q.flatten(0, 1),
         k.flatten(0, 1).transpose(1, 2),
         alpha=1.0 / math.sqrt(head_dim),
@@ -96,10 +100,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention: n_head query heads share n_kv_head key/value heads."""
+    """Grouped-query self-attention: n_head query heads share n_kv_head key/value heads.
 
-    def __init__(self, config: ModelConfig):
+    Causal for the language model; `causal=False` lets every position see every other (the DiT's patches).
+    """
+
+    def __init__(self, config: ModelConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.n_head = config.n_head
         self.n_kv_head = num_kv_heads(config)
         self.head_dim = config.d_model // config.n_head
@@ -115,12 +123,13 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """mask (B, 1, T, T), True where a query may attend, replaces the causal mask (packed rows)."""
+        """cos, sin: the rotary tables of the positions (None: no rotation, positions are in x already);
+        mask (B, 1, T, T), True where a query may attend, replaces the causal mask (packed rows)."""
         B, T, C = x.shape  # batch, sequence length, d_model
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
@@ -128,8 +137,10 @@ class Attention(nn.Module):
         # QK-norm and rotation in float32 (a no-op outside autocast): in bf16 the rotation of late
         # positions loses its precision, and nn.RMSNorm has no fused kernel for bf16 input with
         # float32 weights. Attention itself runs in the dtype of v again.
-        q = apply_rotary(self.q_norm(q.float()), cos, sin).to(v.dtype)
-        k = apply_rotary(self.k_norm(k.float()), cos, sin).to(v.dtype)
+        q, k = self.q_norm(q.float()), self.k_norm(k.float())
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, S, hs), S = cached positions including these T
         if mask is not None:
@@ -137,13 +148,13 @@ class Attention(nn.Module):
         elif cache is None and self._use_matmul(x.device, T):
             if self.n_kv_head != self.n_head:  # give every query head its own copy of its shared k/v head
                 k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
-            y = matmul_attention(q, k, v)  # (B, nh, T, hs)
+            y = matmul_attention(q, k, v, self.causal)  # (B, nh, T, hs)
         else:
             # One new token attends to everything cached, so the mask is needed only when T > 1.
             # enable_gqa lets SDPA share each k/v head among n_head/n_kv_head query heads without copying
             # them. On CPU (torch 2.13, bf16) attention alone ran ~13% faster than with repeat_interleave.
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=T > 1, enable_gqa=self.n_kv_head != self.n_head
+                q, k, v, is_causal=self.causal and T > 1, enable_gqa=self.n_kv_head != self.n_head
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.o_proj(y)

@@ -2,7 +2,8 @@
 
 Loss, gradient norm and learning rate over the whole run, every restart segment included
 (segment starts drawn as dotted lines), each intervention marked on the curves, and the
-logbook chronicle beneath: the picture the OPT-175B team drew by hand.
+logbook chronicle beneath: the picture the OPT-175B team drew by hand. A diffusion run's
+sample grids (RUN_DIR/samples/step_*.png, one per evaluation) show what it learnt over training.
 """
 
 from __future__ import annotations
@@ -83,12 +84,37 @@ def write_report(run_dir: Path, registry: Registry | None = None) -> Path:
         page.append(
             f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>"
         )
+    page += _sample_grids(run_dir)
     page.append("<h2>Logbook</h2><pre>" + html.escape(render_chronicle(entries)) + "</pre>")
     target = out_dir / "index.html"
     tmp = out_dir / ".index.html.tmp"
     tmp.write_text("\n".join(page))
     os.replace(tmp, target)
     return target
+
+
+MAX_GRIDS = 12  # sample grids embedded in a report, evenly spaced over the run, the last one always
+
+
+def _sample_grids(run_dir: Path) -> list[str]:
+    """HTML of the evaluation's sample grids over training, oldest first (none for a run without them)."""
+    grids = sorted((run_dir / "samples").glob("step_*.png"))
+    if not grids:
+        return []
+    if len(grids) > MAX_GRIDS:
+        picks = {round(i * (len(grids) - 1) / (MAX_GRIDS - 1)) for i in range(MAX_GRIDS)}
+        grids = [grids[i] for i in sorted(picks)]
+    parts = ["<h2>Samples over training</h2><p>EMA weights, the same starting noise at every step.</p><div>"]
+    for path in grids:
+        step = int(path.stem.removeprefix("step_"))
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        parts.append(
+            "<figure style='display:inline-block;margin:0 8px 8px 0'>"
+            f"<img style='width:auto;max-width:260px' alt='samples at step {step}' "
+            f"src='data:image/png;base64,{encoded}'>"
+            f"<figcaption>step {step:,}</figcaption></figure>"
+        )
+    return [*parts, "</div>"]
 
 
 def _plot_panel(path: Path, title: str, points, extra_points, entries, segment_starts, log_scale: bool) -> None:

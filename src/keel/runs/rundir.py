@@ -1,8 +1,8 @@
 """The run directory: the resolved config and tokenizer that make a run self-describing.
 
-`runs/<name>/` holds `config.yaml`, `tokenizer.json`, `checkpoints/`, `logbook.jsonl`,
-`heartbeat.json` and `keel.lock`; metrics and events live in the registry. keel only ever writes into
-a directory that is new, empty, or one of its own runs.
+`runs/<name>/` holds `config.yaml`, `tokenizer.json` (a diffusion run: `images.json` and `samples/`),
+`checkpoints/`, `logbook.jsonl`, `heartbeat.json` and `keel.lock`; metrics and events live in the
+registry. keel only ever writes into a directory that is new, empty, or one of its own runs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from keel.errors import UserError
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = "keel.lock"
 TOKENIZER_FILE = "tokenizer.json"
+IMAGES_FILE = "images.json"  # a diffusion run's image shape and class names, in place of a tokenizer
 LOGBOOK_FILE = "logbook.jsonl"
 
 
@@ -57,7 +58,11 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
     _check_run_dir(run_dir, Path(config.data.path))
     data = open_task_data(config)
     model = init_model_config(config) if config.init.from_ else config.model
-    if model.vocab_size == 0:
+    if config.task.kind == "diffusion":
+        from keel.tasks.diffusion import check_data
+
+        check_data(config, data)  # images have no vocabulary; the patch size must fit them
+    elif model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=data.vocab_size)
     elif model.vocab_size < data.vocab_size:
         raise UserError(
@@ -87,6 +92,12 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
             for key, old in dataclasses.asdict(previous.model).items()
             if key != "attention" and (new := getattr(resolved.model, key)) != old
         ]
+        if resolved.task.kind == "diffusion":  # these shape the DiT and what its output means
+            changed += [
+                f"diffusion.{key} {old!r} -> {new!r}"
+                for key in ("patch_size", "objective")
+                if (old := getattr(previous.diffusion, key)) != (new := getattr(resolved.diffusion, key))
+            ]
         if changed:
             raise UserError(
                 f"{run_dir} holds checkpoints of a model with a different shape ({', '.join(changed)}); "
@@ -116,12 +127,19 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
 
 
 def write_run_dir(config: RunConfig, run_dir: Path) -> None:
-    """Write the resolved config and the data's tokenizer into run_dir (which must exist), and mark it as
-    keel's (an empty lock file, which `keel train` takes while it runs)."""
+    """Write the resolved config and the data's tokenizer (a diffusion run: its images' shape) into run_dir
+    (which must exist), and mark it as keel's (an empty lock file, which `keel train` takes while it runs)."""
     (run_dir / LOCK_FILE).touch(exist_ok=True)
     tmp = run_dir / f".{CONFIG_FILE}.tmp"
     config_lib.save(config, tmp)
     os.replace(tmp, run_dir / CONFIG_FILE)
+    if config.task.kind == "diffusion":  # images have no tokenizer; the model's shape depends on theirs
+        manifest = json.loads((Path(config.data.path) / "manifest.json").read_text())
+        shape = {key: manifest[key] for key in ("channels", "height", "width", "num_classes", "class_names")}
+        tmp = run_dir / f".{IMAGES_FILE}.tmp"
+        tmp.write_text(json.dumps(shape, indent=2) + "\n")
+        os.replace(tmp, run_dir / IMAGES_FILE)
+        return
     tmp = run_dir / f".{TOKENIZER_FILE}.tmp"
     shutil.copyfile(Path(config.data.path) / TOKENIZER_FILE, tmp)
     os.replace(tmp, run_dir / TOKENIZER_FILE)
@@ -225,13 +243,18 @@ def _owner_of(fd: int, run_dir: Path) -> str:
     return ", ".join(parts)
 
 
-DATA_KIND = {"pretrain": None, "sft": "sft", "dpo": "pref", "distill": None}  # the data each task.kind trains on
+# the data each task.kind trains on
+DATA_KIND = {"pretrain": None, "sft": "sft", "dpo": "pref", "distill": None, "diffusion": "images"}
 
 
 def open_task_data(config: RunConfig):
     """The data dir of config.data.path, checked to be of the kind the task trains on."""
     kind = DATA_KIND[config.task.kind]
     path = Path(config.data.path)
+    if kind == "images":
+        from keel.data.images import open_images
+
+        return open_images(path)
     return open_data(path) if kind is None else open_examples(path, kind=kind)
 
 

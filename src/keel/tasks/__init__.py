@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -15,9 +16,10 @@ def build_task(
     device: torch.device,
     dtype: torch.dtype,
     heartbeat: Callable[[], None] = lambda: None,
+    run_dir: Path | None = None,
 ) -> Task:
-    """The task of config.task.kind; `heartbeat` is called during a long set-up (the distillation
-    teacher's cache)."""
+    """The task of config.task.kind; `heartbeat` is called during long work (the distillation teacher's
+    cache, diffusion's sample grids); `run_dir` receives what a task writes beside the checkpoints (the grids)."""
     kind = config.task.kind
     if kind == "pretrain":
         from keel.tasks.pretrain import PretrainTask
@@ -35,6 +37,10 @@ def build_task(
         from keel.tasks.distill import DistillTask
 
         return DistillTask(config, device, dtype, heartbeat)
+    if kind == "diffusion":
+        from keel.tasks.diffusion import DiffusionTask
+
+        return DiffusionTask(config, device, dtype, run_dir, heartbeat)
     raise AssertionError(f"config validation lets no other task.kind through: {kind}")
 
 

@@ -10,6 +10,8 @@ A task supplies
 - `evaluate(model)`: held-out numbers, `val_loss` among them (it picks the best checkpoint);
 - `monitors()`: monitors of its own metrics for the supervisor, beside the loop's standard ones;
 - `bind(model)`: the model being trained, for a task that also computes with it outside the loss;
+- `after_step(model, skipped)`: called once the optimizer has stepped (or, on the device, dropped the
+  update), for state that follows the weights (diffusion's EMA copy);
 - `state_dict()` / `load_state_dict()`: anything resumable it holds beyond the data cursor.
 
 The loop does the rest once: schedule, precision, compile, gradient accumulation, clipping,
@@ -30,6 +32,12 @@ import torch
 
 # Metrics every task reports for the supervisor's norm monitors; `loss` is reported separately.
 ACT_NORM, LOGIT_NORM = "act_mean_square", "logit_mean_square"
+
+
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """The mean of x², the statistic behind ACT_NORM and LOGIT_NORM, as a float32 scalar."""
+    # vector_norm accumulates in float32 without materialising a float32 copy of the tensor.
+    return torch.linalg.vector_norm(x, dtype=torch.float32).square() / x.numel()
 
 
 @dataclass
@@ -77,6 +85,10 @@ class Task:
     def bind(self, model: torch.nn.Module) -> None:
         """The model the loop trains, once built and wrapped (LoRA, activation checkpointing), for a task
         that computes with it outside its loss (DPO's reference: a LoRA policy with its adapters off)."""
+
+    def after_step(self, model: torch.nn.Module, skipped: torch.Tensor | None) -> None:
+        """The optimizer step is queued; skipped (a device scalar, 1.0 when the update was dropped, None when
+        no update is ever dropped) says whether the weights moved. Must not read anything back to the host."""
 
     def batch(self, index: int) -> Batch:
         raise NotImplementedError

@@ -25,7 +25,7 @@ import torch
 from keel.config import RunConfig
 from keel.errors import UserError
 from keel.models.gpt import GPT
-from keel.tasks.base import ACT_NORM, LOGIT_NORM, LossOutput, Task
+from keel.tasks.base import ACT_NORM, LOGIT_NORM, LossOutput, Task, mean_square
 from keel.train.precision import autocast
 
 IGNORE_INDEX = -100  # target value of positions that carry no loss (prompt tokens in SFT, padding)
@@ -163,11 +163,6 @@ class _LinearLogProbs(torch.autograd.Function):
             grad_weight = chunk if grad_weight is None else grad_weight + chunk
         hidden_dtype, weight_dtype = ctx.dtypes
         return grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None
-
-
-def mean_square(x: torch.Tensor) -> torch.Tensor:
-    # vector_norm accumulates in float32 without materialising a float32 copy of the tensor.
-    return torch.linalg.vector_norm(x, dtype=torch.float32).square() / x.numel()
 
 
 class LMOutput(NamedTuple):

@@ -1,4 +1,4 @@
-"""The training loop, the same for every task (keel.tasks: pretrain, sft, dpo).
+"""The training loop, the same for every task (keel.tasks: pretrain, sft, dpo, distill, diffusion).
 
 The task supplies the model, the batches, the loss and its metrics, the evaluation and monitors of
 its own; the loop knows no model family and no loss. One optimizer step = `grad_accum` micro-batches
@@ -152,7 +152,10 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()
         use_deterministic_kernels(t.deterministic)
-        self.task = build_task(config, self.device, self.dtype, heartbeat=lambda: self.beat(0))
+        self.state = LoopState(grad_clip=config.optim.grad_clip)  # replaced by a checkpoint's when one loads
+        self.task = build_task(
+            config, self.device, self.dtype, heartbeat=lambda: self.beat(self.state.step), run_dir=self.run_dir
+        )
         self.model = self.task.build_model()
         self.lora_base = lora_for_run(self.model, config)  # adapters on a frozen base, applied from outside
         if t.activation_checkpointing:
@@ -171,7 +174,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config.optim)  # after FSDP2 has sharded the parameters
         self.data_identity = data_identity(Path(config.data.path))
         self.scaler = grad_scaler(self.device, self.dtype)
-        self.state = LoopState(grad_clip=config.optim.grad_clip)
         if not self.world.main:
             self.registry = None  # rank 0 speaks for the run: registry and logbook
         self.segment = self.registry.start_run(config.name, str(run_dir), config.to_dict()) if self.registry else 0
@@ -485,6 +487,7 @@ class Trainer:
                 numbers["loss_scale"] = self.scaler._get_scale_async().float().reshape(())
             values = torch.stack([v.float() for v in numbers.values()])
             step_unless(self.optimizer, skip)
+            self.task.after_step(self.model, skip)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             ready = None
