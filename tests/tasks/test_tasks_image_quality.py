@@ -11,6 +11,8 @@ import pytest
 import scipy.linalg
 import torch
 
+from keel.data.images import VERSION
+from keel.data.shards import FORMAT
 from keel.errors import UserError
 from keel.tasks import image_quality as iq
 
@@ -28,12 +30,15 @@ def write_image_dir(out: Path, train_images, train_labels, val_images, val_label
         files[f"{name}.npy"] = hashlib.sha256((out / f"{name}.npy").read_bytes()).hexdigest()
     channels, height, width = train_images.shape[1:]
     manifest = {
+        "format": FORMAT,
+        "version": VERSION,
         "kind": "images",
         "channels": channels,
         "height": height,
         "width": width,
         "num_classes": num_classes,
         "class_names": [str(c) for c in range(num_classes)],
+        "splits": {"train": {"images": len(train_images)}, "val": {"images": len(val_images)}},
         "files": files,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -207,7 +212,7 @@ def test_score_by_data_dir_reuses_the_cache_and_table_carries_the_caveat(digits,
     assert iq.CAVEAT in table and "gaussian noise" in table and "not comparable with published FIDs" in table
 
 
-def test_bad_inputs_name_the_input_and_the_fix(scorer, tmp_path):
+def test_bad_inputs_name_the_input_and_the_fix(scorer, tiny_data, tmp_path):
     val = np.asarray(scorer.data.val_images)[:50]
     cases = [
         (val.astype(np.float32) / 255, None, "samples have dtype float32; pass uint8"),
@@ -234,9 +239,7 @@ def test_bad_inputs_name_the_input_and_the_fix(scorer, tmp_path):
     )
     with pytest.raises(UserError, match="has no class labels"):
         iq.load_classifier(unlabelled)
-    (tmp_path / "text").mkdir()
-    (tmp_path / "text" / "manifest.json").write_text(json.dumps({"files": {}}))
-    with pytest.raises(UserError, match="not images"):
-        iq.QualityScorer(tmp_path / "text")
-    with pytest.raises(UserError, match="not a prepared data directory"):
+    with pytest.raises(UserError, match="holds text data, not images"):
+        iq.QualityScorer(tiny_data)
+    with pytest.raises(UserError, match="is not a keel data directory; create it with keel prepare"):
         iq.QualityScorer(tmp_path / "missing")

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from keel.data.images import open_images
 from keel.data.shards import sha256_file
 from keel.errors import UserError
 
@@ -92,22 +93,11 @@ class ImageData:
 
 
 def read_image_data(data_dir: str | Path) -> ImageData:
-    path = Path(data_dir)
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a prepared data directory ({e}); run `keel prepare` on your images first.")
-    if manifest.get("kind") != "images":
-        raise UserError(
-            f"{path} holds {manifest.get('kind', 'text')} data, not images; pass a prepared image directory."
-        )
-    arrays = {}
-    for name in ("train_images", "train_labels", "val_images", "val_labels"):
-        try:
-            arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path / name}.npy cannot be read ({e}); prepare {path} again.")
-    return ImageData(path, manifest, **arrays)
+    """The image DATA_DIR `keel prepare` wrote, its files verified against their sha256 (`open_images`)."""
+    data = open_images(Path(data_dir))
+    return ImageData(
+        data.path, data.manifest, data.images("train"), data.labels("train"), data.images("val"), data.labels("val")
+    )
 
 
 # -- the classifier whose features are the yardstick -------------------------------------------------------------
