@@ -170,9 +170,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"{'--data' if args.data else '--int8'} applies to language models; {args.run_dir} "
                 "is a diffusion run, evaluated on its own data's val split."
             )
+        if args.samples is not None and args.samples < 0:
+            raise UserError(f"--samples must be 0 (val loss only) or a positive count, got {args.samples}.")
         run = load_diffusion_run(Path(args.run_dir))
         numbers = evaluate_diffusion(run)
         print(f"step {run.step}: val loss {numbers['val_loss']:.4f} ({run.config.diffusion.objective}, EMA weights)")
+        if args.samples != 0:
+            from keel.inference import score_diffusion
+            from keel.tasks.image_quality import format_table
+
+            rows, accuracy = score_diffusion(run, args.samples)
+            print(format_table(rows, accuracy))
         return 0
     run = load_run(Path(args.run_dir), int8=args.int8)
     if run.config.task.kind not in ("pretrain", "distill"):  # a distilled student is scored as pretraining is
@@ -439,10 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help=INT8_HELP)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
+    p = sub.add_parser(
+        "eval", help="validation loss, perplexity and bits per byte of a run (a diffusion run: loss and image quality)"
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", metavar="DATA_DIR", help="evaluate on this data's val split (default: the run's data)")
     p.add_argument("--int8", action="store_true", help=INT8_HELP)
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="diffusion: images the quality score draws, 0 for the val loss only (default: the val split, at most 500)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -358,3 +359,42 @@ def evaluate_diffusion(run: DiffusionRun) -> dict[str, float]:
     config = dataclasses.replace(run.config, train=whole)
     dtype = pick_dtype(config.train.dtype, run.device)
     return {"val_loss": validation_loss(run.model, data, config, run.device, dtype)}
+
+
+def score_diffusion(
+    run: DiffusionRun,
+    num: int | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, dict], float]:
+    """The image quality table of a run (keel.tasks.image_quality): `num` class-conditional samples (the
+    classes in turn; by default as many as the val split holds, at most 500) scored beside the reference
+    rows on as many images, and the classifier's accuracy on held-out real images. Sampler, steps and
+    guidance default to the run's diffusion.* settings."""
+    from keel.tasks.diffusion import sample_images
+    from keel.tasks.image_quality import QualityScorer
+
+    if run.images["num_classes"] == 0:
+        raise UserError(
+            f"{run.path} was trained on unlabelled images; the quality score needs class labels "
+            "(keel's classifier is its yardstick), so keel eval gives its val loss only: pass --samples 0."
+        )
+    scorer = QualityScorer(Path(run.config.data.path))
+    num = min(500, len(scorer.data.val_images)) if num is None else num
+    reference = scorer.reference_rows(num, seed)  # checks num against the val split first
+    f = run.config.diffusion
+    labels = np.arange(num) % run.images["num_classes"]
+    samples = sample_images(
+        run.model,
+        f.objective,
+        num,
+        torch.from_numpy(labels),
+        sampler or f.sampler,
+        f.sample_steps if steps is None else steps,
+        f.guidance if guidance is None else guidance,
+        seed,
+    )
+    name = f"samples (step {run.step})"
+    return {name: scorer.score(samples, labels, seed), **reference}, scorer.classifier.val_accuracy

@@ -251,8 +251,10 @@ def test_keel_sample_eval_and_report_serve_a_diffusion_run(trained, tmp_path, ca
     assert "10 rows" in stdout and "step 30" in stdout
     with Image.open(out) as grid:  # 10 rows x 3 columns of 8x8 digits with 2-pixel gaps, enlarged 7 times
         assert grid.size == ((3 * 10 + 2) * 7, (10 * 10 + 2) * 7)
-    code, stdout, err = cli(capsys, "eval", str(run_dir))
+    code, stdout, err = cli(capsys, "eval", str(run_dir), "--samples", "40")
     assert code == 0 and "val loss" in stdout, err
+    # the quality table: the samples beside the reference rows, with the caveat that this is not Inception
+    assert "samples (step 30)" in stdout and "gaussian noise" in stdout and "not Inception" in stdout
     code, _, err = cli(capsys, "report", str(run_dir))
     assert code == 0, err
     page = (run_dir / "report" / "index.html").read_text()
@@ -268,6 +270,7 @@ def test_bad_diffusion_inputs_are_one_sentence(digits, trained, tmp_path, capsys
     assert_refused(capsys, ["sample", str(run_dir), "--sampler", "ddpm"], "ddpm")
     assert_refused(capsys, ["sample", str(run_dir), "--out", str(tmp_path / "grid.jpg")], ".png")
     assert_refused(capsys, ["chat", str(run_dir)], "diffusion run")
+    assert_refused(capsys, ["eval", str(run_dir), "--samples", "-1"], "--samples")
     # guidance needs classes: an unlabelled folder of images
     folder = tmp_path / "flat"
     folder.mkdir()
