@@ -50,6 +50,10 @@ def test_sample_eval_and_runs(trained):
     evaluation = keel("eval", str(run_dir), env=env)
     assert evaluation.returncode == 0, evaluation.stderr
     assert "val loss" in evaluation.stdout and "bits/byte" in evaluation.stdout
+    # the diffusion-only flags are refused on a language model, never silently ignored
+    assert_user_error(keel("sample", str(run_dir), "--columns", "3", env=env), "--columns", "diffusion runs")
+    assert_user_error(keel("sample", str(run_dir), "--guidance", "2", env=env), "--guidance")
+    assert_user_error(keel("eval", str(run_dir), "--samples", "10", env=env), "--samples", "diffusion runs")
     runs = keel("runs", env=env)
     assert runs.returncode == 0 and "tiny" in runs.stdout and "finished" in runs.stdout
     logbook = keel("logbook", str(run_dir), env=env)

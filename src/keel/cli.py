@@ -96,7 +96,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if load_run_config(Path(args.run_dir)).task.kind == "diffusion":
         return sample_images_of_run(args)
-    for flag, value in (("--out", args.out), ("--sampler", args.sampler), ("--steps", args.steps)):
+    diffusion_flags = [("--out", args.out), ("--sampler", args.sampler), ("--steps", args.steps)]
+    diffusion_flags += [("--guidance", args.guidance), ("--columns", args.columns)]
+    for flag, value in diffusion_flags:
         if value is not None:
             raise UserError(f"{flag} applies to diffusion runs; {args.run_dir} makes text (use --prompt).")
     run = load_run(Path(args.run_dir), int8=args.int8)
@@ -113,7 +115,8 @@ def sample_images_of_run(args: argparse.Namespace) -> int:
             "is a diffusion run (use --out, --sampler, --steps, --guidance, --seed)."
         )
     run = load_diffusion_run(Path(args.run_dir))
-    path, rows = sample_grid(run, args.out, args.sampler, args.steps, args.guidance, args.seed, args.columns)
+    columns = 8 if args.columns is None else args.columns
+    path, rows = sample_grid(run, args.out, args.sampler, args.steps, args.guidance, args.seed, columns)
     f = run.config.diffusion
     what = (
         f"{rows} rows (one per class: {', '.join(run.images['class_names'])})"
@@ -121,7 +124,7 @@ def sample_images_of_run(args: argparse.Namespace) -> int:
         else (f"{rows} rows")
     )
     print(
-        f"wrote {path}: {what} x {args.columns} images from the EMA weights of step {run.step}, "
+        f"wrote {path}: {what} x {columns} images from the EMA weights of step {run.step}, "
         f"{args.sampler or f.sampler} sampler, {args.steps or f.sample_steps} steps, guidance "
         f"{f.guidance if args.guidance is None else args.guidance:g}, seed {args.seed}"
     )
@@ -182,6 +185,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             rows, accuracy = score_diffusion(run, args.samples)
             print(format_table(rows, accuracy))
         return 0
+    if args.samples is not None:
+        raise UserError(f"--samples applies to diffusion runs; {args.run_dir} is a language model.")
     run = load_run(Path(args.run_dir), int8=args.int8)
     if run.config.task.kind not in ("pretrain", "distill"):  # a distilled student is scored as pretraining is
         from keel.inference import evaluate_task
@@ -427,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="diffusion: classifier-free guidance scale, 1 = none (default diffusion.guidance)",
     )
-    p.add_argument("--columns", type=int, default=8, help="diffusion: images per row of the grid (default 8)")
+    p.add_argument("--columns", type=int, default=None, help="diffusion: images per row of the grid (default 8)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("chat", help="talk to a fine-tuned run through its chat template (an empty line ends)")
