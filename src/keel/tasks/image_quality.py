@@ -56,6 +56,7 @@ from torch import nn
 from keel.data.images import open_images
 from keel.data.shards import sha256_file
 from keel.errors import UserError
+from keel.train.checkpoint import fsync
 
 QUALITY_DIR = "quality"  # inside DATA_DIR, beside the data the classifier was trained on
 WEIGHTS_FILE, INFO_FILE = "classifier.safetensors", "classifier.json"
@@ -297,25 +298,17 @@ def _write_cache(cache: Path, model: FeatureClassifier, info: dict) -> dict:
         cache.mkdir(parents=True, exist_ok=True)
         tmp_weights = cache / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_weights)
-        _fsync(tmp_weights)
+        fsync(tmp_weights)
         info = {**info, "weights_sha256": sha256_file(tmp_weights)}
         tmp_info = cache / f".{INFO_FILE}.{os.getpid()}.tmp"
         tmp_info.write_text(json.dumps(info, indent=1) + "\n")
-        _fsync(tmp_info)
+        fsync(tmp_info)
         os.replace(tmp_weights, cache / WEIGHTS_FILE)
         os.replace(tmp_info, cache / INFO_FILE)
-        _fsync(cache)
+        fsync(cache)
     except OSError as e:
         raise UserError(f"cannot cache the quality classifier in {cache} ({e}); make it writable or pass cache_dir.")
     return info
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the distances ---------------------------------------------------------------------------------------------
