@@ -235,6 +235,9 @@ class TrainConfig:
     checkpoint_every: int = opt(200, "Write a checkpoint every this many steps (and at the end).")
     keep_checkpoints: int = opt(3, "Keep this many latest checkpoints, plus the one with the best val loss.")
     log_every: int = opt(10, "Write metrics to the registry and update the progress bar every this many steps.")
+    tensorboard: bool = opt(
+        False, "Also write the metrics and the logbook as TensorBoard event files into RUN_DIR/tensorboard (rank 0)."
+    )
     seed: int = opt(1337, "Seed for initialisation and for the data order.")
     device: str = opt("auto", "auto | cpu | cuda (auto takes cuda when available).")
     dtype: str = opt(
@@ -496,9 +499,17 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str) -> UserError:
+def nearest_key(key: str) -> str | None:
+    """The valid config key closest to key (None when none is close), for messages that refuse a key."""
+    if key in _all_keys(RunConfig):
+        return key
     close = difflib.get_close_matches(key, _all_keys(RunConfig), n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]}?" if close else " Run `keel config` to list the valid keys."
+    return close[0] if close else None
+
+
+def _unknown_key(key: str) -> UserError:
+    close = nearest_key(key)
+    hint = f" Did you mean {close}?" if close else " Run `keel config` to list the valid keys."
     return UserError(f"unknown config key {key}.{hint}")
 
 

@@ -38,6 +38,7 @@ from keel.models.lora import lora_for_run, reset_adapters
 from keel.models.memory import apply_activation_checkpointing
 from keel.runs.registry import Registry
 from keel.runs.rundir import LOGBOOK_FILE, data_identity
+from keel.runs.tensorboard import TensorBoardWriter
 from keel.supervisor.logbook import Logbook
 from keel.supervisor.monitors import StepRecord
 from keel.supervisor.policy import Action, Supervisor
@@ -177,6 +178,7 @@ class Trainer:
         if not self.world.main:
             self.registry = None  # rank 0 speaks for the run: registry and logbook
         self.segment = self.registry.start_run(config.name, str(run_dir), config.to_dict()) if self.registry else 0
+        self.tensorboard = TensorBoardWriter(self.run_dir) if t.tensorboard and self.world.main else None
         self.logbook = Logbook(self.run_dir / LOGBOOK_FILE, mirror=self._mirror_event, rank=self.world.rank)
         self.supervisor = (
             Supervisor(config.supervisor, self.logbook, t.max_steps, config.optim.grad_clip, self.task.monitors())
@@ -202,6 +204,8 @@ class Trainer:
         write_heartbeat(self.run_dir, step, self.world.rank)
 
     def _mirror_event(self, entry: dict) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.add_entry(entry)
         if self.registry is not None:
             self.registry.log_event(self.config.name, entry.get("step"), entry["kind"], entry["message"], entry)
 
@@ -719,6 +723,8 @@ class Trainer:
         return None
 
     def flush_metrics(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.add_metrics(self.pending_metrics)
         if self.registry is None or not self.pending_metrics:
             self.pending_metrics.clear()
             return
@@ -834,6 +840,8 @@ def train(config: RunConfig, run_dir: Path, registry: Registry | None = None, pr
     try:
         result = trainer.run()
     finally:
+        if trainer.tensorboard is not None:
+            trainer.tensorboard.close()
         destroy_process_group()
     if registry is not None:
         registry.update_run(config.name, status="stopped" if result.status.startswith("stopped") else "finished")
