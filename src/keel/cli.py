@@ -279,6 +279,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from keel.research.sweep import build_spec, counts_line, run_sweep
+
+    spec = build_spec(args.config, args.set, args.param, args.space, args.name, args.out)
+    result = run_sweep(spec, args.n_trials, args.sampler, args.seed, args.pruner, args.startup_trials)
+    print(f"\n{counts_line(result)}\n{result.table}\nwrote {result.page}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from keel.research.compare import compare_runs
+
+    comparison = compare_runs(args.runs, Path(args.out))
+    print(f"{comparison.table}\nwrote {comparison.page}")
+    return 0
+
+
 def cmd_chaos(args: argparse.Namespace) -> int:
     from keel.demo import ensure_data
     from keel.supervisor.chaos import format_scorecard, run_chaos
@@ -526,6 +543,57 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report/index.html: curves, interventions and the logbook")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "sweep", help="search hyperparameters with Optuna: each trial a supervised run, the study resumable"
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML base config of every trial (defaults apply to the rest)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config key, e.g. train.max_steps=500",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=RANGE",
+        help="a swept key: log:LOW:HIGH | float:LOW:HIGH | int:LOW:HIGH | choice:A,B,..., e.g. optim.lr=log:1e-4:1e-2",
+    )
+    p.add_argument("--space", metavar="FILE", help="YAML file of `key: RANGE` lines (--param overrides its keys)")
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        default=20,
+        help="trials the study should have ended, earlier runs of the command included (default 20)",
+    )
+    p.add_argument("--name", help="study name; trials are runs NAME-000, NAME-001, ... (default: the config's stem)")
+    p.add_argument(
+        "--out", metavar="DIR", help="where the trials' run directories and sweep.html go (default runs/NAME)"
+    )
+    p.add_argument(
+        "--sampler", choices=["tpe", "random"], default="tpe", help="how parameters are proposed (default tpe)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    p.add_argument(
+        "--pruner",
+        choices=["median", "none"],
+        default="median",
+        help="median: stop a trial whose val loss is above the median of the finished trials at the same step",
+    )
+    p.add_argument(
+        "--startup-trials", type=int, default=5, help="trials that finish before the pruner judges any (default 5)"
+    )
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="compare runs: loss curves, config differences, final metrics, interventions")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or run names the registry knows)")
+    p.add_argument(
+        "--out", default="compare.html", metavar="FILE", help="the HTML page to write (default compare.html)"
+    )
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "chaos",
