@@ -112,7 +112,7 @@ def parse_param(text: str, base: RunConfig) -> Param:
     key, sep, spec = text.partition("=")
     key, spec = key.strip(), spec.strip()
     if not sep or not key or not spec:
-        raise UserError(f"--param {text!r} is not {SYNTAX}; write it like --param optim.lr=log:1e-4:1e-2.")
+        raise UserError(f"--param {text} is not {SYNTAX}; write it like --param optim.lr=log:1e-4:1e-2.")
     nearest = config_lib.nearest_key(key)
     if nearest != key:
         hint = f"did you mean {nearest}?" if nearest else "run `keel config` to list the valid keys."
@@ -123,9 +123,11 @@ def parse_param(text: str, base: RunConfig) -> Param:
     default = _value_at(config_lib.from_dict({}), key)
     number = isinstance(default, (int, float)) and not isinstance(default, bool)
     if param.kind != "choice" and not number:
-        raise UserError(f"--param {text}: {key} is not a number; sweep it with choice:A,B,... .")
+        raise UserError(f"--param {text}: {key} is not a number; sweep it with a list of choices, choice:A,B,C.")
     if isinstance(default, int) and param.kind in ("log", "float"):
-        raise UserError(f"--param {text}: {key} is a whole number; sweep it with int:LOW:HIGH or choice:A,B,... .")
+        raise UserError(
+            f"--param {text}: {key} is a whole number; sweep it with int:LOW:HIGH or a list of choices, choice:A,B,C."
+        )
     for value in param.extremes():
         try:
             config_lib.apply_overrides(base, [f"{key}={_yaml_text(value)}"])
@@ -443,7 +445,7 @@ def _run_trial(spec: SweepSpec, study: optuna.Study, trial: optuna.Trial, launch
         return _tell(study, trial, TrialEnd("failed", reason=str(err)))
     logbook = run_dir / LOGBOOK_FILE
     entries_before = len(read_logbook(logbook))
-    watcher = _Watcher(study, trial, run_dir, prune)
+    watcher = _Watcher(study, trial, run_dir, prune, config.train.max_steps)
     watcher.start()
     try:
         code = launch(config, run_dir)
@@ -472,7 +474,9 @@ def judge_trial(entries: list[dict], code: int, pruned: str | None, last_val_los
     pruned: why the sweep pruned it (None if it did not); last_val_loss: the run's last evaluation in the
     registry, for a run whose end record carries none (it resumed with nothing left to train).
     """
-    if pruned:
+    ends = [e for e in entries if (e["kind"], e["name"]) == ("info", "run_end")]
+    finished = code == 0 and ends and ends[-1]["evidence"].get("status") == "finished"
+    if pruned and not finished:  # a run that ended before the stop request came is worth its value
         return TrialEnd("pruned", reason=pruned)
     for entry in entries:
         if (entry["kind"], entry["name"]) == ("info", "user_stop"):
@@ -486,8 +490,7 @@ def judge_trial(entries: list[dict], code: int, pruned: str | None, last_val_los
             reason=f"the supervisor stopped the run at step {stops[-1]['step']}: "
             f"{stops[-1]['message'].removeprefix('stopped the run: ')}",
         )
-    ends = [e for e in entries if (e["kind"], e["name"]) == ("info", "run_end")]
-    if code == 0 and ends and ends[-1]["evidence"].get("status") == "finished":
+    if finished:
         value = ends[-1]["evidence"].get("val_loss")
         value = last_val_loss if value is None else float(value)  # "nan" in the logbook is a string
         if value is None:
@@ -525,9 +528,10 @@ def _run_dir_attr(trial: optuna.Trial) -> dict[str, str]:
 class _Watcher(threading.Thread):
     """Reports the run's evaluations to Optuna while it trains and stops the trainer when the pruner says so."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, run_dir: Path, prune: bool):
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, run_dir: Path, prune: bool, max_steps: int):
         super().__init__(daemon=True, name=f"sweep-trial-{trial.number}")
         self.study, self.trial, self.run_dir, self.prune = study, trial, run_dir, prune
+        self.last_step = max_steps or math.inf  # the evaluation there ends the run: nothing left to save
         self.started = time.time()
         self.reported: dict[int, float] = {}  # step -> val loss, as Optuna has it
         self.pruned: str | None = None  # why, once decided
@@ -539,7 +543,8 @@ class _Watcher(threading.Thread):
         with Registry() as registry:  # a connection of this thread's own
             while not self._done.wait(POLL_S):
                 new = self.report(registry)
-                if self.prune and new and self.pruned is None and self.trial.should_prune():
+                going = new and max(self.reported) < self.last_step
+                if self.prune and going and self.pruned is None and self.trial.should_prune():
                     self._decide(registry, max(self.reported))
                 if self.pruned is not None and not self.signalled:
                     self._stop_trainer()
