@@ -379,7 +379,7 @@ def _check_new(spec: SweepSpec) -> None:
     out = spec.out
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory for the sweep's runs.")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):  # a lock alone: a start that failed
         raise UserError(
             f"--out {out} is not empty, and sweep {spec.name} is new; pass a new or empty directory "
             "(or the --name of the sweep that wrote it, to continue that one)."
