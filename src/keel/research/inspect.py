@@ -55,7 +55,7 @@ UNIFORM_SHARE = 0.99
 DEAD_UPDATE = 1e-3
 DOMINANT_SHARE = 0.5
 MIN_KEYS = 4
-MIN_PREDICTIONS = 8  # positions needed before a dominant prediction means anything
+MIN_PREDICTIONS = 16  # positions needed before a dominant prediction means anything
 DEFAULT_TEXT_TOKENS = 64  # the default text: this many tokens from the start of the val split
 UNSCORED_OPEN, UNSCORED_CLOSE = "⟪", "⟫"
 
@@ -553,23 +553,29 @@ def write_attention_maps(inspection: Inspection, tokenizer, out_dir: Path) -> li
         n_head = weights.shape[0]
         columns = min(4, n_head)
         rows = -(-n_head // columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
+        # Shared axes: tick labels only on the outer panels (drawing them is most of the cost of a map).
+        figure, axes = plt.subplots(
+            rows, columns, figsize=(2.6 * columns + 0.8, 2.6 * rows + 0.9), squeeze=False, sharex=True, sharey=True
+        )
         for head in range(rows * columns):
             ax = axes[head // columns][head % columns]
             if head >= n_head:
                 ax.axis("off")
                 continue
             ax.imshow(weights[head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_title(f"head {head}: {layer.head_entropy[head]:.2f} nats", fontsize=9)
-            if show_labels:
-                ticks = range(len(labels))
-                ax.set_xticks(ticks, [repr(t)[1:-1] for t in labels], rotation=90, fontsize=5)
-                ax.set_yticks(ticks, [repr(t)[1:-1] for t in labels], fontsize=5)
-            else:
+            ax.set_title(f"head {head}: {layer.head_entropy[head]:.2f} nats", fontsize=8)
+        if show_labels:
+            ticks = range(len(labels))
+            shown = [repr(t)[1:-1] for t in labels]
+            axes[0][0].set_yticks(ticks, shown, fontsize=5)
+            for ax in axes[-1]:
+                ax.set_xticks(ticks, shown, rotation=90, fontsize=5)
+        else:
+            axes[0][0].set_ylabel("query position", fontsize=8)
+            for ax in axes[-1]:
                 ax.set_xlabel("key position", fontsize=8)
-                ax.set_ylabel("query position", fontsize=8)
-        figure.suptitle(f"layer {layer.layer} attention (rows: queries, columns: keys)")
-        figure.tight_layout()
+        figure.suptitle(f"layer {layer.layer} attention (rows: queries, columns: keys)", fontsize=10)
+        figure.subplots_adjust(left=0.1, right=0.98, bottom=0.2 if show_labels else 0.12, top=0.82, wspace=0.08)
         path = out_dir / f"attention_layer{layer.layer:02d}.png"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         figure.savefig(tmp, format="png", dpi=110)
