@@ -26,7 +26,7 @@ from keel.research.inspect import (
 from keel.tasks.lm import IGNORE_INDEX
 
 MODEL = [s for s in TINY if s.startswith("model.")]
-STEPS = 150  # the tiny model copies the held-out strings by then (docs/doctor.md)
+STEPS = 150  # the tiny model copies the held-out strings by then (docs/inspect.md)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_inspect_writes_one_attention_map_per_layer_and_the_numbers(copy_run, tm
     # The prompt is read after <|endoftext|>, as documents are in training; the model copies it.
     assert record["ids"][0] == 0 and len(record["predictions"]) == 17
     table = text.split("predictions (")[1]
-    assert re.search(r"\n +10  'a' +0\.9\d\d +1  'a' 0\.9", table), table
+    assert re.search(r"\n +10  'a' +0\.9\d\d +1  'a' 0\.9\d\d ", table), table
     assert "batch at cursor 3" in text and "entropy per head" in text and math.isfinite(record["embedding_rms"])
 
 

@@ -10,7 +10,7 @@ a plain prompt/completion pair:
 8 symbols drawn uniformly from the 16 letters a-p; the separator (`>` or `<`) names the task, so
 both sources can share one data directory. The length is fixed on purpose: a sanity task must be
 easy, and with lengths varying from 4 to 12 a tiny model needed many times the steps
-(docs/doctor.md has the figures). The prompt is masked (SFT's usual template), so the
+(docs/inspect.md has the figures). The prompt is masked (SFT's usual template), so the
 loss is only on the answer, which is fully determined by the prompt: a model that learns the task
 drives it to zero. Random symbols are the point here: they are the task, not a stand-in for a corpus.
 

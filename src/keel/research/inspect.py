@@ -520,7 +520,7 @@ def format_inspection(inspection: Inspection, tokenizer, findings: list[Finding]
     lines += ["", f"predictions (probability and rank of the actual next token; the model's top {k})"]
     lines.append(f"{'pos':>4}  {'actual':<16} {'p':>6} {'rank':>5}  top {k}")
     for p in inspection.predictions:
-        top = "  ".join(f"{token_text(tokenizer, t)} {q:.2f}" for t, q in p.top)
+        top = "  ".join(f"{token_text(tokenizer, t)} {q:.3f}" for t, q in p.top)
         lines.append(
             f"{p.position:>4}  {token_text(tokenizer, p.actual)[:16]:<16} {p.probability:>6.3f} {p.rank:>5}  {top}"
         )
