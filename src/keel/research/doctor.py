@@ -161,7 +161,7 @@ def _overfit_task(config: RunConfig, copy_dir: Path, device: torch.device, dtype
             pass  # data too short for this batch: builtin:copy always fits
     task = build_task(_task_config(config, copy_dir, "sft", COPY_CONTEXT, rows), device, dtype)
     reason = "no text or SFT data at data.path" if kind is None else f"{data_dir} is too short for it"
-    return task, f"batch 0 of builtin:copy, {rows} x {COPY_CONTEXT} tokens ({reason})"
+    return task, f"batch 0 of builtin:copy, {rows} x {COPY_CONTEXT} tokens: {reason}"
 
 
 def _batch_checks(model, task, batch, what: str, budget: int, device, dtype) -> list[Check]:
@@ -176,7 +176,7 @@ def _batch_checks(model, task, batch, what: str, budget: int, device, dtype) -> 
     initial = Check(
         "initial loss",
         abs(first.item() - chance) <= INIT_TOLERANCE * chance,
-        f"{first.item():.3f} against ln({vocab}) = {chance:.3f}, within {INIT_TOLERANCE:.0%} passes ({what})",
+        f"{first.item():.3f} against ln({vocab}) = {chance:.3f}; passes within {INIT_TOLERANCE:.0%} ({what})",
     )
     gradients = _gradient_check(model)
     model.zero_grad(set_to_none=True)
@@ -185,15 +185,15 @@ def _batch_checks(model, task, batch, what: str, budget: int, device, dtype) -> 
     falls = Check(
         "loss falls",
         early < EARLY_DROP * losses[0],
-        f"{losses[0]:.3f} at step 0, {early:.3f} after {min(EARLY_STEPS, len(losses) - 1)} steps "
-        f"(below {EARLY_DROP:.0%} of the first passes)",
+        f"{losses[0]:.3f} at step 0, {early:.3f} after {min(EARLY_STEPS, len(losses) - 1)} steps; "
+        f"passes under {EARLY_DROP:.0%} of the first",
     )
     best = int(np.argmin(losses))
     overfit = Check(
         "overfits one batch",
         losses[best] < OVERFIT_LOSS,
         f"loss {losses[0]:.3f} -> {losses[-1]:.4f} in {len(losses)} of {budget} steps (best {losses[best]:.4f} at step "
-        f"{best}; under {OVERFIT_LOSS} passes)",
+        f"{best}); passes under {OVERFIT_LOSS}",
     )
     return [initial, gradients, falls, overfit]
 
@@ -300,5 +300,5 @@ def _copy_check(config: RunConfig, copy_dir: Path, budget: int, device, dtype) -
         "learns builtin:copy",
         accuracy[0] >= COPY_ACCURACY,
         f"{accuracy[0]:.1%} of held-out answer tokens right after {steps_at[0]} of {budget} steps "
-        f"(loss {losses[0]:.3f} -> {losses[-1]:.3f}; {COPY_ACCURACY:.0%} passes)",
+        f"(loss {losses[0]:.3f} -> {losses[-1]:.3f}); passes at {COPY_ACCURACY:.0%}",
     )

@@ -391,11 +391,12 @@ def inspect_text(model, ids: list[int], top_k: int = 5) -> Inspection:
 
 
 def head_statistics(weights: torch.Tensor) -> tuple[list[float], list[float], list[float], list[int]]:
-    """Per head of weights (nh, T, T), over the queries that see at least MIN_KEYS positions: mean entropy (nats),
-    mean entropy relative to uniform attention over what each query sees, and the fixed key position with the
-    largest mean share of the attention (that share, that position)."""
+    """Per head of causal weights (nh, T, T), over the queries that see at least MIN_KEYS positions: mean entropy
+    (nats), mean entropy relative to uniform attention over what each query sees, and the fixed key position
+    with the largest mean share of the attention (that share, that position)."""
     n_head, T, _ = weights.shape
-    visible = (weights > 0).sum(-1).float()[0]  # (T,) keys each query sees (causal: t + 1)
+    # Counted from the causal structure, not from weights > 0: a sharp head's weights underflow to 0.
+    visible = torch.arange(1, T + 1, dtype=torch.float32)  # (T,) keys each query sees
     queries = visible >= min(MIN_KEYS, T)
     w = weights[:, queries]  # (nh, Q, T)
     entropy = -(w * w.clamp_min(1e-30).log()).sum(-1)  # (nh, Q)
