@@ -334,16 +334,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from keel import config as config_lib
-    from keel.research.doctor import format_report, run_doctor
+    from keel.research.doctor import run_doctor, verdict
 
     config = config_lib.load(args.config, args.set)
-    report = run_doctor(
-        config,
-        args.overfit_steps,
-        args.copy_steps,
-        report=lambda c: print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.evidence}", flush=True),
-    )
-    print("\n" + format_report(report))
+    report = run_doctor(config, args.overfit_steps, args.copy_steps, report=lambda line: print(line, flush=True))
+    print(verdict(report))
     return 0 if report.passed else 1
 
 

@@ -8,7 +8,7 @@ from conftest import TINY, keel
 
 from keel import config as config_lib
 from keel.errors import UserError
-from keel.research.doctor import _gradient_check, format_report, run_doctor
+from keel.research.doctor import _gradient_check, format_report, run_doctor, verdict
 from keel.tasks.lm import token_loss
 
 CHECKS = ["initial loss", "gradients", "loss falls", "overfits one batch", "learns builtin:copy"]
@@ -49,8 +49,9 @@ def test_doctor_passes_a_sane_config(tiny_data):
     config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, "train.compile=false"])
     seen = []
     report = run_doctor(config, report=seen.append)
-    assert [c.name for c in report.checks] == CHECKS == [c.name for c in seen]
+    assert [c.name for c in report.checks] == CHECKS
     assert report.passed, format_report(report)
+    assert "\n".join(seen) + "\n" + verdict(report) == format_report(report)  # what the command prints
     assert f"batch 0 of {tiny_data}, 4 x 64 tokens" in report.checks[0].evidence
     assert "ln(512)" in report.checks[0].evidence
     assert "all checks passed" in format_report(report)

@@ -70,22 +70,28 @@ class DoctorReport:
         return all(check.passed for check in self.checks)
 
 
-def format_report(report: DoctorReport) -> str:
-    lines = [f"keel doctor: {report.setup}"]
-    lines += [f"  {'PASS' if c.passed else 'FAIL'}  {c.name}: {c.evidence}" for c in report.checks]
+def format_check(check: Check) -> str:
+    return f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.evidence}"
+
+
+def verdict(report: DoctorReport) -> str:
     failed = [c.name for c in report.checks if not c.passed]
-    verdict = f"{len(failed)} of {len(report.checks)} checks failed" if failed else "all checks passed"
-    lines.append(f"{verdict} ({report.seconds:.0f} s)")
-    return "\n".join(lines)
+    outcome = f"{len(failed)} of {len(report.checks)} checks failed" if failed else "all checks passed"
+    return f"{outcome} ({report.seconds:.0f} s)"
+
+
+def format_report(report: DoctorReport) -> str:
+    return "\n".join([f"keel doctor: {report.setup}", *map(format_check, report.checks), verdict(report)])
 
 
 def run_doctor(
     config: RunConfig,
     overfit_steps: int = 300,
     copy_steps: int = 400,
-    report: Callable[[Check], None] = lambda check: None,
+    report: Callable[[str], None] = lambda line: None,
 ) -> DoctorReport:
-    """Run the checks of the module docstring on `config`; `report` receives each check as it ends."""
+    """Run the checks of the module docstring on `config`; `report` receives the lines of format_report as they
+    become known (the setup first, then each check as it ends)."""
     from keel.train.precision import pick_device, pick_dtype
 
     if config.task.kind == "diffusion":
@@ -103,11 +109,12 @@ def run_doctor(
         f"fresh {m.n_layer}-layer, {m.d_model}-wide model ({m.n_head} heads), {o.optimizer} lr {o.lr:g}, "
         f"{str(dtype).removeprefix('torch.')} on {device.type}"
     )
+    report(f"keel doctor: {setup}")
     checks: list[Check] = []
 
     def add(check: Check) -> None:
         checks.append(check)
-        report(check)
+        report(format_check(check))
 
     with tempfile.TemporaryDirectory(prefix="keel-doctor-") as tmp:
         copy_dir = _prepare_copy(Path(tmp))
