@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from keel.errors import UserError
+from keel.tasks.lm import IGNORE_INDEX
 
 COLLAPSED_SHARE = 0.9
 UNIFORM_SHARE = 0.99
@@ -128,8 +129,6 @@ def training_batch(run, cursor: int) -> list[dict[str, torch.Tensor]]:
 def row_pieces(tensors: dict[str, torch.Tensor], row: int, eot_id: int, packed_documents: bool) -> list[Piece]:
     """The pieces of one row. `packed_documents`: the row is a window of a token stream whose documents each
     start with eot_id (pretraining); otherwise it holds examples (segments) or one sequence and padding."""
-    from keel.tasks.lm import IGNORE_INDEX
-
     inputs = tensors["inputs"][row].tolist()
     targets = tensors["targets"][row].tolist()
     T = len(inputs)
@@ -190,7 +189,7 @@ def format_batch(run, cursor: int, max_rows: int) -> str:
     packed_documents = kind in ("pretrain", "distill")
     eot_id = run.tokenizer.token_to_id("<|endoftext|>")
     rows = [(m, r) for m, tensors in enumerate(micro_batches) for r in range(len(tensors["inputs"]))]
-    scored = sum(int((t["targets"] != -100).sum()) for t in micro_batches)
+    scored = sum(int((t["targets"] != IGNORE_INDEX).sum()) for t in micro_batches)
     positions = sum(t["targets"].numel() for t in micro_batches)
     attention = {
         "pretrain": "attention runs across document boundaries (no mask between them)",
@@ -208,7 +207,7 @@ def format_batch(run, cursor: int, max_rows: int) -> str:
     for number, (micro, row) in enumerate(rows[:max_rows]):
         tensors = micro_batches[micro]
         pieces = row_pieces(tensors, row, eot_id, packed_documents)
-        row_scored = int((tensors["targets"][row] != -100).sum())
+        row_scored = int((tensors["targets"][row] != IGNORE_INDEX).sum())
         name = f"row {number}" + (f" (micro-batch {micro})" if len(micro_batches) > 1 else "")
         if kind == "dpo":
             half = len(tensors["inputs"]) // 2
