@@ -338,6 +338,27 @@ same keys as plain text.""")
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from keel.research.inspect import inspect_run
+
+    text, _, paths = inspect_run(
+        Path(args.run_dir), args.cursor, args.prompt, Path(args.out) if args.out else None, args.rows, args.top_k
+    )
+    print(text)
+    print(f"\nwrote {len(paths)} files into {paths[0].parent}: {', '.join(p.name for p in paths)}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from keel import config as config_lib
+    from keel.research.doctor import run_doctor, verdict
+
+    config = config_lib.load(args.config, args.set)
+    report = run_doctor(config, args.overfit_steps, args.copy_steps, report=lambda line: print(line, flush=True))
+    print(verdict(report))
+    return 0 if report.passed else 1
+
+
 INT8_HELP = "run on the CPU with the blocks' linear layers in int8 (dynamic quantization): faster, a little less exact"
 
 
@@ -351,9 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="SOURCE",
         help="file or directory (.txt .md .rst .py .jsonl .parquet), builtin:python-stdlib, or "
-        "hf:NAME[:CONFIG][:SPLIT]; SFT examples or preference pairs: .jsonl files, builtin:stdlib-sft "
-        "or builtin:stdlib-pref; images: a folder of PNG/JPEG files (a subfolder per class), builtin:digits "
-        "or builtin:mnist-5k",
+        "hf:NAME[:CONFIG][:SPLIT]; SFT examples or preference pairs: .jsonl files, builtin:stdlib-sft, "
+        "builtin:stdlib-pref, or the toy tasks builtin:copy and builtin:reverse; images: a folder of PNG/JPEG "
+        "files (a subfolder per class), builtin:digits or builtin:mnist-5k",
     )
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to create")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 8192)")
@@ -621,6 +642,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/python-stdlib", help="prepared data (prepared from the stdlib if missing)")
     p.add_argument("--out", default="runs/chaos", help="where the scenario runs go")
     p.set_defaults(func=cmd_chaos)
+
+    p = sub.add_parser(
+        "inspect",
+        help="a language-model run's batch as the model sees it, activations, attention (PNGs), predictions, "
+        "and pathologies found",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--cursor", type=int, default=0, help="show the batch of this step's data cursor (default 0, the first)"
+    )
+    p.add_argument("--rows", type=int, default=4, help="rows of the batch to print (default 4)")
+    p.add_argument(
+        "--prompt", default=None, help="text to look inside the model on (default: the start of the val split)"
+    )
+    p.add_argument("--top-k", type=int, default=5, help="predictions listed per position (default 5)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where the attention maps and inspect.json go (default RUN_DIR/inspect)",
+    )
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check a config on fresh models: initial loss, gradients, overfitting one batch, learning builtin:copy",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to keys it leaves out)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-3"
+    )
+    p.add_argument("--overfit-steps", type=int, default=300, help="step budget for overfitting one batch (default 300)")
+    p.add_argument("--copy-steps", type=int, default=400, help="step budget for learning builtin:copy (default 400)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("config", help="list every config key with its default and meaning")
     p.add_argument(

@@ -86,6 +86,7 @@ from keel.data.shards import (
 )
 from keel.data.sources import python_stdlib_files
 from keel.data.tokenizer import EOT, TOKENIZER_FILE, load_tokenizer
+from keel.data.toy import TOY_SOURCES, toy_base, toy_examples
 from keel.errors import UserError
 
 EXAMPLES_VERSION = 2
@@ -121,6 +122,8 @@ def source_kind(source: str) -> str:
     """The kind of data a source holds: builtin names say it, a .jsonl file's first record shows it."""
     if source in BUILTIN_SOURCES:
         return BUILTIN_SOURCES[source]
+    if source in TOY_SOURCES:
+        return "sft"
     path = Path(source)
     if path.suffix != ".jsonl" or not path.is_file() or not os.access(path, os.R_OK):
         return "text"  # the text reader counts a file it may not read as unreadable and says so
@@ -547,12 +550,15 @@ def plan_examples(
     dedup: str,
 ) -> Plan:
     """Check the options of an SFT or preference prepare and settle the ones taken from the base."""
-    if tokenizer_dir is None:
+    if tokenizer_dir is not None:
+        base = resolve_base(Path(tokenizer_dir))
+    elif all(source in TOY_SOURCES for source in sources):
+        base = toy_base(sources)  # toy symbols bring their own tokenizer (keel.data.toy)
+    else:
         raise UserError(
             f"{sources[0]} holds {KIND_NAMES[kind]}, which must use the tokenizer of the model they will train: "
             "pass --tokenizer RUN_DIR or --tokenizer DATA_DIR"
         )
-    base = resolve_base(Path(tokenizer_dir))
     too_long = too_long or "truncate"
     if too_long not in TOO_LONG_MODES:
         raise UserError(f"unknown --too-long {too_long!r}; use one of {', '.join(TOO_LONG_MODES)}")
@@ -643,6 +649,8 @@ def build_examples(build_dir: Path, plan: Plan, progress: bool = True) -> dict:
                 skipped: Counter = Counter()
                 if source in BUILTIN_SOURCES:
                     examples = stdlib_examples(plan.kind, template, plan.options, plan.stdlib_files, skipped)
+                elif source in TOY_SOURCES:
+                    examples = toy_examples(source, template, plan.options["val_fraction"], skipped)
                 else:
                     examples = jsonl_examples(Path(source), plan.kind, template, plan.options["val_fraction"])
                 num_examples = 0

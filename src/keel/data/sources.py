@@ -40,7 +40,8 @@ def read_source(source: str) -> Iterator[Document]:
         if source != "builtin:python-stdlib":
             raise UserError(
                 f"unknown builtin corpus {source!r}; use builtin:python-stdlib (text), "
-                "builtin:stdlib-sft (SFT examples) or builtin:stdlib-pref (preference pairs)"
+                "builtin:stdlib-sft (SFT examples), builtin:stdlib-pref (preference pairs), "
+                "builtin:copy or builtin:reverse (toy SFT tasks of random symbols)"
             )
         return _files_documents(python_stdlib_files())
     path = Path(source)
