@@ -56,7 +56,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,20 +113,16 @@ def model_for_depth(base: ModelConfig, depth: int, aspect: int) -> ModelConfig:
 
 
 def size_of(model: ModelConfig, depth: int) -> Size:
-    """Parameters and FLOPs per token of GPT(model), from GPT's own counting (model.vocab_size resolved)."""
-    import torch
-
+    """Parameters and FLOPs per token of GPT(model), by GPT's own counting (model.vocab_size resolved)."""
     from keel.models.gpt import GPT
 
-    with torch.device("meta"):  # no memory, no initialisation cost: only the config matters
-        flops = GPT(model).flops_per_token()
     return Size(
         depth=depth,
         n_layer=model.n_layer,
         d_model=model.d_model,
         non_embedding_params=GPT.count_params(model, include_embedding=False),
         params=GPT.count_params(model, include_embedding=True),
-        flops_per_token=flops,
+        flops_per_token=GPT.count_flops_per_token(model),
     )
 
 
@@ -179,6 +175,7 @@ class Ladder:
     record: dict[str, Any]
     train_windows: int  # training windows of context + 1 tokens the data has per epoch
     train_tokens: int
+    sizes: dict[int, Size] = field(default_factory=dict, repr=False)  # by depth, computed once
 
     @property
     def name(self) -> str:
@@ -194,7 +191,9 @@ class Ladder:
         return t.batch_size * t.grad_accum * self.base.model.context_length
 
     def size(self, depth: int) -> Size:
-        return size_of(model_for_depth(self.base.model, depth, self.aspect), depth)
+        if depth not in self.sizes:
+            self.sizes[depth] = size_of(model_for_depth(self.base.model, depth, self.aspect), depth)
+        return self.sizes[depth]
 
     def rung(self, depth: int, budget: float) -> Rung:
         size = self.size(depth)
@@ -530,8 +529,8 @@ def _project(alpha: float, beta: float, log_n: np.ndarray, log_d: np.ndarray, lo
 
 
 def fit_loss_law(n: Any, d: Any, loss: Any) -> LossLaw:
-    """Approach 3 by variable projection (see the module docstring): a 16 x 16 grid of exponents,
-    then L-BFGS-B from the three best grid points."""
+    """Approach 3 by variable projection (see the module docstring): a 12 x 12 grid of exponents,
+    then L-BFGS-B from the two best grid points."""
     from scipy.optimize import minimize
 
     n, d, loss = (np.asarray(x, dtype=np.float64) for x in (n, d, loss))
@@ -540,8 +539,8 @@ def fit_loss_law(n: Any, d: Any, loss: Any) -> LossLaw:
     def objective(exponents: np.ndarray) -> float:
         return _project(exponents[0], exponents[1], log_n, log_d, loss)[1]
 
-    grid = np.geomspace(*EXPONENT_BOUNDS, 16)
-    starts = sorted((objective(np.array([a, b])), a, b) for a in grid for b in grid)[:3]
+    grid = np.geomspace(*EXPONENT_BOUNDS, 12)
+    starts = sorted((objective(np.array([a, b])), a, b) for a in grid for b in grid)[:2]
     best = min(
         (minimize(objective, np.array([a, b]), method="L-BFGS-B", bounds=[EXPONENT_BOUNDS] * 2) for _, a, b in starts),
         key=lambda result: result.fun,
