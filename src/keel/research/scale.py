@@ -134,6 +134,8 @@ def budget_label(budget: float) -> str:
 
 def human(n: float) -> str:
     """12345 -> '12.3k', 4.5e6 -> '4.50M': counts that span many orders of magnitude."""
+    if not math.isfinite(n):
+        return str(n)
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
@@ -606,6 +608,13 @@ def fit_power_law(optima: list[IsoFlopOptimum]) -> tuple[float, float] | None:
     return float(a), float(np.exp(log_k))
 
 
+def power_law_at(power: tuple[float, float], budget: float) -> float:
+    """k * C^a, inf rather than an overflow when a wild fit (a tiny ladder's) extrapolates it."""
+    a, k = power
+    with np.errstate(over="ignore"):
+        return float(np.exp(np.log(k) + a * np.log(budget))) if k > 0 else 0.0
+
+
 # ---- fitting: both, with bootstrap intervals -----------------------------------------------------------
 
 
@@ -797,8 +806,8 @@ def make_prediction(ladder: Ladder, fits: dict[str, Fit], budget: float) -> tupl
                 ),
             },
             "approach2": {
-                "n": power[1] * budget ** power[0] if power else None,
-                "n_interval": interval([k * budget**a for a, k in fit.boot_power_laws]),
+                "n": power_law_at(power, budget) if power else None,
+                "n_interval": interval([power_law_at(p, budget) for p in fit.boot_power_laws]),
             },
         }
     prediction = {
@@ -1102,11 +1111,12 @@ def write_plot(ladder: Ladder, fits: dict[str, Fit]) -> Path:
     right.scatter([o["budget"] for o in iso], [o["n"] for o in iso], color="C1", zorder=3, label="approach 2 vertices")
     if fit.power_law is not None:
         a, k = fit.power_law
-        right.plot(c_grid, k * c_grid**a, "C1--", label=f"approach 2: N_opt ~ C^{a:.2f}")
+        right.plot(c_grid, [power_law_at((a, k), c) for c in c_grid], "C1--", label=f"approach 2: N_opt ~ C^{a:.2f}")
     for p in ladder.record["predictions"]:
         right.scatter(
             [p["budget"]], [p[key]], color="red", marker="D", zorder=4, label=f"prediction run (depth {p['depth']})"
         )
+    right.set_ylim(n_table[0] / 3, n_table[-1] * 3)  # the family's sizes: a wild power law stays off the scale
     right.set(
         xscale="log", yscale="log", xlabel="C (training FLOPs)", ylabel=f"compute-optimal N ({N_KIND_NAMES[kind]})"
     )
