@@ -317,7 +317,13 @@ def open_ladder(
     record["budgets"] = sorted(set(record["budgets"]) | {float(c) for c in budgets or []})
 
     data = _open_data(base)
-    base = dataclasses.replace(base, model=dataclasses.replace(base.model, vocab_size=data.vocab_size))
+    if 0 < base.model.vocab_size < data.vocab_size:
+        raise UserError(
+            f"model.vocab_size={base.model.vocab_size} is smaller than the tokenizer of {base.data.path} "
+            f"({data.vocab_size}); set model.vocab_size=0 to take it from the data."
+        )
+    vocab_size = base.model.vocab_size or data.vocab_size
+    base = dataclasses.replace(base, model=dataclasses.replace(base.model, vocab_size=vocab_size))
     tokens = len(data.tokens("train"))
     context = base.model.context_length
     ladder = Ladder(directory, base, record, max(0, (tokens - context) // context), tokens)
@@ -398,6 +404,11 @@ def _check_shape(ladder: Ladder) -> None:
         raise UserError(
             f"a ladder needs at least two budgets (one budget ties D to N, so L(N, D) cannot be fitted), got "
             f"--budgets {' '.join(map(budget_label, budgets)) or '(none)'}; pass e.g. --budgets 1e12 3e12."
+        )
+    labels = [budget_label(c) for c in budgets]
+    if len(set(labels)) < len(labels):
+        raise UserError(
+            f"--budgets {' '.join(labels)} has budgets equal to three significant digits; make them distinct."
         )
     smallest = ladder.rung(depths[0], budgets[0])
     if smallest.steps < 1:
@@ -836,8 +847,9 @@ def make_prediction(ladder: Ladder, fits: dict[str, Fit], budget: float) -> tupl
 def check_prediction_budget(ladder: Ladder, budget: float) -> None:
     largest = max(ladder.record["budgets"])
     if not (math.isfinite(budget) and budget >= PREDICT_MIN_RATIO * largest):
+        given = budget_label(budget) if math.isfinite(budget) and budget > 0 else budget
         raise UserError(
-            f"--predict {budget:g} is not an extrapolation of the ladder at {ladder.directory}: it must be at least "
+            f"--predict {given} is not an extrapolation of the ladder at {ladder.directory}: it must be at least "
             f"{PREDICT_MIN_RATIO:g}x its largest budget ({budget_label(largest)}), i.e. >= "
             f"{budget_label(PREDICT_MIN_RATIO * largest)} FLOPs."
         )
