@@ -74,8 +74,7 @@ N_KINDS = ("non_embedding", "all")
 N_KIND_NAMES = {"non_embedding": "non-embedding parameters", "all": "all parameters"}
 # The knob owns these; a base config that sets them would fight it.
 KNOB_KEYS = ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden")
-# An extrapolation has to reach past the ladder to test anything: 4x is what the issue asks, and
-# about what a team spends on a ladder before the run it exists to plan (Llama 3 extrapolated ~100x).
+# A prediction has to reach well past the ladder to test the fit rather than interpolate it: issue #17 asks 4x.
 PREDICT_MIN_RATIO = 4.0
 INTERVAL_PERCENTILES = (5.0, 95.0)  # a 90% interval
 EXPONENT_BOUNDS = (0.02, 2.5)  # wide: power laws in loss have exponents around 0.05-1
