@@ -313,6 +313,21 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    from keel.research.scale import scale
+
+    return scale(
+        Path(args.ladder_dir),
+        args.depths,
+        args.budgets,
+        args.aspect,
+        args.config,
+        args.set,
+        args.predict,
+        args.bootstrap,
+    )
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from keel.config import reference
 
@@ -676,6 +691,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overfit-steps", type=int, default=300, help="step budget for overfitting one batch (default 300)")
     p.add_argument("--copy-steps", type=int, default=400, help="step budget for learning builtin:copy (default 400)")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "scale",
+        help="train a scaling ladder (model sizes x FLOP budgets), fit L(N, D), predict a larger run and check it",
+    )
+    p.add_argument("ladder_dir", metavar="LADDER_DIR", help="the ladder's directory: ladder.json, ladder.png, runs/")
+    p.add_argument(
+        "--depths",
+        type=int,
+        nargs="+",
+        metavar="D",
+        help="model sizes: depth d is n_layer d, d_model ASPECT x d, n_head d (at least three; a recorded ladder "
+        "gains the new ones)",
+    )
+    p.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        metavar="C",
+        help="training FLOP budgets such as 1e12 3e12; each run trains the steps its budget buys (at least two)",
+    )
+    p.add_argument("--aspect", type=int, default=None, help="d_model per layer, and head size (default 64)")
+    p.add_argument("--config", metavar="FILE", help="YAML base config of every run (model.n_layer etc. excepted)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key, e.g. data.path=DIR"
+    )
+    p.add_argument(
+        "--predict",
+        type=float,
+        default=None,
+        metavar="C",
+        help="then predict the val loss of a compute-optimal run of C FLOPs (>= 4x the largest budget) from the fit, "
+        "train it and report the error",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=200,
+        metavar="N",
+        help="bootstrap refits behind the 90%% intervals (default 200)",
+    )
+    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("config", help="list every config key with its default and meaning")
     p.add_argument(

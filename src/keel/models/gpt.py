@@ -303,7 +303,12 @@ class GPT(nn.Module):
         return total
 
     def flops_per_token(self) -> int:
-        """Training FLOPs (forward + backward) per token at full context, for MFU.
+        """Training FLOPs (forward + backward) per token at full context, for MFU; see count_flops_per_token."""
+        return self.count_flops_per_token(self.config)
+
+    @staticmethod
+    def count_flops_per_token(config: ModelConfig) -> int:
+        """Training FLOPs (forward + backward) per token at full context of GPT(config), from the config alone.
 
         nanoGPT's / PaLM's estimate, 6 N + 12 L H Q T:
         - 6 N: every weight in a matmul costs 2 FLOPs per token forward and 4 backward. N counts
@@ -315,8 +320,8 @@ class GPT(nn.Module):
           (forward + backward) over T = context_length keys per query, in each of L layers with
           H query heads of size Q. It counts the full T x T square, as PaLM does, not the causal half.
         """
-        c = self.config
-        n = self.count_params(c, include_embedding=False) + c.vocab_size * c.d_model
+        c = config
+        n = GPT.count_params(c, include_embedding=False) + c.vocab_size * c.d_model
         return 6 * n + 12 * c.n_layer * c.n_head * (c.d_model // c.n_head) * c.context_length
 
     # ---- sampling --------------------------------------------------------------------------

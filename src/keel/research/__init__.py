@@ -1,0 +1,1 @@
+"""Research tools built on ordinary keel runs: scaling ladders (scale.py)."""
