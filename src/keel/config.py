@@ -416,6 +416,20 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Every key dotted (`optim.lr`), as --set and the config reference name them."""
+        return _flatten(self.to_dict())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
 
 def _to_dict(section: Any) -> dict[str, Any]:
     """Like dataclasses.asdict, with every field under its key (`init.from`, not `init.from_`)."""

@@ -99,20 +99,10 @@ def _read(run: str, registry: Registry) -> RunView:
     return RunView(config.name, run_dir, config, row, series, read_logbook(run_dir / LOGBOOK_FILE))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def config_differences(configs: list[RunConfig]) -> list[tuple[str, list[Any]]]:
     """(key, [value per run]) for every config key whose resolved values differ, in the config's order.
     The run's name is left out: it always differs and heads every column anyway."""
-    flat = [_flatten(c.to_dict()) for c in configs]
+    flat = [c.to_flat_dict() for c in configs]
     return [
         (key, [f.get(key) for f in flat])
         for key in flat[0]

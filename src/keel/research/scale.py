@@ -366,23 +366,13 @@ def _base_config(config_path: str | None, overrides: list[str]) -> RunConfig:
 
 
 def _check_same_base(directory: Path, recorded: RunConfig, given: RunConfig) -> None:
-    ours, theirs = _flatten(recorded.to_dict()), _flatten(given.to_dict())
+    ours, theirs = recorded.to_flat_dict(), given.to_flat_dict()
     for key in ours:
         if ours[key] != theirs.get(key) and key != "model.vocab_size":
             raise UserError(
                 f"the ladder at {directory} was built with {key}={ours[key]!r}, not {theirs.get(key)!r}; its runs "
                 "must share every setting but size and budget, so drop --config/--set or start a new ladder directory."
             )
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def _open_data(base: RunConfig):
