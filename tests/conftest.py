@@ -1,10 +1,13 @@
 """Shared fixtures: a small real corpus (stdlib modules) prepared once, and a private registry."""
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -85,15 +88,67 @@ def tiny_data(corpus_dir, tmp_path_factory) -> Path:
     return out
 
 
-def keel(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real `keel` command in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "keel.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-    )
+def keel(*args: str, env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run the real `keel` command and return its exit code and output.
+
+    In this process by default (importing torch in a fresh interpreter costs seconds, and most
+    calls are refusals that take milliseconds): the same `main()` the console script calls, with
+    fds 1 and 2 captured so the output of processes it starts (the trainer) is caught too.
+    With a timeout, in a subprocess, for commands that may hang.
+    """
+    if timeout is not None:
+        return subprocess.run(
+            [sys.executable, "-m", "keel.cli", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=timeout,
+        )
+    import torch
+
+    from keel.cli import main
+
+    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    os.environ.update(env or {})
+    try:
+        with _captured_fds() as (out, err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit:  # argparse's own errors
+                code = exit.code if isinstance(exit.code, int) else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["keel", *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _captured_fds():
+    """Point fds 1 and 2 (and sys.stdout/stderr) at temporary files; yield buffers filled on exit."""
+    out, err = io.StringIO(), io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_streams, saved_fds = (sys.stdout, sys.stderr), (os.dup(1), os.dup(2))
+    files = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    try:
+        for fd, file in zip((1, 2), files):
+            os.dup2(file.fileno(), fd)
+        sys.stdout = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115 (closed below)
+        sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
+        yield out, err
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            stream.close()
+        sys.stdout, sys.stderr = saved_streams
+        for fd, saved in zip((1, 2), saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        for buffer, file in zip((out, err), files):
+            file.seek(0)
+            buffer.write(file.read().decode(errors="replace"))
+            file.close()
 
 
 def tiny_train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
