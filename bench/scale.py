@@ -1,6 +1,6 @@
 """A scaling ladder that predicts and is checked: `keel scale` on the venv's own Python source.
 
-Trains a ladder of five model sizes (depth 2-6: n_layer d, d_model 32d, n_head d) at three compute
+Trains a ladder of four model sizes (depth 1-4: n_layer d, d_model 32d, n_head d) at three compute
 budgets (1.5e12, 3e12, 6e12 FLOPs), each an ordinary supervised keel run, fits L(N, D) by
 Chinchilla's approaches 3 and 2, predicts the val loss of the compute-optimal run at 4x the largest
 budget (2.4e13 FLOPs) before training it, then trains it and prints the prediction's error (the
@@ -49,7 +49,7 @@ BASE = [
     "train.compile=false",
     "optim.lr=2e-3",
 ]
-FULL = {"depths": [2, 3, 4, 5, 6], "budgets": [1.5e12, 3e12, 6e12], "aspect": 32, "vocab": 2048, "predict": 2.4e13}
+FULL = {"depths": [1, 2, 3, 4], "budgets": [1.5e12, 3e12, 6e12], "aspect": 32, "vocab": 2048, "predict": 2.4e13}
 SMOKE = {"depths": [1, 2, 3], "budgets": [2e9, 4e9], "aspect": 32, "vocab": 512, "predict": 1.6e10}
 SMOKE_BASE = [
     "model.context_length=64",
