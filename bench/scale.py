@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import sys
 import sysconfig
 import time
@@ -62,26 +61,6 @@ SMOKE_BASE = [
 ]
 
 
-def python_files_of(folder: Path) -> Path:
-    """A mirror of folder's .py files as symlinks (bench/.cache/FOLDER-py): only the Python source.
-
-    `keel prepare` reads every .jsonl and .parquet in a folder as a dataset and site-packages holds
-    test fixtures in both that are not text datasets (pyarrow's parquet tests), so the corpus is the
-    .py files alone.
-    """
-    mirror = CACHE / f"{folder.name}-py"
-    if not mirror.is_dir():
-        building = mirror.with_name(mirror.name + ".tmp")
-        shutil.rmtree(building, ignore_errors=True)
-        for path in sorted(folder.rglob("*.py")):
-            if path.is_file():
-                link = building / path.relative_to(folder)
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(path)
-        building.rename(mirror)
-    return mirror
-
-
 def ensure_data(smoke: bool) -> Path:
     """The bench's corpus, prepared once: site-packages (full) or three stdlib packages (smoke)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -89,14 +68,17 @@ def ensure_data(smoke: bool) -> Path:
         sources, out = [stdlib / "email", stdlib / "json", stdlib / "importlib"], CACHE / "scale-smoke-512"
     else:
         sources, out = (
-            [python_files_of(Path(sysconfig.get_paths()["purelib"]))],
+            [Path(sysconfig.get_paths()["purelib"])],
             CACHE / f"site-packages-{FULL['vocab']}",
         )
     if not (out / "manifest.json").is_file():
         vocab = SMOKE["vocab"] if smoke else FULL["vocab"]
         print(f"preparing {out} from {', '.join(map(str, sources))} (once) ...", flush=True)
         started = time.perf_counter()
-        prepare([str(s) for s in sources], out, vocab_size=vocab, val_fraction=0.01 if not smoke else 0.1)
+        # Only the .py files: site-packages also holds data files (pyarrow's .parquet test fixtures) that are
+        # not text datasets.
+        val_fraction = 0.01 if not smoke else 0.1
+        prepare([str(s) for s in sources], out, vocab_size=vocab, val_fraction=val_fraction, include=["*.py"])
         print(f"prepared in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return out
 

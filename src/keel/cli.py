@@ -54,6 +54,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         context_length=args.context_length,
         too_long=args.too_long,
         image_size=args.image_size,
+        include=args.include,
     )
     if manifest.get("kind") == "images":
         from keel.data.images import summary as image_summary
@@ -392,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
         "files (a subfolder per class), builtin:digits or builtin:mnist-5k",
     )
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to create")
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="read only the files of folder sources whose names match GLOB, whatever their suffix (repeatable), "
+        "e.g. --include '*.py' for a folder of code that also holds data files",
+    )
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 8192)")
     p.add_argument(
         "--val-fraction",

@@ -140,6 +140,24 @@ def test_jsonl_and_parquet_sources(tmp_path):
     assert sorted(documents_of(tmp_path / "out", "train") + documents_of(tmp_path / "out", "val")) == sorted(texts)
 
 
+def test_include_reads_only_the_code_of_a_folder_that_also_holds_data_files(tmp_path):
+    """site-packages as a corpus: its .py files, not the .parquet test fixtures packages ship."""
+    package = tmp_path / "site-packages" / "pkg"
+    (package / "tests" / "data").mkdir(parents=True)
+    for name in MODULES:
+        shutil.copyfile(STDLIB / name, package / Path(name).name)
+    (package / "module.pyi").write_text("def f(x: int) -> int: ...\n" * 10)
+    pq.write_table(pa.table({"carat": [0.2, 0.3]}), package / "tests" / "data" / "fixture.parquet")
+    with pytest.raises(UserError, match="fixture.parquet has no 'text' column"):
+        prepare([str(tmp_path / "site-packages")], tmp_path / "everything", **OPTIONS)
+    manifest = prepare([str(tmp_path / "site-packages")], tmp_path / "code", include=["*.py"], **OPTIONS)
+    assert manifest["documents"]["read"] == len(MODULES)  # not the .pyi, not the parquet
+    assert manifest["options"]["include"] == ["*.py"]
+    with pytest.raises(UserError, match=r"no files named \*\.rs; check --include"):
+        prepare([str(tmp_path / "site-packages")], tmp_path / "none", include=["*.rs"], **OPTIONS)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "everything").exists()
+
+
 def test_hf_source_from_local_dataset_folder(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     # Hubs are unreachable here: load_dataset must only read the local folder.

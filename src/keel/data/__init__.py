@@ -101,6 +101,7 @@ def prepare(
     context_length: int | None = None,
     too_long: str | None = None,
     image_size: int | None = None,
+    include: list[str] | None = None,
 ) -> dict:
     """Build DATA_DIR `out_dir` from `sources` and return its manifest.
 
@@ -115,6 +116,7 @@ def prepare(
     SFT examples and preference pairs need `tokenizer` (a data or run directory) and take
     `context_length` and `too_long`; see `keel.data.examples` for their options and manifest.
     Images take `image_size` (resize every image to that square); see `keel.data.images`.
+    `include` (text only): read only the files of folder sources whose names match one of these globs.
     """
     out_dir = Path(out_dir)
     _check_options(sources, out_dir, vocab_size, val_fraction, dedup, force, min_chars)
@@ -128,11 +130,13 @@ def prepare(
                 ("--too-long", too_long),
             )
             if value is not None
-        ]
+        ] + (["--include"] if include else [])
         if unused:
             raise UserError(f"{unused[0]} applies to text, not to images; drop it")
         return _build_in_place(out_dir, lambda build_dir: build_images(build_dir, sources, val_fraction, image_size))
     kind = kind_of_sources(sources)
+    if kind != "text" and include:
+        raise UserError("--include picks files of text folders; name SFT or preference files themselves instead")
     if kind != "text":
         plan = plan_examples(sources, kind, tokenizer, val_fraction, context_length, too_long, min_chars, dedup)
     else:
@@ -140,7 +144,7 @@ def prepare(
             raise UserError(
                 "--context-length and --too-long apply to SFT examples and preference pairs, not to text; drop them"
             )
-        documents = [read_source(source) for source in sources]  # checks every source before any work
+        documents = [read_source(source, include) for source in sources]  # checks every source before any work
         base_tokenizer = _reused_tokenizer(Path(tokenizer), vocab_size) if tokenizer is not None else None
     if kind != "text":
         return _build_in_place(out_dir, lambda build_dir: build_examples(build_dir, plan, progress))
@@ -158,6 +162,7 @@ def prepare(
             progress,
             base_tokenizer,
             tokenizer,
+            include,
         ),
     )
 
@@ -242,6 +247,7 @@ def _build(
     progress: bool,
     base_tokenizer: Tokenizer | None = None,
     tokenizer_from: Path | str | None = None,
+    include: list[str] | None = None,
 ) -> dict:
     work_dir = build_dir / "work"
     work_dir.mkdir()
@@ -324,6 +330,7 @@ def _build(
             "dedup": dedup,
             "min_chars": min_chars,
             **({"tokenizer_from": str(tokenizer_from)} if tokenizer_from is not None else {}),
+            **({"include": list(include)} if include else {}),
         },
         "documents": {"read": sum(s["documents"] for s in source_counts), **report},
         "splits": splits,

@@ -9,6 +9,7 @@ or a `str` from a structured record.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -32,8 +33,12 @@ PARQUET_BATCH_ROWS = 1024
 HUB_TIMEOUT_SECONDS = 5  # a reachable hub answers a TCP connect in well under a second
 
 
-def read_source(source: str) -> Iterator[Document]:
-    """Check SOURCE now and return an iterator over its documents."""
+def read_source(source: str, include: list[str] | None = None) -> Iterator[Document]:
+    """Check SOURCE now and return an iterator over its documents.
+
+    include: glob patterns of file names (`*.py`); a folder then yields the files that match one
+    of them, whatever their suffix, instead of every file with a supported suffix.
+    """
     if source.startswith("hf:"):
         return _hf_documents(source)
     if source.startswith("builtin:"):
@@ -55,18 +60,27 @@ def read_source(source: str) -> Iterator[Document]:
         raise UserError(f"source {source} does not exist; check the path")
     if path.is_file():
         return _files_documents([path])
-    files = list_files(path)
+    files = list_files(path, include)
+    if not files and include:
+        raise UserError(f"{source} contains no files named {' or '.join(include)}; check --include")
     if not files:
         raise UserError(f"{source} contains no {', '.join(SUFFIXES)} files; point it at a folder of text")
     return _files_documents(files)
 
 
-def list_files(folder: Path) -> list[Path]:
-    """Files under `folder` with a supported suffix, recursively, in sorted (reproducible) order."""
+def list_files(folder: Path, include: list[str] | None = None) -> list[Path]:
+    """Files under `folder` with a supported suffix (or a name matching `include`), recursively, in
+    sorted (reproducible) order."""
+
+    def wanted(name: str) -> bool:
+        if include:
+            return any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
+        return name.endswith(SUFFIXES)
+
     files = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [Path(root, n) for n in sorted(names) if n.endswith(SUFFIXES) and not n.startswith(".")]
+        files += [Path(root, n) for n in sorted(names) if wanted(n) and not n.startswith(".")]
     return files
 
 
