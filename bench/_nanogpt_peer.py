@@ -1,13 +1,19 @@
-"""The byte-level peer of bench/quality.py: nanoGPT's recipe trained for a wall-clock budget.
+"""The peers of bench/quality.py: nanoGPT's recipe trained for a wall-clock budget on a stream of ids.
 
-The text is the documents of keel's own DATA_DIR (decoded from its token shards, so both
-trainers see exactly the same train and val files), written as a byte stream with a separator
-id (256) before each document, as keel puts its end-of-text token there. The model is
-bench/_peers.py's `NanoGPT` (learned positions, LayerNorm, GELU MLP, tied embeddings) computing
-in `peer_dtype()`, keel's own dtype rule for this CPU (bf16 autocast with native bf16, else
-float32), trained with nanoGPT's character-level recipe for a model of this size
+One trainer, `train_and_evaluate`, takes any stream of ids and its vocabulary size; two streams
+are built from keel's own DATA_DIR, so every trainer sees exactly the same train and val files:
+
+- `token_stream`: keel's BPE token shards as they are (`open_data(DATA_DIR).tokens(split)`, each
+  document starting with the end-of-text id), with keel's tokenizer's vocabulary: the same tokens
+  keel trains and is evaluated on. The headline peer.
+- `byte_stream`: the same documents decoded to UTF-8 bytes, with a separator id (256) before each
+  document where keel puts its end-of-text token: a byte-level model, as nanoGPT's char recipe.
+
+The model is bench/_peers.py's `NanoGPT` (GPT-2 block: learned positions, LayerNorm, GELU MLP 4x,
+tied embeddings) computing in `peer_dtype()`, keel's own dtype rule for this CPU (bf16 autocast
+with native bf16, else float32), trained with nanoGPT's recipe for a model of this size
 (config/train_shakespeare_char.py: AdamW lr 1e-3 with cosine decay to 1e-4, 100 warm-up steps,
-beta2 0.99), without its dropout: the runs here see less than one epoch.
+beta2 0.99, weight decay 0.1), without its dropout: the runs here see less than one epoch of bytes.
 """
 
 from __future__ import annotations
@@ -25,8 +31,17 @@ from _peers import CPU, NanoGPT, Shape, peer_dtype
 from keel.data import eval_batches, open_data
 from keel.train.precision import autocast
 
-SEPARATOR = 256  # the id before each document; the other 256 ids are the bytes themselves
-VOCAB_SIZE = 257
+SEPARATOR = 256  # the id before each document of a byte stream; the other 256 ids are the bytes themselves
+BYTE_VOCAB_SIZE = 257
+
+
+@dataclass
+class Stream:
+    """One split as the ids a peer trains or is evaluated on."""
+
+    ids: np.ndarray  # (N,) integer ids, each < vocab_size
+    vocab_size: int
+    num_bytes: int  # UTF-8 bytes of the split's document text, as keel's manifest counts them
 
 
 @dataclass
@@ -44,17 +59,25 @@ class PeerRecipe:
 @dataclass
 class PeerResult:
     steps: int
-    tokens: int
+    tokens: int  # ids trained on (tokens or bytes)
     seconds: float
     final_loss: float
-    val_loss: float  # nats per predicted byte (separators included), over the whole val split
+    val_loss: float  # nats per predicted id over the val windows
     bits_per_byte: float  # per byte of document text, as keel counts bytes
     params: int
     dtype: torch.dtype  # what the forward pass computed in
 
 
-def byte_stream(data_dir: Path, split: str) -> tuple[np.ndarray, int]:
-    """(the split as [SEPARATOR] + UTF-8 bytes per document, uint16; its number of text bytes)."""
+def token_stream(data_dir: Path, split: str) -> Stream:
+    """The split's BPE tokens exactly as keel reads them, with its tokenizer's vocabulary size."""
+    data = open_data(data_dir)
+    tokens = data.tokens(split)
+    assert len(tokens) == data.manifest["splits"][split]["tokens"], "keel's bits per byte counts these tokens"
+    return Stream(tokens, data.vocab_size, data.manifest["splits"][split]["bytes"])
+
+
+def byte_stream(data_dir: Path, split: str) -> Stream:
+    """The split as [SEPARATOR] + UTF-8 bytes per document, uint16."""
     data = open_data(data_dir)
     tokens = np.asarray(data.tokens(split))
     starts = np.flatnonzero(tokens == data.eot_id)  # every document begins with the end-of-text id
@@ -68,7 +91,7 @@ def byte_stream(data_dir: Path, split: str) -> tuple[np.ndarray, int]:
         num_bytes += len(raw)
     # The decode is exact (byte-level BPE), so the bytes are those keel counted when preparing.
     assert num_bytes == data.manifest["splits"][split]["bytes"], (num_bytes, data.manifest["splits"][split]["bytes"])
-    return np.concatenate(pieces), num_bytes
+    return Stream(np.concatenate(pieces), BYTE_VOCAB_SIZE, num_bytes)
 
 
 def lr_at(step: int, recipe: PeerRecipe, max_steps: int) -> float:
@@ -80,12 +103,10 @@ def lr_at(step: int, recipe: PeerRecipe, max_steps: int) -> float:
 
 
 def train_and_evaluate(
-    data_dir: Path, minutes: float, shape: Shape, recipe: PeerRecipe = PeerRecipe(), log=print
+    train: Stream, val: Stream, minutes: float, shape: Shape, recipe: PeerRecipe = PeerRecipe(), log=print
 ) -> PeerResult:
-    """Train for `minutes` of wall clock (the cosine ends when the budget does), then evaluate."""
-    train, _ = byte_stream(data_dir, "train")
-    val, val_bytes = byte_stream(data_dir, "val")
-    train_t = torch.from_numpy(train.astype(np.int64))
+    """Train on `train` for `minutes` of wall clock (the cosine ends when the budget does), then evaluate on `val`."""
+    assert shape.vocab_size == train.vocab_size == val.vocab_size, (shape.vocab_size, train.vocab_size)
     T, B = shape.context_length, shape.batch_size
     dtype = peer_dtype()
     torch.manual_seed(recipe.seed)
@@ -111,8 +132,9 @@ def train_and_evaluate(
             max_steps = max(recipe.warmup_steps + 1, step + int((budget - elapsed) / seconds_per_step))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe, max_steps)
-        offsets = torch.randint(len(train_t) - T - 1, (B,))  # nanoGPT samples windows with replacement
-        window = torch.stack([train_t[i : i + T + 1] for i in offsets.tolist()])  # (B, T+1)
+        # nanoGPT's get_batch: windows at random offsets, with replacement.
+        offsets = torch.randint(len(train.ids) - T - 1, (B,)).tolist()
+        window = torch.from_numpy(np.stack([train.ids[i : i + T + 1] for i in offsets]).astype(np.int64))  # (B, T+1)
         x, y = window[:, :-1], window[:, 1:]
         with autocast(CPU, dtype):
             logits = model(x)  # (B, T, vocab)
@@ -125,20 +147,7 @@ def train_and_evaluate(
         if step % 100 == 0:
             log(f"  peer step {step}/{max_steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
     seconds = time.perf_counter() - start
-
-    # The same windows keel's evaluation uses: consecutive, from the start of the split, all of it.
-    num_batches = max(1, (len(val) - 1) // (T * B))
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in eval_batches(val, T, B, num_batches, split_name="peer val bytes"):
-            with autocast(CPU, dtype):
-                logits = model(x)  # (B, T, vocab)
-            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-            count += y.numel()
-    val_loss = total / count
-    # As keel does: nats per predicted position, divided by ln 2 and by the split's text bytes per position.
-    bits_per_byte = val_loss / math.log(2) / (val_bytes / len(val))
+    val_loss, bits_per_byte = evaluate(model, val, T, B, dtype)
     return PeerResult(
         step,
         step * B * T,
@@ -149,3 +158,29 @@ def train_and_evaluate(
         sum(p.numel() for p in model.parameters()),
         dtype,
     )
+
+
+def evaluate(model: NanoGPT, val: Stream, T: int, B: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(nats per predicted id, bits per byte) over the whole val split, counted as keel.inference.evaluate_run does.
+
+    The same windowing: every whole window of T+1 ids at stride T from the start of the split
+    (keel.data.eval_batches), the last batch possibly short, so the unscored tail is under T ids;
+    the mean over those targets, divided by ln 2 and by the split's bytes per id. On the token
+    stream these are the very windows and targets keel scores (same T and B, read from keel's
+    config), so the two figures differ only by the model. What is not identical: keel's loss goes
+    through its own token_loss (the same cross entropy, summed in another order); and on the byte
+    stream the windows are of bytes, so each scores a different stretch of text than keel's.
+    """
+    num_windows = (len(val.ids) - 1) // T
+    num_batches = max(1, -(-num_windows // B))
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in eval_batches(val.ids, T, B, num_batches, split_name="peer val"):
+            with autocast(CPU, dtype):
+                logits = model(x)  # (B, T, vocab)
+            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+            count += y.numel()
+    assert count == num_windows * T
+    val_loss = total / count
+    return val_loss, val_loss / math.log(2) / (val.num_bytes / len(val.ids))
