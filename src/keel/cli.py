@@ -378,6 +378,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 INT8_HELP = "run on the CPU with the blocks' linear layers in int8 (dynamic quantization): faster, a little less exact"
 
 
+def add_config_options(p: argparse.ArgumentParser, what: str = "run config", example: str = "optim.lr=1e-3") -> None:
+    """--config FILE and repeatable --set KEY=VALUE, as every command that builds a config takes them."""
+    p.add_argument("--config", metavar="FILE", help=f"YAML {what} (defaults apply to keys it leaves out)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a config key, e.g. {example}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keel", description="Train transformers end to end, supervised.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -444,10 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("distill", "distill", "keel train with task.kind=distill: a student learns from --set distill.teacher=RUN"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to keys it leaves out)")
-        p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-3"
-        )
+        add_config_options(p)
         p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
         p.add_argument(
             "--new-data",
@@ -591,14 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sweep", help="search hyperparameters with Optuna: each trial a supervised run, the study resumable"
     )
-    p.add_argument("--config", metavar="FILE", help="YAML base config of every trial (defaults apply to the rest)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base config key, e.g. train.max_steps=500",
-    )
+    add_config_options(p, "base config of every trial", "train.max_steps=500")
     p.add_argument(
         "--param",
         action="append",
@@ -692,10 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor",
         help="check a config on fresh models: initial loss, gradients, overfitting one batch, learning builtin:copy",
     )
-    p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to keys it leaves out)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-3"
-    )
+    add_config_options(p)
     p.add_argument("--overfit-steps", type=int, default=300, help="step budget for overfitting one batch (default 300)")
     p.add_argument("--copy-steps", type=int, default=400, help="step budget for learning builtin:copy (default 400)")
     p.set_defaults(func=cmd_doctor)
@@ -721,10 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training FLOP budgets such as 1e12 3e12; each run trains the steps its budget buys (at least two)",
     )
     p.add_argument("--aspect", type=int, default=None, help="d_model per layer, and head size (default 64)")
-    p.add_argument("--config", metavar="FILE", help="YAML base config of every run (model.n_layer etc. excepted)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key, e.g. data.path=DIR"
-    )
+    add_config_options(p, "base config of every run (model.n_layer etc. excepted)", "data.path=DIR")
     p.add_argument(
         "--predict",
         type=float,
