@@ -64,6 +64,18 @@ TINY = [
 TINY_TRAIN = [s for s in TINY if not s.startswith("model.")]  # fine-tuning takes the shape from its init run
 
 
+def pytest_configure(config):
+    """Under pytest-xdist the cores are shared out among the workers, and so among the trainers they start
+    (which read OMP_NUM_THREADS): torch's default of one thread per core in every worker oversubscribes."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def keel_home(tmp_path, monkeypatch):
     """Every test gets its own registry."""
