@@ -4,10 +4,12 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,20 @@ def _captured_fds():
             file.seek(0)
             buffer.write(file.read().decode(errors="replace"))
             file.close()
+
+
+def kill_at_checkpoint(args: list[str], run_dir: Path, step: int, env: dict | None = None) -> None:
+    """Start `args` in its own process group, wait for the checkpoint of `step` in run_dir, then SIGKILL
+    the whole group (the machine dies: watchdog and trainer together)."""
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / f"step_{step:08d}").exists():
+        assert process.poll() is None and time.time() < deadline, f"the run ended before step {step}'s checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def tiny_train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:

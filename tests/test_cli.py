@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, keel, tiny_train_args
+from conftest import assert_user_error, keel, kill_at_checkpoint, tiny_train_args
 
 from keel.runs.registry import Registry
 from keel.train.loop import can_compile
@@ -130,15 +128,7 @@ def test_exact_resume_after_sigkill(tiny_data, trained, tmp_path):
     run_dir = tmp_path / "killed"
     args = [sys.executable, "-m", "keel.cli", *tiny_train_args(tiny_data, run_dir, "train.max_steps=30")]
     env = {**os.environ, "KEEL_HOME": str(home)}
-    process = subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoints" / "step_00000010").exists():
-        assert process.poll() is None and time.time() < deadline, "trainer ended before the first checkpoint"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the machine dies: watchdog and trainer together
-    process.wait()
+    kill_at_checkpoint(args, run_dir, 10, env)
     assert not (run_dir / "checkpoints" / "step_00000030").exists()
 
     resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
@@ -160,13 +150,7 @@ def test_compiled_run_killed_and_resumed_ends_with_the_uninterrupted_weights(tin
     killed = tmp_path / "killed"
     args = [sys.executable, "-m", "keel.cli", *tiny_train_args(tiny_data, killed, *sets)]
     # One kill (each process compiles again, ~30 s of a 2-core machine): midway, after step 100's checkpoint.
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_00000100").exists():
-        assert process.poll() is None and time.time() < deadline, "trainer ended before the checkpoint"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(args, killed, 100)
     assert not (killed / "checkpoints" / "step_00000200").exists()
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -2,16 +2,14 @@
 deterministically, and the CLI serves it (sample, eval, report) and refuses what cannot work in one sentence."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, keel
+from conftest import assert_user_error, keel, kill_at_checkpoint
 from PIL import Image
 
 from keel import config as config_lib
@@ -132,15 +130,7 @@ def test_resume_after_sigkill_is_bit_exact(digits, trained, tmp_path):
     home, run_dir = tmp_path / "home", tmp_path / "killed"
     args = [sys.executable, "-m", "keel.cli", *dit_args(digits, run_dir)]
     env = {**os.environ, "KEEL_HOME": str(home)}
-    process = subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoints" / "step_00000010").exists():
-        assert process.poll() is None and time.time() < deadline, "trainer ended before the first checkpoint"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(args, run_dir, 10, env)
     assert not (run_dir / "checkpoints" / "step_00000030").exists()
     resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_user_error, keel, run, tiny_train_args
+from conftest import TINY_TRAIN, assert_user_error, keel, kill_at_checkpoint, run, tiny_train_args
 
 from keel import config as config_lib
 from keel.runs.registry import Registry
@@ -113,15 +111,7 @@ def test_exact_resume_after_sigkill(kind, sft_data, pref_data, base_run, tmp_pat
     )
     assert reference.returncode == 0, reference.stderr
     args = [sys.executable, "-m", "keel.cli", *tiny_train_args(data, tmp_path / "killed", *sets)]
-    process = subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 240
-    while not (tmp_path / "killed" / "checkpoints" / "step_00000010").exists():
-        assert process.poll() is None and time.time() < deadline, "trainer ended before the first checkpoint"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_at_checkpoint(args, tmp_path / "killed", 10, env)
     assert not (tmp_path / "killed" / "checkpoints" / "step_00000020").exists()
     resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
