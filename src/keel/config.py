@@ -384,10 +384,15 @@ class WatchdogConfig:
     max_restarts: int = opt(10, "Restart the trainer at most this many times in one `keel train`.")
     max_restarts_without_progress: int = opt(3, "Give up when this many restarts in a row wrote no new checkpoint.")
     # 300 s: long enough for the slow moments that may pause a heartbeat written from the loop
-    # (importing torch, torch.compile of the first step, a large checkpoint on network storage),
+    # (an evaluation, a recompilation, a large checkpoint on network storage),
     # yet half of the 10-minute default timeout torch.distributed gives NCCL collectives, so a
     # stuck collective is caught here first, and minutes instead of the hours a person needs.
     hang_timeout_s: float = opt(300.0, "Kill and restart the trainer when its heartbeat is this many seconds old.")
+    # Start-up has pauses of its own that grow with the model and the machine, not with trouble.
+    startup_timeout_s: float = opt(
+        600.0,
+        "Allow a trainer this long without a heartbeat until its first step is done (imports, data, compiling).",
+    )
     # A transient fault (a busy file system, a GPU reset) tends to clear in seconds; doubling
     # up to a minute keeps a persistent one from being hammered.
     backoff_s: float = opt(2.0, "Wait this long before the first restart; doubles with each failure in a row.")
@@ -719,6 +724,7 @@ def validate(config: RunConfig) -> None:
         "watchdog.max_restarts must be >= 0 and watchdog.max_restarts_without_progress >= 1.",
     )
     need(w.hang_timeout_s > 0, f"watchdog.hang_timeout_s must be positive, got {w.hang_timeout_s}.")
+    need(w.startup_timeout_s > 0, f"watchdog.startup_timeout_s must be positive, got {w.startup_timeout_s}.")
     need(0 <= w.backoff_s <= w.backoff_max_s, "watchdog.backoff_s must be within [0, watchdog.backoff_max_s].")
     need(
         t.dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -21,9 +21,9 @@ import json, os, signal, sys, time
 from pathlib import Path
 RUN = Path(sys.argv[1])
 RESTART = int(os.environ["KEEL_RESTART"])
-def beat(step):
+def beat(step, started=True):
     tmp = RUN / ".heartbeat.tmp"
-    tmp.write_text(json.dumps({"step": step, "time": time.time(), "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"step": step, "time": time.time(), "pid": os.getpid(), "started": started}))
     os.replace(tmp, RUN / "heartbeat.json")
 def checkpoint(step):
     (RUN / "checkpoints" / f"step_{step:08d}").mkdir(parents=True, exist_ok=True)
@@ -31,7 +31,7 @@ with open(RUN / "starts.txt", "a") as f:
     f.write(f"{RESTART}\\n")
 """
 
-FAST = dict(backoff_s=0.01, backoff_max_s=0.01, hang_timeout_s=10.0)
+FAST = dict(backoff_s=0.01, backoff_max_s=0.01, hang_timeout_s=10.0, startup_timeout_s=10.0)
 
 
 def trainer(tmp_path: Path, body: str) -> list[str]:
@@ -106,13 +106,15 @@ def test_hang_is_killed_and_restarted(tmp_path):
             time.sleep(60)
     """,
         hang_timeout_s=1.5,
+        startup_timeout_s=2.5,
     )
     assert code == 0
     assert starts(tmp_path) == [0, 1, 2]
     faults = [e for e in events if e["kind"] == "fault"]
     assert [f["name"] for f in faults] == ["hang", "hang"]
     assert faults[0]["step"] == 3 and faults[0]["evidence"]["signal"] == "SIGKILL"
-    assert "before its first heartbeat" in faults[1]["message"]
+    assert "no heartbeat for 1.5 s" in faults[0]["message"]
+    assert "before its first heartbeat" in faults[1]["message"] and "no heartbeat for 2.5 s" in faults[1]["message"]
     for segment in (0, 1):  # the hung processes are gone, not left running beside the new one
         with pytest.raises(ProcessLookupError):
             os.kill(int((tmp_path / "run" / f"pid_{segment}").read_text()), 0)
@@ -127,6 +129,24 @@ def test_a_beating_trainer_outlives_the_hang_timeout(tmp_path):
             time.sleep(0.1)
     """,
         hang_timeout_s=2.0,
+    )
+    assert (code, events, starts(tmp_path)) == (0, [], [0])
+
+
+def test_start_up_may_be_silent_longer_than_a_running_trainer(tmp_path):
+    # Importing torch and compiling the first step pause the heartbeat for longer than a step ever
+    # should: until a beat says the first step is done, startup_timeout_s applies, not hang_timeout_s.
+    code, events = watch(
+        tmp_path,
+        """
+        beat(None, started=False)
+        time.sleep(2.5)
+        for step in range(5):
+            beat(step)
+            time.sleep(0.1)
+    """,
+        hang_timeout_s=1.0,
+        startup_timeout_s=10.0,
     )
     assert (code, events, starts(tmp_path)) == (0, [], [0])
 

@@ -134,7 +134,7 @@ def test_a_killed_rank_restarts_the_group_from_the_checkpoint_bit_identically(tw
 
 def test_a_rank_hung_in_a_collective_is_killed_and_the_group_restarted(tiny_data, tmp_path):
     run_dir = train(
-        tiny_data, tmp_path / "hung", "watchdog.hang_timeout_s=15", nproc=2, env={"KEEL_FAULTS": "hang@12:1"}
+        tiny_data, tmp_path / "hung", "watchdog.hang_timeout_s=5", nproc=2, env={"KEEL_FAULTS": "hang@12:1"}
     )
     hang = [e for e in entries(run_dir, "fault") if e["name"] == "hang"]
     assert len(hang) == 1 and "rank" in hang[0]["evidence"], hang

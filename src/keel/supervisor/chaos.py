@@ -271,7 +271,7 @@ class Chaos:
             f"{'finished' if finished else 'did not finish'}",
         )
 
-    def hang(self, timeout_s: float = 15.0) -> ScenarioResult:
+    def hang(self, timeout_s: float = 10.0) -> ScenarioResult:
         step = self.base.train.max_steps // 3
         run_dir = self._train(
             "hang",

@@ -2,9 +2,12 @@
 
 The child (`python -m keel.train.worker RUN_DIR`) owes the watchdog three things:
 
-- a heartbeat: it rewrites `RUN_DIR/heartbeat.json` (`{"step", "time", "pid"}`) at least every
-  few seconds while healthy. Any change of the file counts as life; a file left by an earlier
+- a heartbeat: it rewrites `RUN_DIR/heartbeat.json` (`{"step", "time", "pid", "started"}`) at least
+  every few seconds while healthy. Any change of the file counts as life; a file left by an earlier
   segment does not. The watchdog's own clock decides staleness, so clocks never need to agree.
+  Until a beat says `"started": true` (the first training step of the process is done) the child
+  is starting up (importing torch, opening the data, compiling the first step) and may stay
+  silent for `startup_timeout_s`; after it, for `hang_timeout_s`.
 - checkpoints in `RUN_DIR/checkpoints/step_XXXXXXXX/`; the newest one measures progress.
 - an exit code: 0 finished or cleanly stopped, `EXIT_USER_ERROR` or `EXIT_STOPPED_BY_SUPERVISOR`
   (a restart cannot help); anything else, or death by a signal, is a crash worth a restart.
@@ -76,6 +79,7 @@ class _Segment:
     hung: bool
     heartbeat_step: int | None
     seconds_since_life: float  # from the last heartbeat (or the start) to the moment it ended
+    timeout_s: float  # the silence allowed at that moment: start-up's or a running trainer's
     rank: int | None = None  # several ranks: the one that failed first
 
 
@@ -130,7 +134,7 @@ def run_watchdog(
                 checkpoint_before is None or checkpoint_step > checkpoint_before
             )
             failures_in_a_row = 1 if progressed else failures_in_a_row + 1
-            failure = _describe(segment, checkpoint_step, config.hang_timeout_s)
+            failure = _describe(segment, checkpoint_step)
             step = segment.heartbeat_step if segment.heartbeat_step is not None else checkpoint_step
             evidence = (
                 {"signal": _signal_name(-segment.returncode)}
@@ -221,9 +225,12 @@ def _run_segment(
     children = [subprocess.Popen(argv, env=child_env, pass_fds=pass_fds) for child_env in envs]
     ranked = nproc > 1
 
+    def timeout(hb: _Heartbeat) -> float:
+        return config.hang_timeout_s if hb.started else max(config.hang_timeout_s, config.startup_timeout_s)
+
     def ended(rank: int, returncode: int, hung: bool, silent_s: float) -> _Segment:
         step = heartbeats[0].step if heartbeats[0].step is not None else heartbeats[rank].step
-        return _Segment(returncode, hung, step, silent_s, rank if ranked else None)
+        return _Segment(returncode, hung, step, silent_s, timeout(heartbeats[rank]), rank if ranked else None)
 
     try:
         while True:
@@ -242,13 +249,13 @@ def _run_segment(
                     if child.poll() is None:
                         child.send_signal(signum)
             forwarded = len(stop.signals)
-            silent = [time.monotonic() - hb.last_life for hb in heartbeats]
-            rank = max(range(nproc), key=lambda r: silent[r])
-            if silent[rank] > config.hang_timeout_s:
+            over = [time.monotonic() - hb.last_life - timeout(hb) for hb in heartbeats]
+            rank = max(range(nproc), key=lambda r: over[r])
+            if over[rank] > 0:
                 for child in children:
                     child.kill()
                 codes = [child.wait() for child in children]
-                return ended(rank, codes[rank], True, silent[rank])
+                return ended(rank, codes[rank], True, time.monotonic() - heartbeats[rank].last_life)
     finally:
         for child in children:
             if child.poll() is None:  # we are leaving on an exception or a failed rank: no orphan trainers
@@ -286,8 +293,9 @@ class _Heartbeat:
     def __init__(self, path: Path):
         self.path = path
         self.seen = self._read()  # a file left by an earlier segment is no sign of this one's life
-        self.last_life = time.monotonic()  # a slow start-up gets the whole hang timeout too
+        self.last_life = time.monotonic()
         self.step: int | None = None
+        self.started = False  # the child's first training step is done: start-up's grace is over
 
     def _read(self) -> bytes | None:
         try:
@@ -301,9 +309,11 @@ class _Heartbeat:
             return
         self.seen, self.last_life = data, time.monotonic()
         try:
-            self.step = int(json.loads(data)["step"])
-        except (ValueError, KeyError, TypeError):
-            pass  # caught mid-write: still a sign of life, the step comes with the next beat
+            beat = json.loads(data)
+            self.started = self.started or beat.get("started") is True
+            self.step = int(beat["step"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # caught mid-write, or before the first step: still a sign of life
 
 
 class _StopRequests:
@@ -353,10 +363,10 @@ class _StopRequests:
         return time.monotonic() - start
 
 
-def _describe(segment: _Segment, checkpoint_step: int | None, hang_timeout_s: float) -> str:
+def _describe(segment: _Segment, checkpoint_step: int | None) -> str:
     """'was killed by SIGKILL ... at step ~120 (newest checkpoint: step 100)' for the messages."""
     if segment.hung:
-        what = f"hung (no heartbeat for {hang_timeout_s:g} s) and was killed with SIGKILL"
+        what = f"hung (no heartbeat for {segment.timeout_s:g} s) and was killed with SIGKILL"
     elif segment.returncode < 0:
         name = _signal_name(-segment.returncode)
         what = f"was killed by {name}" + (" (often the out-of-memory killer)" if name == "SIGKILL" else "")

@@ -129,10 +129,12 @@ class _Timer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def write_heartbeat(run_dir: Path, step: int, rank: int = 0) -> None:
+def write_heartbeat(run_dir: Path, step: int, rank: int = 0, started: bool = False) -> None:
+    """`started`: this process has done a training step, so the watchdog's start-up grace is over."""
     name = heartbeat_file(rank)
     tmp = run_dir / f".{name}.tmp"
-    tmp.write_text(json.dumps({"step": step, "time": time.time(), "pid": os.getpid(), "rank": rank}))
+    beat = {"step": step, "time": time.time(), "pid": os.getpid(), "rank": rank, "started": started}
+    tmp.write_text(json.dumps(beat))
     os.replace(tmp, run_dir / name)
 
 
@@ -154,6 +156,7 @@ class Trainer:
             keep_freed_memory()
         use_deterministic_kernels(t.deterministic)
         self.state = LoopState(grad_clip=config.optim.grad_clip)  # replaced by a checkpoint's when one loads
+        self.started = False  # a training step is done: the heartbeat says so, ending the start-up grace
         self.task = build_task(
             config, self.device, self.dtype, heartbeat=lambda: self.beat(self.state.step), run_dir=self.run_dir
         )
@@ -201,7 +204,7 @@ class Trainer:
     # -- small pieces -----------------------------------------------------------------------
 
     def beat(self, step: int) -> None:
-        write_heartbeat(self.run_dir, step, self.world.rank)
+        write_heartbeat(self.run_dir, step, self.world.rank, self.started)
 
     def _mirror_event(self, entry: dict) -> None:
         if self.tensorboard is not None:
@@ -612,7 +615,7 @@ class Trainer:
                     launched = self.launch(self.state.cursor + 1)
                 if pending is not None:
                     record, dropped = self.read(pending)
-                    pending = None
+                    pending, self.started = None, True
                     actions = self.supervisor.observe(record) if self.supervisor else []
                     # The device dropped the update exactly when observe() asks for skip_update; a rollback
                     # restores weights and optimizer from a checkpoint, so the update it came after is gone too.
