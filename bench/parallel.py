@@ -1,6 +1,6 @@
 """Data parallelism on this machine: 2 ranks x 1 thread against 1 rank x 2 threads, DDP and FSDP2.
 
-Trains keel's default model (6 layers, 384 wide, context 256, batch 8, two micro-batches a step:
+Trains keel's former default model (6 layers, 384 wide, context 256, batch 8, two micro-batches a step:
 the same global batch in every row) with `keel train` for a fixed number of steps, three ways:
 one process with the machine's two threads, two DDP ranks with one thread each, two FSDP2 ranks
 with one thread each. All three compute in the dtype keel picks for this CPU and run eagerly
@@ -34,7 +34,9 @@ from keel.train.precision import describe_cpu, pick_device, pick_dtype
 
 CACHE = Path(__file__).parent / ".cache"
 DATA_DIR = CACHE / "python-stdlib-8192"
+SHAPE = ["model.n_layer=6", "model.d_model=384", "model.n_head=6"]  # the figures in docs/ are for this shape
 SETS = [
+    *SHAPE,
     "train.batch_size=8",
     "train.grad_accum=2",
     "train.compile=false",
@@ -116,7 +118,7 @@ def main() -> None:
     device = pick_device("auto")
     print(describe_cpu())
     print(f"dtype: {pick_dtype('auto', device)}, {os.cpu_count()} cores, {args.steps} steps of 2 x 8 x 256 tokens")
-    config = load(None, ["model.vocab_size=8192"])
+    config = load(None, ["model.vocab_size=8192", *SHAPE])
     params = GPT.count_params(config.model)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

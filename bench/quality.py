@@ -7,7 +7,8 @@ wall-clock budget on the same train files, and are evaluated on the whole val sp
   ends the run and plans its lr schedule to end with the budget; plus any `--set` overrides;
 - `nanogpt-bpe` (`--peer tokens`, the default and the headline): nanoGPT's GPT-2 block and recipe
   (bench/_nanogpt_peer.py) on the same tokens as keel: keel's BPE token shards and vocabulary,
-  scored on the very val windows keel scores, at keel's default model shape;
+  scored on the very val windows keel scores, at nanoGPT's own small shape (6 layers, 384 wide,
+  context 256; batch 8), whatever keel's default is;
 - `nanogpt-byte` (`--peer bytes`): the same trainer on the same documents as UTF-8 bytes.
 
 Both peers compute in the dtype keel's `train.dtype=auto` picks on this CPU (the first lines name
@@ -30,6 +31,7 @@ import os
 import shlex
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,7 +44,8 @@ def run_keel(minutes: float, overrides: list[str]) -> dict:
     from keel import config as config_lib
     from keel.inference import evaluate_run, load_run
     from keel.models.gpt import GPT
-    from keel.runs.rundir import init_run_dir
+    from keel.runs.rundir import LOGBOOK_FILE, init_run_dir
+    from keel.supervisor.logbook import read_logbook
     from keel.train.loop import train
     from keel.train.precision import pick_device, pick_dtype
 
@@ -57,6 +60,9 @@ def run_keel(minutes: float, overrides: list[str]) -> dict:
         config = init_run_dir(config, run_dir)
         result = train(config, run_dir, registry=None, progress=False)
         evaluation = evaluate_run(load_run(run_dir), DATA_DIR)
+        logbook = read_logbook(run_dir / LOGBOOK_FILE)
+        repairs = Counter(e["name"] for e in logbook if e["kind"] == "action")
+        signals = Counter(e["name"] for e in logbook if e["kind"] == "signal")
     m = config.model
     return {
         "bits_per_byte": evaluation.bits_per_byte,
@@ -65,6 +71,8 @@ def run_keel(minutes: float, overrides: list[str]) -> dict:
         "tokens": result.tokens,
         "seconds": result.seconds,
         "status": result.status,
+        "repairs": repairs,  # the supervisor's actions: a healthy recipe should need none
+        "signals": signals,  # and what it saw
         "final_loss": result.final_loss,
         "params": GPT(m).num_params(),
         "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/{m.n_kv_head}kv/T{m.context_length}/"
@@ -81,14 +89,22 @@ PEERS["both"] = PEERS["tokens"] | PEERS["bytes"]
 HEADLINE = "nanogpt-bpe"
 
 
-def run_peer(minutes: float, make_stream, reads: str) -> dict:
-    from keel import config as config_lib
+# The peer's shape is nanoGPT's own small config (config/train_shakespeare_char.py: 6 layers, 6 heads,
+# 384 wide, context 256) at keel's batch of 8, fixed: keel's default may change, the yardstick does not.
+PEER_LAYERS, PEER_WIDTH, PEER_HEADS, PEER_CONTEXT, PEER_BATCH = 6, 384, 6, 256, 8
 
-    # The peer copies the shape of keel's default model, whatever --set says about keel.
-    m, t = (c := config_lib.load(None, [f"data.path={DATA_DIR}"])).model, c.train
+
+def run_peer(minutes: float, make_stream, reads: str) -> dict:
     train, val = make_stream(DATA_DIR, "train"), make_stream(DATA_DIR, "val")
     shape = Shape(
-        m.n_layer, m.d_model, m.n_head, m.n_head, 4 * m.d_model, train.vocab_size, m.context_length, t.batch_size
+        PEER_LAYERS,
+        PEER_WIDTH,
+        PEER_HEADS,
+        PEER_HEADS,
+        4 * PEER_WIDTH,
+        train.vocab_size,
+        PEER_CONTEXT,
+        PEER_BATCH,
     )
     r = train_and_evaluate(train, val, minutes, shape)
     return {
@@ -100,9 +116,13 @@ def run_peer(minutes: float, make_stream, reads: str) -> dict:
         "status": "time_limit",
         "final_loss": r.final_loss,
         "params": r.params,
-        "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/T{m.context_length}/B{t.batch_size}",
+        "shape": f"{PEER_LAYERS}L/{PEER_WIDTH}d/{PEER_HEADS}h/T{PEER_CONTEXT}/B{PEER_BATCH}",
         "recipe": f"lr 0.001 cosine, {dtype_name(r.dtype)}, {reads} {train.vocab_size}",
     }
+
+
+def counts(counter: Counter) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in counter.most_common()) or "none"
 
 
 def dtype_name(dtype: object) -> str:
@@ -169,6 +189,7 @@ def main() -> None:
     if "keel" in results:
         k = results["keel"]
         print(f"\nkeel stopped by {k['status']}")
+        print(f"supervisor repairs: {counts(k['repairs'])}; signals: {counts(k['signals'])}")
     print("load = 1-minute load average when the run ended (2 cores: above ~2 means other work shared them)")
     if "keel" in results:
         for name in (n for n in results if n != "keel"):

@@ -172,10 +172,12 @@ class DiffusionConfig:
 class ModelConfig:
     """Shape of the decoder-only transformer."""
 
-    n_layer: int = opt(6, "Number of transformer blocks.")
-    n_head: int = opt(6, "Number of query heads; must divide d_model.")
+    # 4 x 192 (3.3M parameters with 8192 tokens): sized for minutes on a CPU, where a smaller model that
+    # sees more tokens beats a larger one (docs/benchmarks.md, "Quality in a fixed time").
+    n_layer: int = opt(4, "Number of transformer blocks.")
+    n_head: int = opt(3, "Number of query heads; must divide d_model.")
     n_kv_head: int = opt(0, "Number of key/value heads (grouped-query attention); must divide n_head; 0 means n_head.")
-    d_model: int = opt(384, "Width of the residual stream.")
+    d_model: int = opt(192, "Width of the residual stream.")
     context_length: int = opt(256, "Tokens per training sequence and the longest context at sampling.")
     vocab_size: int = opt(0, "Vocabulary size; 0 takes it from the data's tokenizer.")
     mlp_hidden: int = opt(0, "Hidden width of the SwiGLU MLP; 0 picks 8/3 d_model rounded up to a multiple of 64.")
@@ -200,7 +202,7 @@ class OptimConfig:
         "adamw | muon: Muon (orthogonalised momentum) for the hidden weight matrices, "
         "AdamW for embeddings, lm_head and norms.",
     )
-    lr: float = opt(1e-3, "Peak learning rate.")
+    lr: float = opt(2e-3, "Peak learning rate.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
     schedule: str = opt("wsd", "Learning-rate schedule after warmup: cosine | wsd (warmup-stable-decay) | constant.")
     decay_fraction: float = opt(0.3, "Fraction of the run spent decaying at the end of the wsd schedule.")

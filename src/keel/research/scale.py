@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from keel import config as config_lib
 from keel.config import ModelConfig, RunConfig
@@ -346,9 +347,11 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 def _base_config(config_path: str | None, overrides: list[str]) -> RunConfig:
     base = config_lib.load(config_path, overrides)
-    default = config_lib.from_dict({}).model
+    named = {o.split("=", 1)[0].strip() for o in overrides}  # set by the user, even to the default value
+    if config_path is not None:
+        named |= {f"model.{key}" for key in (yaml.safe_load(Path(config_path).read_text()) or {}).get("model") or {}}
     for key in KNOB_KEYS:
-        if getattr(base.model, key) != getattr(default, key):
+        if f"model.{key}" in named:
             raise UserError(
                 f"model.{key} is set by the ladder's knob (depth d: n_layer d, d_model aspect x d, n_head d); "
                 f"drop model.{key} and use --depths and --aspect."
