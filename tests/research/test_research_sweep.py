@@ -2,6 +2,7 @@
 one sentence."""
 
 import math
+import re
 
 import optuna
 import pytest
@@ -77,20 +78,23 @@ def test_a_pruned_trial_is_stopped_checkpointed_and_says_why(swept, monkeypatch)
     monkeypatch.setenv("KEEL_HOME", str(home))
     pruned = result.study.trials[1]
     assert pruned.state == TrialState.PRUNED
-    assert pruned.user_attrs["reason"].startswith("pruned at step 10: val loss")
+    # The first eval the sweep's poll sees after the first finished trial's: step 10, or 20 on a busy machine.
+    reason = re.match(r"pruned at step (\d+): val loss", pruned.user_attrs["reason"])
+    assert reason, pruned.user_attrs["reason"]
+    step = int(reason.group(1))
     assert "the median" in pruned.user_attrs["reason"] and pruned.user_attrs["reason"] in lines[1]
     run_dir = out / "lr-001"
     with Registry() as registry:
         row = registry.get_run("lr-001")
         events = [e["message"] for e in registry.events("lr-001")]
     # The trainer stopped well before train.max_steps=40, and checkpointed where it stopped.
-    assert row["status"] == "stopped" and 10 <= row["step"] < 40
+    assert row["status"] == "stopped" and step <= row["step"] < 40
     assert ckpt.checkpoint_step(ckpt.list_checkpoints(run_dir)[-1]) == row["step"]
     entries = [(e["name"], e["message"]) for e in read_logbook(run_dir / "logbook.jsonl")]
     names = [name for name, _ in entries]
     assert names.index("pruned") < names.index("run_end")
     assert entries[-1] == ("run_end", "stopped by SIGTERM")
-    assert any("sweep trial 1 pruned at step 10" in message for message in events)  # mirrored to the registry
+    assert any(f"sweep trial 1 pruned at step {step}" in message for message in events)  # mirrored to the registry
 
 
 def test_the_same_command_resumes_after_a_kill_and_retries_the_running_trial(swept, tiny_data, monkeypatch, capsys):
