@@ -236,6 +236,14 @@ def test_bad_ladders_are_refused_before_anything_is_written(tiny_data, tmp_path,
     assert not (tmp_path / "lad").exists()
 
 
+def test_a_knob_in_the_config_file_is_refused_even_at_its_default(tiny_data, tmp_path):
+    config = tmp_path / "base.yaml"
+    config.write_text("model:\n  d_model: 192\n")  # the default width: still the ladder's knob, not the user's
+    with pytest.raises(UserError, match="model.d_model"):
+        build(tmp_path / "lad", tiny_data, train=Recorder(), config_path=str(config))
+    assert not (tmp_path / "lad").exists()
+
+
 def test_a_prediction_must_extrapolate(ladder, tmp_path):
     copy = tmp_path / "lad"
     shutil.copytree(ladder, copy)

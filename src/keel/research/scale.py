@@ -347,11 +347,12 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 def _base_config(config_path: str | None, overrides: list[str]) -> RunConfig:
     base = config_lib.load(config_path, overrides)
-    named = {o.split("=", 1)[0].strip() for o in overrides}  # set by the user, even to the default value
+    # The model keys the user named, even at their default values (load() has validated both sources).
+    named = set(config_lib.parse_overrides(overrides).get("model") or {})
     if config_path is not None:
-        named |= {f"model.{key}" for key in (yaml.safe_load(Path(config_path).read_text()) or {}).get("model") or {}}
+        named |= set((yaml.safe_load(Path(config_path).read_text()) or {}).get("model") or {})
     for key in KNOB_KEYS:
-        if f"model.{key}" in named:
+        if key in named:
             raise UserError(
                 f"model.{key} is set by the ladder's knob (depth d: n_layer d, d_model aspect x d, n_head d); "
                 f"drop model.{key} and use --depths and --aspect."
