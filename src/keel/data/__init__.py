@@ -27,8 +27,8 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -171,8 +171,10 @@ def _build_in_place(out_dir: Path, build: Callable[[Path], dict]) -> dict:
     """Run `build(build_dir)` in a hidden sibling of out_dir, fsync what it wrote and move it into place;
     on any failure the build directory is deleted and out_dir is left as it was."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    # Named first and created inside the try: a Ctrl-C just after the mkdir still removes it.
+    build_dir = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
+        build_dir.mkdir()
         manifest = build(build_dir)
         for name in [*manifest["files"], MANIFEST_FILE]:
             fsync(build_dir / name)
