@@ -61,6 +61,7 @@ from keel.data.tokenizer import EOT, TOKENIZER_FILE
 from keel.models.gpt import GPT
 from keel.models.hf import llama_config, to_llama_state_dict
 from keel.runs.rundir import init_run_dir, load_run_config
+from keel.tasks.dpo import PAD_MULTIPLE
 from keel.train import checkpoint as ckpt
 from keel.train.loop import should_compile, train
 from keel.train.optim import lr_at
@@ -589,7 +590,7 @@ def main() -> None:
         print(
             f"  keel: its own loop, supervisor {'on' if config.supervisor.enabled else 'off'}, "
             f"{'compiled' if should_compile(t, 0, device) else 'not compiled (train.compile=auto: too few steps)'}, "
-            f"batches right-padded to the context ({config.model.context_length}), evaluation over all "
+            f"batches right-padded to their longest pair (a multiple of {PAD_MULTIPLE}), evaluation over all "
             f"{settings['val_pairs']} val pairs" + (f", --set {' '.join(args.overrides)}" if args.overrides else "")
         )
         print(

@@ -189,15 +189,26 @@ def _pairs_at(positions: np.ndarray, num_pairs: int, seed: int) -> np.ndarray:
     return pairs
 
 
+# Rows are padded to a multiple of this, so a compiled model sees few distinct shapes.
+PAD_MULTIPLE = 16
+
+
 def pad_rows(
     sequences: Sequences, ids: np.ndarray, context_length: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """inputs, targets (len(ids), T) of whole sequences, right-padded; targets only where the mask is 1."""
-    inputs = np.full((len(ids), context_length), pad_id, dtype=np.int64)
-    targets = np.full((len(ids), context_length), IGNORE_INDEX, dtype=np.int64)
+    """inputs, targets (len(ids), T) of whole sequences, right-padded; targets only where the mask is 1.
+
+    T is the longest of these sequences rounded up to a multiple of PAD_MULTIPLE (at most
+    context_length), not the context: preference pairs are often far shorter than it, and every
+    padded position would cost as much as a real one. Causal attention keeps a row's log-probs
+    independent of the padding after it."""
+    rows = [sequences.get(i) for i in ids.tolist()]
+    longest = max((len(seq) - 1 for seq, _ in rows), default=1)
+    width = min(context_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    inputs = np.full((len(ids), width), pad_id, dtype=np.int64)
+    targets = np.full((len(ids), width), IGNORE_INDEX, dtype=np.int64)
     tokens = 0
-    for row, i in enumerate(ids.tolist()):
-        seq, mask = sequences.get(i)
+    for row, (seq, mask) in enumerate(rows):
         seq = seq.astype(np.int64)  # the IGNORE_INDEX targets are negative
         n = len(seq) - 1
         inputs[row, :n] = seq[:-1]
