@@ -14,9 +14,8 @@ Three tables, every run trained in this process by `keel.train.loop.train`, one 
   `supervisor.norm_min_progress`).
 
 The tiny model is the tests' TINY config 128 wide, trained 300 steps on a small stdlib corpus
-(the tests' modules, BPE 512), as in issue #13. The default model is keel's default shape on the
-whole stdlib (BPE 8192), with a smaller batch and fewer steps so that a run takes minutes on two
-shared cores.
+(the tests' modules, BPE 512), as in issue #13. The default model is keel's default recipe (shape, lr, batch,
+dtype) on the whole stdlib (BPE 8192), 300 steps so that a run takes minutes on two cores.
 
     python bench/ladder.py                                       # both tables (~1 h on 2 shared cores)
     python bench/ladder.py --only high_lr
@@ -101,16 +100,11 @@ MODELS = {
             "optim.warmup_steps=5",
         ],
     ),
-    # keel's default model and optimizer (lr 1e-3, 50 warmup steps); batch 2 and 150 steps keep a run to minutes
+    # keel's default model, optimizer and batch, in the dtype train.dtype=auto picks on this CPU;
+    # 300 steps keep a run to minutes
     "default": (
-        1e-3,
-        [
-            "train.batch_size=2",
-            "train.max_steps=150",
-            "train.eval_every=150",
-            "train.checkpoint_every=25",
-            "train.dtype=float32",
-        ],
+        config_lib.load(None, []).optim.lr,
+        ["train.max_steps=300", "train.eval_every=300", "train.checkpoint_every=25"],
     ),
 }
 REPAIRS = ("rollback", "scale_lr", "reset_optimizer", "stop")  # set_clip always comes with scale_lr

@@ -35,15 +35,17 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _ablations import ABLATIONS  # noqa: E402
 from _nanogpt_peer import byte_stream, token_stream, train_and_evaluate  # noqa: E402
 from _peers import Shape  # noqa: E402
 from throughput import DATA_DIR, prepare_data, print_machine  # noqa: E402
 
 
-def run_keel(minutes: float, overrides: list[str]) -> dict:
+def run_keel(minutes: float, overrides: list[str], ablations: list[str]) -> dict:
     from keel import config as config_lib
     from keel.inference import evaluate_run, load_run
     from keel.models.gpt import GPT
+    from keel.runs.registry import Registry
     from keel.runs.rundir import LOGBOOK_FILE, init_run_dir
     from keel.supervisor.logbook import read_logbook
     from keel.train.loop import train
@@ -55,11 +57,18 @@ def run_keel(minutes: float, overrides: list[str]) -> dict:
         None, [f"data.path={DATA_DIR}", "name=quality", "train.max_steps=0", f"train.max_minutes={minutes}"] + overrides
     )
     dtype = pick_dtype(config.train.dtype, pick_device(config.train.device))
+    for name in ablations:
+        ABLATIONS[name]()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "quality"
         config = init_run_dir(config, run_dir)
-        result = train(config, run_dir, registry=None, progress=False)
-        evaluation = evaluate_run(load_run(run_dir), DATA_DIR)
+        # A registry of its own only to read back the val loss at each evaluation: recipes that
+        # differ in speed compare at equal steps too.
+        with Registry(Path(tmp) / "registry.sqlite") as registry:
+            result = train(config, run_dir, registry=registry, progress=False)
+            registry.flush()
+            val_curve = registry.metrics(config.name, "val_loss").get("val_loss", [])
+        evaluation = evaluate_run(load_run(run_dir), Path(config.data.path))
         logbook = read_logbook(run_dir / LOGBOOK_FILE)
         repairs = Counter(e["name"] for e in logbook if e["kind"] == "action")
         signals = Counter(e["name"] for e in logbook if e["kind"] == "signal")
@@ -73,12 +82,14 @@ def run_keel(minutes: float, overrides: list[str]) -> dict:
         "status": result.status,
         "repairs": repairs,  # the supervisor's actions: a healthy recipe should need none
         "signals": signals,  # and what it saw
+        "val_curve": val_curve,  # [(step, val nats on train.eval_batches batches)]
         "final_loss": result.final_loss,
         "params": GPT(m).num_params(),
         "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/{m.n_kv_head}kv/T{m.context_length}/"
         f"B{config.train.batch_size}",
         "recipe": f"lr {config.optim.lr:g} {config.optim.schedule}"
         + (" qk_norm" if m.qk_norm else "")
+        + "".join(f" {name}" for name in ablations)
         + f", {dtype_name(dtype)}",
     }
 
@@ -152,6 +163,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="keel config override, e.g. optim.lr=1e-3 (repeatable)",
     )
+    parser.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        choices=tuple(ABLATIONS),
+        help="apply a recipe change of bench/_ablations.py to keel (repeatable)",
+    )
     args = parser.parse_args()
     minutes = 1.0 if args.quick else args.minutes
     if minutes <= 0:
@@ -165,7 +183,7 @@ def main() -> None:
         "bits per byte on the whole val split\n",
         flush=True,
     )
-    runs = {} if args.only == "peer" else {"keel": lambda: run_keel(minutes, args.overrides)}
+    runs = {} if args.only == "peer" else {"keel": lambda: run_keel(minutes, args.overrides, args.ablate)}
     if args.only != "keel":
         for name, (make_stream, reads) in PEERS[args.peer].items():
             runs[name] = lambda make_stream=make_stream, reads=reads: run_peer(minutes, make_stream, reads)
@@ -190,6 +208,8 @@ def main() -> None:
         k = results["keel"]
         print(f"\nkeel stopped by {k['status']}")
         print(f"supervisor repairs: {counts(k['repairs'])}; signals: {counts(k['signals'])}")
+        curve = ", ".join(f"{step} {loss:.3f}" for step, loss in k["val_curve"])
+        print(f"keel val nats by step (train.eval_batches batches, equal steps across recipes): {curve}")
     print("load = 1-minute load average when the run ended (2 cores: above ~2 means other work shared them)")
     if "keel" in results:
         for name in (n for n in results if n != "keel"):

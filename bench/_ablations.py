@@ -1,0 +1,147 @@
+"""Recipe changes tried against keel's default in bench/quality.py (`--ablate NAME`), issue #18.
+
+Each is a patch applied to keel's model or loss in the bench's own process, so a change can be
+measured without becoming a config flag first; what wins moves into keel itself, what loses stays
+here with its figures in docs/benchmarks.md. The ideas are modded-nanogpt's (ReLU², zero-init
+projections, logit soft-capping) and PaLM's (z-loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def relu2() -> None:
+    """ReLU² MLP, down(relu(up(x))²), 4 d_model wide: two matrices of the parameters SwiGLU's three hold."""
+    from keel.models import gpt
+
+    class ReLU2MLP(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.up_proj = nn.Linear(config.d_model, 4 * config.d_model, bias=False)
+            self.down_proj = nn.Linear(4 * config.d_model, config.d_model, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down_proj(F.relu(self.up_proj(x)).square())
+
+    gpt.MLP = ReLU2MLP
+
+
+def zero_init() -> None:
+    """The two projections that write into the residual stream (o_proj, down_proj) start at zero."""
+    from keel.models.gpt import GPT
+
+    original = GPT.init_weights
+
+    def init_weights(self) -> None:
+        original(self)
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.o_proj.weight)
+            nn.init.zeros_(block.mlp.down_proj.weight)
+
+    GPT.init_weights = init_weights
+
+
+def _patch_head(
+    transform: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    extra: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
+    """Replace the chunked head's forward: logits -> transform(logits) = (z, dz/dlogits or None), plus
+    an optional extra loss term of log Z: extra(log_norm) = (summed term, d term / d log_norm per row)."""
+    from keel.tasks import lm
+
+    def forward(ctx, hidden, weight, targets, with_grad):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        ctx.weight_dtype = weight.dtype
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        square_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        grad_weight = None
+        rows = lm.loss_chunk_rows(*weight.shape)
+        columns = torch.arange(weight.shape[0], device=hidden.device)
+        for start in range(0, h.shape[0], rows):
+            x, t = h[start : start + rows], targets[start : start + rows]
+            logits, dlogits = transform((x @ w.t()).float())
+            square_sum = square_sum + torch.linalg.vector_norm(logits, dim=-1).square().sum()
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            counted = t != lm.IGNORE_INDEX
+            t = torch.where(counted, t, 0)[:, None]
+            loss_sum = loss_sum - torch.where(counted, (logits.gather(1, t) - log_norm).squeeze(1), 0.0).sum()
+            scale = 1.0
+            if extra is not None and with_grad:  # a training term: evaluation reports plain cross-entropy
+                term, dterm = extra(log_norm)
+                loss_sum = loss_sum + torch.where(counted, term.squeeze(1), 0.0).sum()
+                scale = 1.0 + dterm  # d(-log p + term)/dlogits = softmax (1 + dterm) - one_hot
+            if with_grad:
+                probs = (logits - log_norm).exp()
+                grad = torch.where(columns == t, probs * scale - 1, probs * scale)
+                if dlogits is not None:
+                    grad = grad * dlogits
+                grad = grad.to(dtype)
+                keep = counted[:, None].to(dtype)
+                grad_hidden[start : start + rows] = (grad @ w) * keep
+                chunk_grad = (grad.t() @ (x * keep)).float()
+                grad_weight = chunk_grad if grad_weight is None else grad_weight + chunk_grad
+        if with_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(square_sum)
+        return loss_sum, square_sum
+
+    lm._LinearCrossEntropy.forward = staticmethod(forward)
+
+
+SOFTCAP = 15.0  # modded-nanogpt's final value (it began at 30)
+
+
+def softcap() -> None:
+    """Logits soft-capped at ±15: 15 tanh(logits / 15), in training and evaluation alike."""
+
+    def transform(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        capped = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        return capped, 1 - (capped / SOFTCAP).square()
+
+    _patch_head(transform)
+
+
+Z_LOSS = 1e-4  # PaLM's coefficient
+
+
+def zloss() -> None:
+    """PaLM's z-loss: 1e-4 (log Z)² per token added to the training loss (evaluation stays plain
+    cross-entropy, so the val figures compare with the other rows)."""
+    _patch_head(lambda logits: (logits, None), lambda log_norm: (Z_LOSS * log_norm.square(), 2 * Z_LOSS * log_norm))
+
+
+# Sequence-length warmup: (first batch index at which it applies, context), the same tokens per batch.
+SEQ_STAGES = ((0, 64), (400, 128), (800, 256))
+
+
+def seq_warmup() -> None:
+    """Short contexts first, a curriculum: each batch of B windows of 256 tokens is cut into 4B windows
+    of 64 for the first 400 batches, then 2B of 128 until batch 800, then trained whole. Every step sees
+    the same tokens as before; the model first learns from local context, at a lower cost per token
+    (the attention scores shrink with the window). torch.compile gets one static graph per length."""
+    import torch._dynamo
+
+    from keel.tasks.base import Batch
+    from keel.tasks.pretrain import PretrainTask
+
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    original = PretrainTask.batch
+
+    def batch(self, index: int) -> Batch:
+        full = original(self, index)
+        context = next(length for start, length in reversed(SEQ_STAGES) if index >= start)
+        tensors = {k: t.reshape(-1, context) for k, t in full.tensors.items()}
+        return Batch(tensors, units=full.units, tokens=full.tokens)
+
+    PretrainTask.batch = batch
+
+
+ABLATIONS = {f.__name__: f for f in (relu2, zero_init, softcap, zloss, seq_warmup)}
