@@ -1,9 +1,9 @@
 """Recipe changes tried against keel's default in bench/quality.py (`--ablate NAME`), issue #18.
 
 Each is a patch applied to keel's model or loss in the bench's own process, so a change can be
-measured without becoming a config flag first; what wins moves into keel itself, what loses stays
-here with its figures in docs/benchmarks.md. The ideas are modded-nanogpt's (ReLU², zero-init
-projections, logit soft-capping) and PaLM's (z-loss).
+measured without becoming a config flag first; what wins moves into keel itself (ReLU² did:
+model.mlp=relu2), what loses stays here with its figures in docs/benchmarks.md. The ideas are
+modded-nanogpt's (zero-init projections, logit soft-capping) and PaLM's (z-loss).
 """
 
 from __future__ import annotations
@@ -12,23 +12,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-
-def relu2() -> None:
-    """ReLU² MLP, down(relu(up(x))²), 4 d_model wide: two matrices of the parameters SwiGLU's three hold."""
-    from keel.models import gpt
-
-    class ReLU2MLP(nn.Module):
-        def __init__(self, config):
-            super().__init__()
-            self.up_proj = nn.Linear(config.d_model, 4 * config.d_model, bias=False)
-            self.down_proj = nn.Linear(4 * config.d_model, config.d_model, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.down_proj(F.relu(self.up_proj(x)).square())
-
-    gpt.MLP = ReLU2MLP
 
 
 def zero_init() -> None:
@@ -144,4 +127,4 @@ def seq_warmup() -> None:
     PretrainTask.batch = batch
 
 
-ABLATIONS = {f.__name__: f for f in (relu2, zero_init, softcap, zloss, seq_warmup)}
+ABLATIONS = {f.__name__: f for f in (zero_init, softcap, zloss, seq_warmup)}

@@ -22,6 +22,10 @@ compare fairly. The issue's target is keel/nanogpt-bpe <= 0.8.
     python bench/quality.py --only peer --peer bytes --minutes 3
     python bench/quality.py --only keel --minutes 3 --set optim.lr=2e-3 --set optim.schedule=cosine
     python bench/quality.py --only keel --minutes 6 --set train.max_steps=400   # fixed schedule, budget as a cap
+    python bench/quality.py --only keel --ablate zero_init   # a recipe change of bench/_ablations.py
+
+keel's row also prints its val loss at every evaluation (train.eval_batches batches), so recipes
+that differ in speed compare at equal steps as well as at equal time.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str]) -> dict
         f"B{config.train.batch_size}",
         "recipe": f"lr {config.optim.lr:g} {config.optim.schedule}"
         + (" qk_norm" if m.qk_norm else "")
+        + (f" {m.mlp}" if m.mlp != "swiglu" else "")
         + "".join(f" {name}" for name in ablations)
         + f", {dtype_name(dtype)}",
     }

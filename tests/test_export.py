@@ -265,8 +265,10 @@ def test_bad_exports_are_refused_with_one_sentence_and_write_nothing(
     refused(capsys, "export", str(base_run), "--out", str(out), "--int8", words=("--format gguf",))
     qk = hand_made_run(tmp_path / "qk", tiny_data, "model.qk_norm=true")
     refused(capsys, "export", str(qk), "--out", str(out), "--format", "gguf", words=("qk_norm",))
+    relu2 = hand_made_run(tmp_path / "relu2", tiny_data, "model.mlp=relu2")
+    refused(capsys, "export", str(relu2), "--out", str(out), "--format", "gguf", words=("relu2", "--format hf"))
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "qk"]  # nothing aside either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "qk", "relu2"]  # nothing aside either
     assert (tiny_data / "manifest.json").is_file() and not (tiny_data / MARKER).exists()
     # a keel export that lost its marker is no longer recognisable as one
     copy = tmp_path / "copy"

@@ -66,7 +66,17 @@ def export_run(
         raise UserError(f"--adapters exports a LoRA run's adapters, and {run_dir} has none; leave out --adapters.")
     if adapters and fmt != "hf":
         raise UserError("--adapters goes with --format hf: PEFT loads adapters onto a Hugging Face model.")
+    if adapters and run.config.model.mlp == "relu2":
+        raise UserError(
+            f"{run_dir} has a model.mlp=relu2 MLP, exported as Llama's gated MLP with gate = up, which PEFT "
+            "adapters on up_proj alone would break; leave out --adapters to export the merged weights."
+        )
     llama_config(run.config.model)  # a model Llama cannot express (qk_norm) is refused before anything is written
+    if fmt == "gguf" and run.config.model.mlp != "swiglu":
+        raise UserError(
+            f"{run_dir} has a model.mlp={run.config.model.mlp} MLP and GGUF's llama architecture only a SiLU-gated "
+            "one, so llama.cpp could not run it; export it with --format hf."
+        )
     checkpoint = run.checkpoint
     assert checkpoint is not None
     weights_sha256 = json.loads((checkpoint / MANIFEST).read_text())["files"][WEIGHTS]["sha256"]

@@ -144,11 +144,26 @@ def test_mlp_hidden_defaults_to_8_thirds_rounded_up_to_64():
     assert mlp_hidden_size(tiny(d_model=64)) == 192  # 170.7 -> 192
     assert mlp_hidden_size(tiny(d_model=100)) == 320  # 266.7 -> 320
     assert mlp_hidden_size(tiny(mlp_hidden=100)) == 100
+    assert mlp_hidden_size(tiny(d_model=100, mlp="relu2")) == 448  # 4 x 100 -> 448: two matrices, not three
+
+
+def test_relu2_mlp_is_relu_squared_of_up_then_down():
+    mlp = GPT(tiny(mlp="relu2")).blocks[0].mlp
+    assert not hasattr(mlp, "gate_proj")
+    x = torch.randn(2, 5, 64)
+    expected = mlp.down_proj(torch.relu(mlp.up_proj(x)) ** 2)
+    torch.testing.assert_close(mlp(x), expected)
 
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"tie_embeddings": False}, {"qk_norm": True, "n_kv_head": 1}, {"mlp_hidden": 72, "n_kv_head": 0}],
+    [
+        {},
+        {"tie_embeddings": False},
+        {"qk_norm": True, "n_kv_head": 1},
+        {"mlp_hidden": 72, "n_kv_head": 0},
+        {"mlp": "relu2"},
+    ],
 )
 def test_param_count_formula_matches_the_built_model(overrides):
     config = tiny(**overrides)

@@ -30,8 +30,10 @@ def randomised_gpt(config: ModelConfig) -> GPT:
 
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("n_kv_head", [1, 2, 4])
-def test_logits_equal_hugging_face_llama(tie, n_kv_head):
-    config = tiny(tie_embeddings=tie, n_kv_head=n_kv_head)
+@pytest.mark.parametrize("mlp", ["swiglu", "relu2"])
+def test_logits_equal_hugging_face_llama(tie, n_kv_head, mlp):
+    """relu2 goes out as Llama's gated MLP with a ReLU and gate = up: relu(a) * a = relu(a)^2."""
+    config = tiny(tie_embeddings=tie, n_kv_head=n_kv_head, mlp=mlp)
     model = randomised_gpt(config).eval()
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config(config))).eval()
     result = llama.load_state_dict(to_llama_state_dict(model), strict=False)
@@ -48,8 +50,9 @@ def test_logits_equal_hugging_face_llama(tie, n_kv_head):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_mapping_round_trips(tie):
-    config = tiny(tie_embeddings=tie)
+@pytest.mark.parametrize("mlp", ["swiglu", "relu2"])
+def test_mapping_round_trips(tie, mlp):
+    config = tiny(tie_embeddings=tie, mlp=mlp)
     model = randomised_gpt(config)
     back = from_llama_state_dict(to_llama_state_dict(model), config)
     assert back.keys() == model.state_dict().keys()
@@ -57,6 +60,9 @@ def test_mapping_round_trips(tie):
         assert torch.equal(back[key], tensor), key
     # and a Hugging Face model's own state dict (tied ones repeat lm_head.weight) loads into GPT
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config(config)))
+    if mlp == "relu2":  # as keel exports it: gate = up
+        for layer in llama.model.layers:
+            layer.mlp.gate_proj.weight = layer.mlp.up_proj.weight
     fresh = GPT(config)
     fresh.load_state_dict(from_llama_state_dict(llama.state_dict(), config))
     assert torch.equal(fresh.blocks[1].attn.k_proj.weight, llama.model.layers[1].self_attn.k_proj.weight)
@@ -71,3 +77,6 @@ def test_qk_norm_and_mismatched_weights_are_user_errors():
     state = to_llama_state_dict(GPT(tiny(n_layer=2)))
     with pytest.raises(UserError, match="do not fit"):
         from_llama_state_dict(state, tiny(n_layer=3))
+    # a SwiGLU model's weights (gate != up) are not a relu2 model
+    with pytest.raises(UserError, match="not a model.mlp=relu2 model"):
+        from_llama_state_dict(state, tiny(n_layer=2, mlp="relu2"))

@@ -16,10 +16,17 @@ from keel.models.lora import LoRALinear, apply_lora, merge_lora, write_peft_adap
 from keel.train import checkpoint as ckpt
 
 
-def tiny_model(vocab_size: int = 97, tie: bool = True) -> GPT:
+def tiny_model(vocab_size: int = 97, tie: bool = True, mlp: str = "swiglu") -> GPT:
     torch.manual_seed(0)
     config = ModelConfig(
-        n_layer=2, n_head=4, n_kv_head=2, d_model=64, context_length=32, vocab_size=vocab_size, tie_embeddings=tie
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=64,
+        context_length=32,
+        vocab_size=vocab_size,
+        tie_embeddings=tie,
+        mlp=mlp,
     )
     return GPT(config).eval()
 
@@ -68,6 +75,12 @@ def test_a_target_that_matches_no_layer_is_refused():
         apply_lora(tiny_model(), LoRAConfig(rank=4, targets="q_proj,qkv_proj"), base_vocab=97)
     with pytest.raises(UserError, match="blocks.7.attn.q_proj"):
         apply_lora(tiny_model(), LoRAConfig(rank=4, targets="blocks.7.attn.q_proj"), base_vocab=97)
+    # a relu2 MLP has no gate_proj: "all" takes the layers there are, naming it is refused
+    relu2 = tiny_model(mlp="relu2")
+    apply_lora(relu2, LoRAConfig(rank=4), base_vocab=97)
+    assert sum(isinstance(m, LoRALinear) for m in relu2.modules()) == 2 * 6
+    with pytest.raises(UserError, match="gate_proj"):
+        apply_lora(tiny_model(mlp="relu2"), LoRAConfig(rank=4, targets="gate_proj"), base_vocab=97)
 
 
 # -- LoRA runs on the tiny base run -----------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The decoder-only language model: a Llama-shaped GPT.
 
 Token embedding, then `n_layer` pre-norm blocks (RMSNorm -> grouped-query attention with rotary
-positions -> residual, RMSNorm -> SwiGLU MLP -> residual), a final RMSNorm `norm_f` and the output
+positions -> residual, RMSNorm -> SwiGLU or ReLU² MLP -> residual), a final RMSNorm `norm_f` and the output
 projection `lm_head`. The layout and the rotary convention are those of Hugging Face Llama, so
 `keel.models.hf` maps weights one to one, without permuting heads.
 
@@ -21,9 +21,16 @@ from keel.errors import UserError
 
 
 def mlp_hidden_size(config: ModelConfig) -> int:
-    """config.mlp_hidden, or 8/3 d_model rounded up to a multiple of 64 when it is 0."""
+    """config.mlp_hidden, or when it is 0: 8/3 d_model (swiglu) or 4 d_model (relu2), rounded up to a
+    multiple of 64."""
     # 8/3 keeps the SwiGLU MLP (three matrices) at the parameter count of a 4x two-matrix MLP.
-    return config.mlp_hidden or 64 * math.ceil(8 * config.d_model / (3 * 64))
+    thirds = 8 if config.mlp == "swiglu" else 12
+    return config.mlp_hidden or 64 * math.ceil(thirds * config.d_model / (3 * 64))
+
+
+def mlp_matrices(config: ModelConfig) -> int:
+    """Weight matrices of one MLP: gate, up and down (swiglu) or up and down (relu2)."""
+    return 3 if config.mlp == "swiglu" else 2
 
 
 def num_kv_heads(config: ModelConfig) -> int:
@@ -166,17 +173,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Feed-forward: SwiGLU, down(silu(gate(x)) * up(x)), or ReLU², down(relu(up(x))²) (model.mlp).
+
+    ReLU² is relu(a) * a, so Llama's gated MLP with a ReLU and gate = up computes it exactly: that is
+    how `keel.models.hf` exports it."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden = mlp_hidden_size(config)
-        self.gate_proj = nn.Linear(config.d_model, hidden, bias=False)
+        self.gated = config.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.d_model, hidden, bias=False)
         self.up_proj = nn.Linear(config.d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C)
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C)
+        return self.down_proj(F.relu(self.up_proj(x)).square())  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -288,7 +302,7 @@ class GPT(nn.Module):
         d, head_dim = config.d_model, config.d_model // config.n_head
         attention = d * config.n_head * head_dim * 2 + d * num_kv_heads(config) * head_dim * 2  # q, o; k, v
         qk_norm = 2 * head_dim if config.qk_norm else 0
-        mlp = 3 * d * mlp_hidden_size(config)
+        mlp = mlp_matrices(config) * d * mlp_hidden_size(config)
         per_block = attention + qk_norm + mlp + 2 * d  # + two RMSNorm weights
         total = config.n_layer * per_block + d  # + norm_f
         if include_embedding:

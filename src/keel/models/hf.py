@@ -54,7 +54,7 @@ def llama_config(config: ModelConfig) -> dict[str, Any]:
         "num_attention_heads": config.n_head,
         "num_key_value_heads": num_kv_heads(config),
         "head_dim": config.d_model // config.n_head,
-        "hidden_act": "silu",
+        "hidden_act": "silu" if config.mlp == "swiglu" else "relu",  # relu2: relu(gate x) * up x, gate = up
         "max_position_embeddings": config.context_length,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
@@ -88,7 +88,11 @@ def to_llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.tie_embeddings:
         del state["lm_head.weight"]
-    return {_llama_key(key): tensor for key, tensor in state.items()}
+    llama = {_llama_key(key): tensor for key, tensor in state.items()}
+    if model.config.mlp == "relu2":  # Llama's gated MLP with a ReLU and gate = up computes relu(up x)^2
+        for key in [key for key in llama if key.endswith("mlp.up_proj.weight")]:
+            llama[key.replace("up_proj", "gate_proj")] = llama[key]
+    return llama
 
 
 def from_llama_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -103,6 +107,14 @@ def from_llama_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -
         expected.pop("lm_head.weight")
     # Older Llama checkpoints also store the rotary inverse frequencies, which GPT recomputes.
     llama_keys = {key for key in state if not key.endswith("rotary_emb.inv_freq")}
+    if config.mlp == "relu2":  # exported with gate = up (see to_llama_state_dict)
+        for key in [key for key in llama_keys if key.endswith("mlp.gate_proj.weight")]:
+            if not torch.equal(state[key], state.get(key.replace("gate_proj", "up_proj"), torch.empty(0))):
+                raise UserError(
+                    f"{key} differs from its up_proj, so these Llama weights are not a model.mlp=relu2 model; "
+                    "use model.mlp=swiglu."
+                )
+            llama_keys.discard(key)
     if config.tie_embeddings:
         llama_keys.discard("lm_head.weight")
     missing, unexpected = sorted(expected.keys() - llama_keys), sorted(llama_keys - expected.keys())

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from keel.models.gpt import GPT, num_kv_heads
+from keel.models.gpt import GPT, mlp_hidden_size, num_kv_heads
 from keel.models.hf import to_llama_state_dict
 
 # Q8_0 stores blocks of 32 weights along a row, each block with one fp16 scale (34 bytes per 32 weights).
@@ -64,6 +64,7 @@ def write_gguf(
     expects of one-dimensional tensors.
     """
     config = model.config
+    assert config.mlp == "swiglu", "llama.cpp's llama architecture has only the SiLU-gated MLP (export.py refuses)"
     head_dim = config.d_model // config.n_head
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if int8 else _FILE_TYPES[dtype]
@@ -72,7 +73,7 @@ def write_gguf(
     writer.add_context_length(config.context_length)
     writer.add_embedding_length(config.d_model)
     writer.add_block_count(config.n_layer)
-    writer.add_feed_forward_length(model.blocks[0].mlp.gate_proj.out_features)
+    writer.add_feed_forward_length(mlp_hidden_size(config))
     writer.add_head_count(config.n_head)
     writer.add_head_count_kv(num_kv_heads(config))
     writer.add_key_length(head_dim)

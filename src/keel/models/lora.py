@@ -105,7 +105,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig, base_vocab: int) -> None:
                     found[name] = True
                 if hits:
                     setattr(part, attr, LoRALinear(child, config.rank, config.alpha, config.dropout))
-    missing = [name for name, hit in found.items() if not hit]
+    # "all" takes the linear layers the model has (a relu2 MLP has no gate_proj)
+    missing = [name for name, hit in found.items() if not hit and config.targets.strip() != "all"]
     if missing:
         raise UserError(
             f"lora.targets names {', '.join(missing)}, which matches no linear layer; use names among "
