@@ -91,7 +91,7 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str]) -> dict
         "params": GPT(m).num_params(),
         "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/{m.n_kv_head}kv/T{m.context_length}/"
         f"B{config.train.batch_size}",
-        "recipe": f"lr {config.optim.lr:g} {config.optim.schedule}"
+        "recipe": f"{config.optim.optimizer} lr {config.optim.lr:g} {config.optim.schedule}"
         + (" qk_norm" if m.qk_norm else "")
         + (f" {m.mlp}" if m.mlp != "swiglu" else "")
         + "".join(f" {name}" for name in ablations)
