@@ -106,7 +106,7 @@ def test_bad_train_inputs(tiny_data, trained, tmp_path):
     config_before = (run_dir / "config.yaml").read_text()
     assert_user_error(keel(*tiny_train_args(tiny_data, run_dir, "model.d_model=128"), env=env), "model.d_model")
     assert_user_error(
-        keel(*tiny_train_args(tiny_data, run_dir, "optim.optimizer=muon"), env=env), "optim.optimizer=adamw"
+        keel(*tiny_train_args(tiny_data, run_dir, "optim.optimizer=adamw"), env=env), "optim.optimizer=muon"
     )
     assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "train.compile=maybe")), "train.compile")
     assert_user_error(keel(*tiny_train_args(tiny_data, tmp_path / "r", "model.attention=flash")), "model.attention")

@@ -210,9 +210,10 @@ class OptimConfig:
     """The optimizer and the learning-rate schedule."""
 
     optimizer: str = opt(
-        "adamw",
-        "adamw | muon: Muon (orthogonalised momentum) for the hidden weight matrices, "
-        "AdamW for embeddings, lm_head and norms.",
+        "auto",
+        "auto | adamw | muon: Muon (orthogonalised momentum) for the hidden weight matrices, "
+        "AdamW for embeddings, lm_head and norms. auto: muon when pretraining from scratch with whole "
+        "matrices (no init.from, no LoRA, no FSDP), adamw otherwise.",
     )
     lr: float = opt(2e-3, "Peak learning rate.")
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
@@ -693,7 +694,7 @@ def validate(config: RunConfig) -> None:
     )
     need(m.mlp in MLPS, f"model.mlp must be {' or '.join(MLPS)}, got {m.mlp!r}.")
     need(m.rope_theta > 0 and m.norm_eps > 0, "model.rope_theta and model.norm_eps must be positive.")
-    need(o.optimizer in ("adamw", "muon"), f"optim.optimizer must be adamw or muon, got {o.optimizer!r}.")
+    need(o.optimizer in ("auto", "adamw", "muon"), f"optim.optimizer must be auto, adamw or muon, got {o.optimizer!r}.")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be within [0, 1], got {o.min_lr_ratio}.")
     need(
@@ -766,7 +767,7 @@ def validate(config: RunConfig) -> None:
         "lora.rank > 0 adapts a trained model: set init.from=RUN_DIR to the run whose weights the adapters go on.",
     )
     need(
-        lo.rank == 0 or o.optimizer == "adamw",
+        lo.rank == 0 or o.optimizer != "muon",
         "lora.rank > 0 trains with optim.optimizer=adamw (Muon is for full matrices, not low-rank factors).",
     )
     need(

@@ -8,7 +8,7 @@ from keel import config as config_lib
 from keel.config import ModelConfig
 from keel.models.gpt import GPT
 from keel.tasks.lm import token_loss
-from keel.train.optim import MUON_MOMENTUM, build_optimizer, lr_at, reset_moments, step_unless
+from keel.train.optim import MUON_MOMENTUM, build_optimizer, lr_at, reset_moments, resolve_optimizer, step_unless
 
 
 def test_schedules_warm_up_then_end_at_the_floor():
@@ -25,7 +25,7 @@ def test_schedules_warm_up_then_end_at_the_floor():
 
 def test_no_weight_decay_on_norms_and_embeddings():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 4, bias=True))
-    opt = build_optimizer(model, config_lib.load(None).optim)
+    opt = build_optimizer(model, optim_config("adamw"))
     decay, no_decay = opt.param_groups
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
@@ -200,3 +200,18 @@ def test_grad_scaler_unscales_steps_and_skips_non_finite_updates(python_bytes):
     scaled_step(scaled, opt, scaler, corrupt=True)
     assert all(torch.equal(a, b) for a, b in zip(before, scaled.parameters()))  # neither part stepped
     assert scaler.get_scale() == 2.0**9
+
+
+def test_auto_takes_muon_for_pretraining_from_scratch_and_adamw_for_the_rest(tmp_path):
+    def chosen(*sets: str) -> str:
+        return resolve_optimizer(config_lib.load(None, list(sets))).optimizer
+
+    assert config_lib.load(None).optim.optimizer == "auto"
+    assert chosen() == "muon" and chosen("train.parallel=ddp") == "muon"
+    init = f"init.from={tmp_path}"
+    assert chosen(init) == "adamw"  # continued pretraining: weights another optimizer shaped
+    assert chosen("task.kind=sft") == "adamw" and chosen("task.kind=diffusion") == "adamw"
+    assert chosen("task.kind=distill", f"distill.teacher={tmp_path}") == "adamw"
+    assert chosen("task.kind=dpo", init) == "adamw"
+    assert chosen("lora.rank=4", init) == "adamw" and chosen("train.parallel=fsdp") == "adamw"
+    assert chosen("optim.optimizer=adamw") == "adamw" and chosen("optim.optimizer=muon", init) == "muon"

@@ -41,6 +41,7 @@ import torch
 
 from keel.config import DataConfig, InitConfig, LoRAConfig, RunConfig, SFTConfig, TaskConfig
 from keel.errors import UserError
+from keel.train.optim import resolve_optimizer
 
 INIT_TOLERANCE = 0.1  # relative to ln(vocab)
 EARLY_STEPS = 10
@@ -104,7 +105,7 @@ def run_doctor(
     dtype = pick_dtype(config.train.dtype, device)
     # A fresh model of the config's shape, trained from scratch: no init run, no adapters.
     config = dataclasses.replace(config, init=InitConfig(), lora=LoRAConfig())
-    m, o = config.model, config.optim
+    m, o = config.model, resolve_optimizer(config)
     setup = (
         f"fresh {m.n_layer}-layer, {m.d_model}-wide model ({m.n_head} heads), {o.optimizer} lr {o.lr:g}, "
         f"{str(dtype).removeprefix('torch.')} on {device.type}"
@@ -239,7 +240,7 @@ def train_steps(
     from keel.train.optim import build_optimizer, lr_at
     from keel.train.precision import autocast
 
-    o = task.config.optim
+    o = resolve_optimizer(task.config)
     # The schedule spans the check's budget; a warmup longer than a tenth of it would leave no training.
     schedule = dataclasses.replace(o, warmup_steps=min(o.warmup_steps, steps // 10))
     optimizer = build_optimizer(model, o)

@@ -21,6 +21,7 @@ from keel.config import ModelConfig, RunConfig
 from keel.data import open_data
 from keel.data.examples import open_examples
 from keel.errors import UserError
+from keel.train.optim import resolve_optimizer
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = "keel.lock"
@@ -104,10 +105,10 @@ def resolve_run(config: RunConfig, run_dir: Path, new_data: bool = False) -> Run
                 "use a new --run-dir or restore the run's model settings."
             )
         # A different optimizer could not load the saved optimizer state.
-        if resolved.optim.optimizer != previous.optim.optimizer:
+        now, before = resolve_optimizer(resolved).optimizer, resolve_optimizer(previous).optimizer
+        if now != before:
             raise UserError(
-                f"{run_dir} was trained with optim.optimizer={previous.optim.optimizer}, "
-                f"not {resolved.optim.optimizer}; "
+                f"{run_dir} was trained with optim.optimizer={before}, not {now}; "
                 "resume it with the same optimizer or use a new --run-dir."
             )
         if not new_data:

@@ -47,7 +47,7 @@ from keel.tasks import build_task
 from keel.tasks.base import ACT_NORM, LOGIT_NORM, step_weights
 from keel.train import checkpoint as ckpt
 from keel.train.faults import Faults
-from keel.train.optim import build_optimizer, lr_at, reset_moments, step_unless
+from keel.train.optim import build_optimizer, lr_at, reset_moments, resolve_optimizer, step_unless
 from keel.train.parallel import (
     Parallel,
     check_layout,
@@ -175,7 +175,8 @@ class Trainer:
         loss = torch.compile(self.task.loss) if self.compiled else self.task.loss
         # Several processes: DDP or FSDP2 around the model, from outside; one: the loss as it is.
         self.parallel = Parallel(self.model, loss, self.world, t.parallel, self.device)
-        self.optimizer = build_optimizer(self.model, config.optim)  # after FSDP2 has sharded the parameters
+        self.optim = resolve_optimizer(config)
+        self.optimizer = build_optimizer(self.model, self.optim)  # after FSDP2 has sharded the parameters
         self.data_identity = data_identity(Path(config.data.path))
         self.scaler = grad_scaler(self.device, self.dtype)
         if not self.world.main:
@@ -430,7 +431,7 @@ class Trainer:
             reset_adapters(self.model, self.config.train.seed)  # the frozen base is as it was
         else:
             self.task.init_weights(self.model)
-        self.optimizer = build_optimizer(self.model, self.config.optim)  # fresh state, as at step 0
+        self.optimizer = build_optimizer(self.model, self.optim)  # fresh state, as at step 0
         self.state = LoopState(grad_clip=self.config.optim.grad_clip)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -585,7 +586,7 @@ class Trainer:
             "run_start",
             f"trainer {'resumed' if resumed else 'started'} at step {self.state.step} "
             f"on {self.device.type} in {str(self.dtype).removeprefix('torch.')}"
-            f"{', compiled' if self.compiled else ''}, task {self.task.kind} "
+            f"{', compiled' if self.compiled else ''}, task {self.task.kind}, {self.optim.optimizer} "
             f"(process segment {self.segment})",
             {"segment": self.segment, "tokens": self.state.tokens},
         )
