@@ -1,15 +1,16 @@
 """Training throughput of keel against two peers, on this machine, in one run.
 
-For each model size it trains keel (its defaults: the dtype, optimizer and attention keel picks
-by itself), a plain PyTorch loop over Hugging Face LlamaForCausalLM with the same architecture,
-and a nanoGPT-style loop (bench/_peers.py), all on the same token batches from the Python
-standard library. Every implementation computes in the dtype keel's `train.dtype=auto` picks on
-this CPU (bf16 autocast where the CPU has native bf16, float32 where bf16 is emulated); the first
-lines name the CPU and its class. It prints tokens/s (from the median step time, and the mean),
-model FLOP utilisation against the 2048x2048 GEMM peak of the dtype the run computes in, measured
-in the same process just before and just after it trains (the better of the two) and against a
-GEMM probe run just before each step ("paired"), peak memory, the split of step time between
-data, forward/backward, optimizer and logging, and the keel/peer ratios.
+For each model size it trains keel (its defaults: the dtype and attention keel picks by itself;
+AdamW like the peers, since the pretraining default Muon is a recipe choice that bench/quality.py
+judges by what it learns, not an engine speed), a plain PyTorch loop over Hugging Face
+LlamaForCausalLM with the same architecture, and a nanoGPT-style loop (bench/_peers.py), all on the
+same token batches from the Python standard library. Every implementation computes in the dtype
+keel's `train.dtype=auto` picks on this CPU (bf16 autocast where the CPU has native bf16, float32
+where bf16 is emulated); the first lines name the CPU and its class. It prints tokens/s (from the
+median step time, and the mean), model FLOP utilisation against the 2048x2048 GEMM peak of the
+dtype the run computes in, measured in the same process just before and just after it trains (the
+better of the two) and against a GEMM probe run just before each step ("paired"), peak memory, the
+split of step time between data, forward/backward, optimizer and logging, and the keel/peer ratios.
 
 Each measurement runs in a fresh subprocess of this script, because a process's peak RSS
 cannot be reset. Warm-up steps are excluded from tokens/s and from the time split.
@@ -72,6 +73,7 @@ def keel_shape(size: str, quick: bool, overrides: list[str]) -> tuple[Shape, lis
         f"model.vocab_size={VOCAB_SIZE}",
         f"train.batch_size={batch_size}",
         f"data.path={DATA_DIR}",
+        "optim.optimizer=adamw",  # the peers' optimizer: this bench compares engines
     ] + overrides
     config = load(None, sets)
     m, t = config.model, config.train
