@@ -77,6 +77,14 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str]) -> dict
         logbook = read_logbook(run_dir / LOGBOOK_FILE)
         repairs = Counter(e["name"] for e in logbook if e["kind"] == "action")
         signals = Counter(e["name"] for e in logbook if e["kind"] == "signal")
+        # what led to repairs beyond rung 1's skips, and the repairs, as the logbook tells them: the run
+        # directory is temporary
+        routine = {("action", "skip_update"), ("signal", "grad_spike")}
+        told = [
+            f"step {e['step']}: {e['message']}"
+            for e in logbook
+            if e["kind"] in ("signal", "action") and (e["kind"], e["name"]) not in routine
+        ]
     m = config.model
     return {
         "bits_per_byte": evaluation.bits_per_byte,
@@ -87,6 +95,7 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str]) -> dict
         "status": result.status,
         "repairs": repairs,  # the supervisor's actions: a healthy recipe should need none
         "signals": signals,  # and what it saw
+        "told": told,
         "val_curve": val_curve,  # [(step, val nats on train.eval_batches batches)]
         "final_loss": result.final_loss,
         "params": GPT(m).num_params(),
@@ -214,6 +223,8 @@ def main() -> None:
         k = results["keel"]
         print(f"\nkeel stopped by {k['status']}")
         print(f"supervisor repairs: {counts(k['repairs'])}; signals: {counts(k['signals'])}")
+        for line in k["told"]:
+            print(f"  {line}")
         curve = ", ".join(f"{step} {loss:.3f}" for step, loss in k["val_curve"])
         print(f"keel val nats by step (train.eval_batches batches, equal steps across recipes): {curve}")
     print("load = 1-minute load average when the run ended (2 cores: above ~2 means other work shared them)")
