@@ -841,12 +841,13 @@ def _stop_on_signals(trainer: Trainer):
 def train(config: RunConfig, run_dir: Path, registry: Registry | None = None, progress: bool = True) -> TrainResult:
     """Train (or resume) the run in run_dir, whose config.yaml was written by init_run_dir."""
     trainer = Trainer(config, run_dir, registry, progress)
+    result = None
     try:
         result = trainer.run()
     finally:
         if trainer.tensorboard is not None:
             trainer.tensorboard.close()
-        destroy_process_group()
+        destroy_process_group(finished=result is not None)
     if registry is not None:
         registry.update_run(config.name, status="stopped" if result.status.startswith("stopped") else "finished")
     return result
