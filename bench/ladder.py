@@ -101,13 +101,13 @@ MODELS = {
         ],
     ),
     # keel's default model, optimizer and batch, in the dtype train.dtype=auto picks on this CPU;
-    # 300 steps keep a run to minutes
+    # 400 steps keep a run to minutes and are long enough for the rate check (at step 80: 4x that)
     "default": (
         config_lib.load(None, []).optim.lr,
-        ["train.max_steps=300", "train.eval_every=300", "train.checkpoint_every=25"],
+        ["train.max_steps=400", "train.eval_every=400", "train.checkpoint_every=25"],
     ),
 }
-REPAIRS = ("rollback", "scale_lr", "reset_optimizer", "stop")  # set_clip always comes with scale_lr
+REPAIRS = ("rollback", "scale_lr", "reset_optimizer", "rate_check", "stop")  # set_clip comes with scale_lr
 
 
 @dataclass

@@ -354,6 +354,20 @@ class SupervisorConfig:
     slow_step_factor: float = opt(3.0, "A step taking this multiple of the median step time is slow.")
     slow_step_patience: int = opt(20, "Slow steps in a row before the throughput collapse is logged.")
 
+    # The rate check. A too-high AdamW rate can hurt without any per-step sign of trouble (its
+    # loss falls, slower; measured in docs/benchmarks.md): only an experiment shows it. Once, when
+    # warmup ends plus rate_check_steps, the run so far is trained again from step 0 on the same
+    # batches at half the rate and the two compared on the validation set; the lower rate is kept
+    # when it wins by rate_check_margin, and halved again while halving wins.
+    rate_check_steps: int = opt(
+        30,
+        "Steps after warmup at which the rate check compares the run with its half-rate replay (0: no check); "
+        "runs planned shorter than 4x (warmup + this) skip it.",
+    )
+    rate_check_margin: float = opt(
+        0.005, "The half rate is kept when its validation loss is lower by at least this fraction."
+    )
+
     # The ladder and its budget. PaLM restarted ~100 steps before a spike and skipped 200-500
     # batches of a 255k-step run (0.1-0.2%); small runs still skip at least a handful.
     skip_spikes: bool = opt(True, "Rung 1: drop the update of a spiking step (non-finite updates are always dropped).")

@@ -118,6 +118,7 @@ def validate_config(config: SupervisorConfig) -> None:
         f"supervisor.spike_warmup must be within [2, spike_window={config.spike_window}], got {config.spike_warmup}.",
     )
     need(config.norm_min_progress < 1, f"supervisor.norm_min_progress must be below 1, got {config.norm_min_progress}.")
+    need(config.rate_check_margin < 1, f"supervisor.rate_check_margin must be below 1, got {config.rate_check_margin}.")
     need(0 < config.lr_factor <= 1, f"supervisor.lr_factor must be within (0, 1], got {config.lr_factor}.")
     need(0 < config.clip_factor <= 1, f"supervisor.clip_factor must be within (0, 1], got {config.clip_factor}.")
     need(

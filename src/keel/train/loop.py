@@ -16,6 +16,7 @@ repeats the uninterrupted one exactly, unless train.max_minutes plans the lr sch
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import json
@@ -77,6 +78,7 @@ class LoopState:
     grad_clip: float = 0.0  # current clip value (the supervisor may tighten it)
     best_val_loss: float | None = None
     train_seconds: float = 0.0  # training time up to this state, summed over the process segments
+    rate_checked: bool = False  # the supervisor's rate check is done (Trainer._check_rate)
 
 
 @dataclass
@@ -413,18 +415,110 @@ class Trainer:
         elif action.kind == "reset_optimizer":
             reset_moments(self.optimizer, action.params["moments"])
         elif action.kind == "rollback":
-            trouble_cursor, keep = self.state.cursor, (self.state.lr_scale, self.state.grad_clip)
+            trouble_cursor, checked = self.state.cursor, self.state.rate_checked
+            keep = (self.state.lr_scale, self.state.grad_clip)
             supervisor_state = self.supervisor.state_dict()
             if not self.restore(before_step=action.params["before_step"]):
                 self._reinitialise()  # older checkpoints were pruned; step 0 is the seed's initial weights
             # The live supervisor and the repairs decided since the checkpoint stay in force.
             self.supervisor.load_state_dict(supervisor_state)
             self.state.lr_scale, self.state.grad_clip = keep
+            self.state.rate_checked = checked
             self.state.cursor = trouble_cursor + action.params["skip_batches"]
             self.supervisor.after_rollback(self.state.step)
         elif action.kind == "stop":
             return action.params.get("diagnosis", action.reason)
         return None
+
+    # -- the rate check -------------------------------------------------------------------
+
+    def _rate_check_due(self) -> bool:
+        c = self.config.supervisor
+        if self.supervisor is None or not c.rate_check_steps or self.state.rate_checked:
+            return False
+        at = self.config.optim.warmup_steps + c.rate_check_steps
+        return self.state.step == at and self.planned_steps() >= 4 * at
+
+    def _check_rate(self) -> None:
+        """Replay the run so far at half the rate and keep whichever reached the lower validation loss.
+
+        A too-high AdamW rate can hurt with no per-step sign of trouble: the loss falls, just slower
+        (docs/benchmarks.md), so no monitor catches it and only an experiment shows it. Here the
+        first `at` steps are trained again from step 0, on the same batches, at half the rate; the
+        half rate is kept when its validation loss is lower by rate_check_margin, and halved again
+        while halving wins. The run goes on from the end of the kept branch (the run itself when
+        the rate stays). Every rank runs the same branches, so they agree on the outcome.
+        """
+        at, margin, scale = self.state.step, self.config.supervisor.rate_check_margin, self.state.lr_scale
+        supervisor_state = copy.deepcopy(self.supervisor.state_dict())
+        best_scale, best_loss, best = scale, self._evaluate()["val_loss"], self._snapshot()
+        tried = {f"{scale:g}": best_loss}
+        while not self.stopping():
+            trial = best_scale / 2
+            loss = self._replay(at, trial, supervisor_state)
+            if self.stopping():
+                break
+            tried[f"{trial:g}"] = loss
+            if not loss < best_loss * (1 - margin):  # a NaN loss loses too
+                break
+            best_scale, best_loss, best = trial, loss, self._snapshot()
+        self._restore(best)
+        if self.stopping():  # the check starts again when the run resumes at this step
+            return
+        self.state.rate_checked = True
+        losses = ", ".join(f"×{k} {v:.4f}" for k, v in tried.items())
+        evidence = {"val_loss_by_lr_multiplier": tried, "lr_multiplier": best_scale, "steps": at}
+        if best_scale == scale:
+            message = f"rate check: the first {at} steps again at half the rate did not do better ({losses}); rate kept"
+            self.logbook.write(at, "info", "rate_check", message, evidence)
+            return
+        self.supervisor.lr_multiplier *= best_scale / scale
+        message = (
+            f"rate check: the first {at} steps trained again from step 0 at lower rates reached val loss {losses}; "
+            f"the run goes on at ×{best_scale:g} of the schedule"
+        )
+        self.logbook.write(at, "action", "rate_check", message, evidence)
+        self.save(best_loss)  # the checkpoint of this step holds the kept branch
+
+    def _replay(self, at: int, lr_scale: float, supervisor_state: dict) -> float:
+        """Train from step 0 to step `at` at lr_scale × the schedule; the validation loss reached."""
+        clip = self.state.grad_clip
+        if not self.restore(before_step=1):
+            self._reinitialise()
+        self.supervisor.load_state_dict(copy.deepcopy(supervisor_state))
+        self.state.lr_scale, self.state.grad_clip = lr_scale, clip
+        for _ in range(2 * at + 10):  # updates dropped as non-finite do not count; a branch of them loses
+            if self.state.step >= at or self.stopping():
+                break
+            record, dropped = self.read(self.finish(self.launch(self.state.cursor)))
+            self.state.cursor += 1
+            if not dropped:
+                self.state.step, self.state.tokens = self.state.step + 1, record.tokens
+            self.beat(self.state.step)
+        return self._evaluate()["val_loss"] if self.state.step >= at else math.inf
+
+    def _snapshot(self) -> dict:
+        """Everything a step changes, copied where it lives (a copy of the weights and optimizer state)."""
+        return {
+            "weights": [p.detach().clone() for p in self.model.parameters()],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scaler": copy.deepcopy(self.scaler.state_dict()),
+            "supervisor": copy.deepcopy(self.supervisor.state_dict()),
+            "task": copy.deepcopy(self.task.state_dict()),
+            "loop": dataclasses.replace(self.state),
+            "rng": ckpt.capture_rng_state(),
+        }
+
+    def _restore(self, snapshot: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.model.parameters(), snapshot["weights"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+        self.scaler.load_state_dict(snapshot["scaler"])
+        self.supervisor.load_state_dict(copy.deepcopy(snapshot["supervisor"]))
+        self.task.load_state_dict(copy.deepcopy(snapshot["task"]))
+        self.state = dataclasses.replace(snapshot["loop"])
+        ckpt.restore_rng_state(snapshot["rng"])
 
     def _reinitialise(self) -> None:
         if self.lora_base:
@@ -606,6 +700,8 @@ class Trainer:
         last_beat = 0.0
         pending: Pending | None = None
         with _stop_on_signals(self):
+            if self._rate_check_due():  # resumed where a check was cut short
+                self._check_rate()
             while status == "finished":
                 # Queue the next step's forward/backward before reading the pending step's numbers, so the
                 # device has work while the host waits; not when the pending step may be the last one.
@@ -655,6 +751,11 @@ class Trainer:
                         if self.halt:
                             status, diagnosis = "stopped_by_supervisor", self.halt
                             break
+                    if self._rate_check_due():
+                        if launched is not None:  # taken on the weights the check may replace
+                            self.optimizer.zero_grad(set_to_none=True)
+                            launched = None
+                        self._check_rate()
                     with self.timer("logging"):
                         if len(self.pending_metrics) >= t.log_every:
                             self.flush_metrics()
