@@ -21,10 +21,13 @@ import json, os, signal, sys, time
 from pathlib import Path
 RUN = Path(sys.argv[1])
 RESTART = int(os.environ["KEEL_RESTART"])
-def beat(step, started=True):
-    tmp = RUN / ".heartbeat.tmp"
-    tmp.write_text(json.dumps({"step": step, "time": time.time(), "pid": os.getpid(), "started": started}))
-    os.replace(tmp, RUN / "heartbeat.json")
+RANK = int(os.environ.get("RANK", "0"))
+def beat(step, started=True, ended=False):
+    name = "heartbeat.json" if RANK == 0 else f"heartbeat.rank{RANK}.json"
+    tmp = RUN / f".{name}.tmp"
+    beat = {"step": step, "time": time.time(), "pid": os.getpid(), "started": started, "ended": ended}
+    tmp.write_text(json.dumps(beat))
+    os.replace(tmp, RUN / name)
 def checkpoint(step):
     (RUN / "checkpoints" / f"step_{step:08d}").mkdir(parents=True, exist_ok=True)
 with open(RUN / "starts.txt", "a") as f:
@@ -47,9 +50,10 @@ def starts(tmp_path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
-def watch(tmp_path: Path, body: str, **config) -> tuple[int, list[dict]]:
+def watch(tmp_path: Path, body: str, nproc: int = 1, **config) -> tuple[int, list[dict]]:
     events: list[dict] = []
-    code = run_watchdog(trainer(tmp_path, body), tmp_path / "run", WatchdogConfig(**{**FAST, **config}), events.append)
+    argv, config = trainer(tmp_path, body), WatchdogConfig(**{**FAST, **config})
+    code = run_watchdog(argv, tmp_path / "run", config, events.append, nproc=nproc)
     return code, events
 
 
@@ -208,6 +212,55 @@ def test_backoff_doubles_up_to_its_cap(tmp_path):
 def test_endings_a_restart_cannot_help_are_not_restarted(tmp_path, ending, expected_code):
     code, events = watch(tmp_path, ending + "\n")
     assert (code, events, starts(tmp_path)) == (expected_code, [], [0])
+
+
+@pytest.mark.parametrize(
+    "ending, code_meant",
+    [("os.abort()", 0), ("time.sleep(60)", 0), ("os.abort()", watchdog.EXIT_STOPPED_BY_SUPERVISOR)],
+)
+def test_a_rank_that_dies_or_hangs_after_the_run_ended_is_not_a_crash(tmp_path, ending, code_meant):
+    # Every rank beats "ended" after the end-of-run barrier; gloo can then abort a rank whose peer closed
+    # its connections first. The run is whole on disk: a line in the logbook, no restart, exit 0.
+    code, events = watch(
+        tmp_path,
+        f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        checkpoint(20)
+        beat(20, ended=True)
+        if RANK == 1:
+            {ending}
+        sys.exit({code_meant})  # finished, or stopped by the supervisor: what `keel train` must exit with
+    """,
+        nproc=2,
+        hang_timeout_s=1.5,
+    )
+    assert code == code_meant and starts(tmp_path) == [0, 0]
+    assert [(e["kind"], e["name"]) for e in events] == [("info", "teardown")]
+    signal_name = "SIGABRT" if ending == "os.abort()" else "SIGKILL"
+    assert f"the trainer (rank 1) was killed by {signal_name}" in events[0]["message"]
+    assert events[0]["step"] == 20
+
+
+def test_a_rank_that_dies_before_the_run_ended_restarts_the_group(tmp_path):
+    code, events = watch(
+        tmp_path,
+        """
+        import resource
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        checkpoint(20)
+        beat(20)
+        if RESTART == 0:
+            if RANK == 1:
+                os.abort()
+            time.sleep(60)  # rank 0 waits in a collective for the rank that died
+        beat(20, ended=True)
+    """,
+        nproc=2,
+    )
+    assert code == 0 and sorted(starts(tmp_path)) == [0, 0, 1, 1]
+    assert [(e["kind"], e["name"]) for e in events] == [("fault", "crash"), ("restart", "restart")]
+    assert "(rank 1) was killed by SIGABRT" in events[0]["message"]
 
 
 # The stop tests run the watchdog in its own process, in a new session standing in for the

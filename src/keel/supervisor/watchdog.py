@@ -48,7 +48,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -81,6 +81,8 @@ class _Segment:
     seconds_since_life: float  # from the last heartbeat (or the start) to the moment it ended
     timeout_s: float  # the silence allowed at that moment: start-up's or a running trainer's
     rank: int | None = None  # several ranks: the one that failed first
+    # The run had ended (every rank said so) when these ranks died or hung: {rank: returncode}.
+    teardown: dict[int, int] = field(default_factory=dict)
 
 
 def newest_checkpoint_step(run_dir: Path) -> int | None:
@@ -120,6 +122,8 @@ def run_watchdog(
             segment = _run_segment(argv, run_dir, config, restart, env, stop, poll_s, pass_fds, nproc)
             code = segment.returncode if segment.returncode >= 0 else 128 - segment.returncode
             stop.report()
+            if segment.teardown:
+                emit(_teardown_entry(segment))
             if stop.requested or segment.returncode in (
                 0,
                 EXIT_USER_ERROR,
@@ -232,14 +236,24 @@ def _run_segment(
         step = heartbeats[0].step if heartbeats[0].step is not None else heartbeats[rank].step
         return _Segment(returncode, hung, step, silent_s, timeout(heartbeats[rank]), rank if ranked else None)
 
+    def after_the_end(codes: list[int]) -> _Segment:
+        """The code the ranks meant to exit with (finished, or stopped by the supervisor); the others died."""
+        meant = (0, EXIT_USER_ERROR, EXIT_STOPPED_BY_SUPERVISOR)
+        code = next((code for code in codes if code in meant), 0)
+        teardown = {rank: code for rank, code in enumerate(codes) if code not in meant}
+        return _Segment(code, False, heartbeats[0].step, 0.0, 0.0, None, teardown)
+
     try:
         while True:
             time.sleep(poll_s) if ranked else _wait_quietly(children[0], poll_s)
-            for hb in heartbeats:
-                hb.poll()
             codes = [child.poll() for child in children]
+            for hb in heartbeats:  # after the exit codes: a rank's end beat precedes anything its end causes
+                hb.poll()
+            the_end = any(hb.ended for hb in heartbeats)
+            if the_end and all(code is not None for code in codes):
+                return after_the_end(codes)
             failed = next((r for r, code in enumerate(codes) if code not in (None, 0)), None)
-            if failed is not None or all(code is not None for code in codes):
+            if not the_end and (failed is not None or all(code is not None for code in codes)):
                 rank = failed if failed is not None else 0
                 silent_s = time.monotonic() - heartbeats[rank].last_life
                 return ended(rank, codes[rank], False, silent_s)
@@ -255,6 +269,8 @@ def _run_segment(
                 for child in children:
                     child.kill()
                 codes = [child.wait() for child in children]
+                if the_end:
+                    return after_the_end(codes)
                 return ended(rank, codes[rank], True, time.monotonic() - heartbeats[rank].last_life)
     finally:
         for child in children:
@@ -296,6 +312,7 @@ class _Heartbeat:
         self.last_life = time.monotonic()
         self.step: int | None = None
         self.started = False  # the child's first training step is done: start-up's grace is over
+        self.ended = False  # every rank has finished the run (or stopped it cleanly): what follows is teardown
 
     def _read(self) -> bytes | None:
         try:
@@ -311,6 +328,7 @@ class _Heartbeat:
         try:
             beat = json.loads(data)
             self.started = self.started or beat.get("started") is True
+            self.ended = self.ended or beat.get("ended") is True
             self.step = int(beat["step"])
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # caught mid-write, or before the first step: still a sign of life
@@ -377,6 +395,22 @@ def _describe(segment: _Segment, checkpoint_step: int | None) -> str:
     where = "before its first heartbeat" if segment.heartbeat_step is None else f"at step ~{segment.heartbeat_step}"
     newest = "none" if checkpoint_step is None else f"step {checkpoint_step}"
     return f"{what} {where} (newest checkpoint: {newest})"
+
+
+def _teardown_entry(segment: _Segment) -> dict:
+    """After the run ended, a rank that dies (gloo may abort a rank whose peer closed its connections
+    first) or hangs on its way out loses nothing: worth a line, not a restart."""
+    how = ", ".join(
+        f"the trainer (rank {rank}) " + (f"exited with code {c}" if c > 0 else f"was killed by {_signal_name(-c)}")
+        for rank, c in segment.teardown.items()
+    )
+    return _entry(
+        "info",
+        "teardown",
+        f"after the run had ended, {how} on its way out; nothing was lost.",
+        segment.heartbeat_step,
+        {"ranks": {str(rank): code for rank, code in segment.teardown.items()}},
+    )
 
 
 def _signal_name(signum: int) -> str:

@@ -51,6 +51,7 @@ from keel.train.faults import Faults
 from keel.train.optim import build_optimizer, lr_at, reset_moments, resolve_optimizer, step_unless
 from keel.train.parallel import (
     Parallel,
+    barrier,
     check_layout,
     destroy_process_group,
     init_process_group,
@@ -131,11 +132,14 @@ class _Timer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def write_heartbeat(run_dir: Path, step: int, rank: int = 0, started: bool = False) -> None:
-    """`started`: this process has done a training step, so the watchdog's start-up grace is over."""
+def write_heartbeat(run_dir: Path, step: int, rank: int = 0, started: bool = False, ended: bool = False) -> None:
+    """`started`: this process has done a training step, so the watchdog's start-up grace is over.
+    `ended`: every rank has finished (or cleanly stopped) the run and all it wrote is in place."""
     name = heartbeat_file(rank)
     tmp = run_dir / f".{name}.tmp"
     beat = {"step": step, "time": time.time(), "pid": os.getpid(), "rank": rank, "started": started}
+    if ended:
+        beat["ended"] = True
     tmp.write_text(json.dumps(beat))
     os.replace(tmp, run_dir / name)
 
@@ -206,8 +210,8 @@ class Trainer:
 
     # -- small pieces -----------------------------------------------------------------------
 
-    def beat(self, step: int) -> None:
-        write_heartbeat(self.run_dir, step, self.world.rank, self.started)
+    def beat(self, step: int, ended: bool = False) -> None:
+        write_heartbeat(self.run_dir, step, self.world.rank, self.started, ended)
 
     def _mirror_event(self, entry: dict) -> None:
         if self.tensorboard is not None:
@@ -940,15 +944,24 @@ def _stop_on_signals(trainer: Trainer):
 
 
 def train(config: RunConfig, run_dir: Path, registry: Registry | None = None, progress: bool = True) -> TrainResult:
-    """Train (or resume) the run in run_dir, whose config.yaml was written by init_run_dir."""
+    """Train (or resume) the run in run_dir, whose config.yaml was written by init_run_dir.
+
+    A run that ends well ends with a heartbeat saying so, written once every rank has reached the end
+    (a barrier): whatever happens to a process after it (gloo can abort a rank whose peer closed its
+    connections first) the watchdog takes for teardown, not for a crash to restart from.
+    """
     trainer = Trainer(config, run_dir, registry, progress)
     result = None
     try:
         result = trainer.run()
+        if registry is not None:
+            status = "stopped" if result.status.startswith("stopped") else "finished"
+            registry.update_run(config.name, status=status)
     finally:
         if trainer.tensorboard is not None:
             trainer.tensorboard.close()
-        destroy_process_group(finished=result is not None)
-    if registry is not None:
-        registry.update_run(config.name, status="stopped" if result.status.startswith("stopped") else "finished")
+        if result is not None:  # a rank leaving on an error skips the meeting: the watchdog stops the rest
+            barrier()
+            trainer.beat(trainer.state.step, ended=True)
+        destroy_process_group()
     return result

@@ -65,18 +65,15 @@ def init_process_group(world: World, device: torch.device, timeout_s: float = CO
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
-def destroy_process_group(finished: bool) -> None:
-    """Leave the process group; a rank that finished first waits at a barrier for the others.
-
-    Without the barrier a rank that closes its connections while another is still tearing down can
-    make gloo throw in the other's background thread, which aborts that process (SIGABRT) after a
-    run that had finished. A rank leaving on an error skips the barrier: the watchdog stops the rest.
-    """
-    if not dist.is_initialized():
-        return
-    if finished:
+def barrier() -> None:
+    """Wait here until every rank arrives (nothing to wait for in a single process)."""
+    if dist.is_initialized():
         dist.barrier()
-    dist.destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def my_micro_batches(grad_accum: int, world: World) -> list[int]:

@@ -11,6 +11,7 @@ supervisor (neither is worth a restart); anything else is a crash.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import json
 import os
 import signal
@@ -44,6 +45,7 @@ def stop_with_watchdog() -> None:
 
 def main(argv: list[str]) -> int:
     run_dir = Path(argv[0])
+    faulthandler.enable()  # a trainer killed by SIGSEGV or SIGABRT leaves its Python stacks on stderr
     stop_with_watchdog()
     # A first sign of life before the slow imports (torch takes seconds to load on a busy machine).
     beat = heartbeat_file(int(os.environ.get("RANK", "0")))
