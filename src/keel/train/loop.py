@@ -421,11 +421,8 @@ class Trainer:
         elif action.kind == "rollback":
             trouble_cursor, checked = self.state.cursor, self.state.rate_checked
             keep = (self.state.lr_scale, self.state.grad_clip)
-            supervisor_state = self.supervisor.state_dict()
-            if not self.restore(before_step=action.params["before_step"]):
-                self._reinitialise()  # older checkpoints were pruned; step 0 is the seed's initial weights
             # The live supervisor and the repairs decided since the checkpoint stay in force.
-            self.supervisor.load_state_dict(supervisor_state)
+            self._go_back(action.params["before_step"], self.supervisor.state_dict())
             self.state.lr_scale, self.state.grad_clip = keep
             self.state.rate_checked = checked
             self.state.cursor = trouble_cursor + action.params["skip_batches"]
@@ -487,9 +484,7 @@ class Trainer:
     def _replay(self, at: int, lr_scale: float, supervisor_state: dict) -> float:
         """Train from step 0 to step `at` at lr_scale × the schedule; the validation loss reached."""
         clip = self.state.grad_clip
-        if not self.restore(before_step=1):
-            self._reinitialise()
-        self.supervisor.load_state_dict(copy.deepcopy(supervisor_state))
+        self._go_back(1, supervisor_state)
         self.state.lr_scale, self.state.grad_clip = lr_scale, clip
         for _ in range(2 * at + 10):  # updates dropped as non-finite do not count; a branch of them loses
             if self.state.step >= at or self.stopping():
@@ -500,6 +495,12 @@ class Trainer:
                 self.state.step, self.state.tokens = self.state.step + 1, record.tokens
             self.beat(self.state.step)
         return self._evaluate()["val_loss"] if self.state.step >= at else math.inf
+
+    def _go_back(self, before_step: int, supervisor_state: dict) -> None:
+        """Load the newest checkpoint before before_step, with supervisor_state in place of the checkpoint's."""
+        if not self.restore(before_step=before_step):
+            self._reinitialise()  # older checkpoints were pruned; step 0 is the seed's initial weights
+        self.supervisor.load_state_dict(copy.deepcopy(supervisor_state))
 
     def _snapshot(self) -> dict:
         """Everything a step changes, copied where it lives (a copy of the weights and optimizer state)."""
