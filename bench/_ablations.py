@@ -127,4 +127,89 @@ def seq_warmup() -> None:
     PretrainTask.batch = batch
 
 
-ABLATIONS = {f.__name__: f for f in (zero_init, softcap, zloss, seq_warmup)}
+def _patch_trunk(extra_parameters: Callable[[nn.Module], None], trunk: Callable) -> None:
+    """Give GPT more parameters (extra_parameters(model), before init_weights runs) and a new block loop:
+    trunk(model, x, cos, sin) -> the last block's output, for whole rows (training and evaluation)."""
+    from keel.models.gpt import GPT
+
+    original_init, original_weights = GPT.__init__, GPT.init_weights
+
+    def __init__(self, config) -> None:
+        original_init(self, config)
+        extra_parameters(self)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        original_weights(self)
+        if hasattr(self, "skip_weights"):
+            nn.init.ones_(self.skip_weights)
+
+    def hidden_states(self, idx, positions=None, segments=None, kv_caches=None):
+        assert positions is None and segments is None and not kv_caches, "whole rows only"
+        T = idx.shape[1]
+        return trunk(self, idx, self.embed(idx), self.rope_cos[:T], self.rope_sin[:T])
+
+    GPT.__init__, GPT.init_weights, GPT.hidden_states = __init__, init_weights, hidden_states
+
+
+def unet_skips() -> None:
+    """modded-nanogpt's U-net: the outputs of the first half of the blocks, last in first out, are added
+    (times a learned scalar, 1 at the start) to the inputs of the second half's blocks."""
+
+    def add(model) -> None:
+        model.skip_weights = nn.Parameter(torch.ones(len(model.blocks) // 2))
+
+    def trunk(model, idx, x, cos, sin):
+        n, half, skips = len(model.blocks), len(model.blocks) // 2, []
+        for i, block in enumerate(model.blocks):
+            if i >= n - half:
+                x = x + model.skip_weights[i - (n - half)] * skips.pop()
+            x = block(x, cos, sin)
+            if i < half:
+                skips.append(x)
+        return x
+
+    _patch_trunk(add, trunk)
+
+
+def value_embeds() -> None:
+    """modded-nanogpt's value embeddings: a second token embedding, one vector of the k/v width per
+    token, added to the values of the first and the last block's attention."""
+    import torch.nn.functional as F
+
+    from keel.models.gpt import apply_rotary, matmul_attention
+
+    def add(model) -> None:
+        attn = model.blocks[0].attn
+        model.value_embed = nn.Embedding(model.config.vocab_size, attn.n_kv_head * attn.head_dim)
+
+    def attend(attn, x, cos, sin, ve):  # keel's Attention.forward for whole causal rows, with v + ve
+        B, T, C = x.shape
+        q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x)
+        v = (v + ve.to(v.dtype)).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+        q, k = attn.q_norm(q.float()), attn.k_norm(k.float())
+        q, k = apply_rotary(q, cos, sin).to(v.dtype), apply_rotary(k, cos, sin).to(v.dtype)
+        if attn._use_matmul(x.device, T):
+            if attn.n_kv_head != attn.n_head:
+                k, v = (t.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1) for t in (k, v))
+            y = matmul_attention(q, k, v, True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=attn.n_kv_head != attn.n_head)
+        return attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def trunk(model, idx, x, cos, sin):
+        ve, last = model.value_embed(idx), len(model.blocks) - 1
+        for i, block in enumerate(model.blocks):
+            if i in (0, last):
+                x = x + attend(block.attn, block.attn_norm(x), cos, sin, ve)
+                x = x + block.mlp(block.mlp_norm(x))
+            else:
+                x = block(x, cos, sin)
+        return x
+
+    _patch_trunk(add, trunk)
+
+
+ABLATIONS = {f.__name__: f for f in (zero_init, softcap, zloss, seq_warmup, unet_skips, value_embeds)}

@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -88,6 +90,19 @@ def test_same_input_gives_identical_files(prepared, tmp_path):
     out, manifest, corpus = prepared
     again = prepare([str(corpus)], tmp_path / "again", **OPTIONS)
     assert again["files"] == manifest["files"]
+
+
+def test_a_build_left_by_a_killed_prepare_is_swept_and_a_live_one_kept(prepared, tmp_path):
+    _, _, corpus = prepared
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a prepare SIGKILLed mid-build leaves its hidden build directory behind
+    left = tmp_path / f".out.{dead.pid}.0badc0de.tmp"
+    running = tmp_path / f".out.{os.getppid()}.5eed5eed.tmp"  # another prepare, still building
+    for build in (left, running):
+        build.mkdir()
+        (build / "train.bin").write_bytes(b"half")
+    prepare([str(corpus)], tmp_path / "out", **OPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "out"]
 
 
 def test_binary_and_non_utf8_files_are_skipped_and_counted(tmp_path):

@@ -171,6 +171,7 @@ def _build_in_place(out_dir: Path, build: Callable[[Path], dict]) -> dict:
     """Run `build(build_dir)` in a hidden sibling of out_dir, fsync what it wrote and move it into place;
     on any failure the build directory is deleted and out_dir is left as it was."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_abandoned_builds(out_dir)
     # Named first and created inside the try: a Ctrl-C just after the mkdir still removes it.
     build_dir = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -183,6 +184,21 @@ def _build_in_place(out_dir: Path, build: Callable[[Path], dict]) -> dict:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
     return manifest
+
+
+def _sweep_abandoned_builds(out_dir: Path) -> None:
+    """Delete the build directories of out_dir left by processes that no longer exist (killed by SIGKILL,
+    or by a signal in a program that called prepare() without keel's handlers)."""
+    for build_dir in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        pid = build_dir.name.removeprefix(f".{out_dir.name}.").split(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(build_dir, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def _reused_tokenizer(tokenizer_dir: Path, vocab_size: int | None) -> Tokenizer:
