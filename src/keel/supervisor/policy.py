@@ -47,7 +47,7 @@ How the loop applies actions (in list order):
   Supervisor's state, then call `after_rollback(restored_step)`;
 - scale_lr: multiply the persistent lr multiplier; set_clip: set the clip value;
 - reset_optimizer: zero the named AdamW moments of every parameter (keeping AdamW's step count, so
-  the first updates come out about (1-β1)/√(1-β2) ≈ 0.45 of a normal one rather than larger);
+  the first updates come out about (1-β1)/√(1-β2) of a normal one, 1 at β2 0.99, rather than larger);
 - stop: end the run with status "stopped" and the diagnosis.
 Good checkpoints: call `checkpoint_is_good(step)` when writing each checkpoint and keep the answer
 in it; a checkpoint is good when no incident is open (no unresolved trouble, no repair on trial).
