@@ -103,12 +103,21 @@ def lr_at(step: int, recipe: PeerRecipe, max_steps: int) -> float:
 
 
 def train_and_evaluate(
-    train: Stream, val: Stream, minutes: float, shape: Shape, recipe: PeerRecipe = PeerRecipe(), log=print
+    train: Stream,
+    val: Stream,
+    minutes: float,
+    shape: Shape,
+    recipe: PeerRecipe = PeerRecipe(),
+    log=print,
+    dtype: torch.dtype | None = None,
 ) -> PeerResult:
-    """Train on `train` for `minutes` of wall clock (the cosine ends when the budget does), then evaluate on `val`."""
+    """Train on `train` for `minutes` of wall clock (the cosine ends when the budget does), then evaluate on `val`.
+
+    The forward pass computes in `dtype`, by default `peer_dtype()` (keel's rule for this CPU).
+    """
     assert shape.vocab_size == train.vocab_size == val.vocab_size, (shape.vocab_size, train.vocab_size)
     T, B = shape.context_length, shape.batch_size
-    dtype = peer_dtype()
+    dtype = dtype or peer_dtype()
     torch.manual_seed(recipe.seed)
     model = NanoGPT(shape)
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -23,6 +23,7 @@ compare fairly. The issue's target is keel/nanogpt-bpe <= 0.8.
     python bench/quality.py --only keel --minutes 3 --set optim.lr=2e-3 --set optim.schedule=cosine
     python bench/quality.py --only keel --minutes 6 --set train.max_steps=400   # fixed schedule, budget as a cap
     python bench/quality.py --only keel --ablate zero_init   # a recipe change of bench/_ablations.py
+    python bench/quality.py --float32            # both in float32, what a CPU without native bf16 computes
 
 keel's row also prints its val loss at every evaluation (train.eval_batches batches), so recipes
 that differ in speed compare at equal steps as well as at equal time.
@@ -37,6 +38,8 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _ablations import ABLATIONS  # noqa: E402
@@ -120,7 +123,7 @@ HEADLINE = "nanogpt-bpe"
 PEER_LAYERS, PEER_WIDTH, PEER_HEADS, PEER_CONTEXT, PEER_BATCH = 6, 384, 6, 256, 8
 
 
-def run_peer(minutes: float, make_stream, reads: str) -> dict:
+def run_peer(minutes: float, make_stream, reads: str, dtype: torch.dtype | None) -> dict:
     train, val = make_stream(DATA_DIR, "train"), make_stream(DATA_DIR, "val")
     shape = Shape(
         PEER_LAYERS,
@@ -132,7 +135,7 @@ def run_peer(minutes: float, make_stream, reads: str) -> dict:
         PEER_CONTEXT,
         PEER_BATCH,
     )
-    r = train_and_evaluate(train, val, minutes, shape)
+    r = train_and_evaluate(train, val, minutes, shape, dtype=dtype)
     return {
         "bits_per_byte": r.bits_per_byte,
         "val_loss": r.val_loss,
@@ -185,6 +188,11 @@ def main() -> None:
         choices=tuple(ABLATIONS),
         help="apply a recipe change of bench/_ablations.py to keel (repeatable)",
     )
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="every trainer computes in float32, as on a CPU without native bf16 (at this CPU's float32 speed)",
+    )
     args = parser.parse_args()
     minutes = 1.0 if args.quick else args.minutes
     if minutes <= 0:
@@ -198,10 +206,12 @@ def main() -> None:
         "bits per byte on the whole val split\n",
         flush=True,
     )
-    runs = {} if args.only == "peer" else {"keel": lambda: run_keel(minutes, args.overrides, args.ablate)}
+    overrides = args.overrides + ["train.dtype=float32"] * args.float32
+    peer_dtype = torch.float32 if args.float32 else None  # None: keel's rule for this CPU
+    runs = {} if args.only == "peer" else {"keel": lambda: run_keel(minutes, overrides, args.ablate)}
     if args.only != "keel":
         for name, (make_stream, reads) in PEERS[args.peer].items():
-            runs[name] = lambda make_stream=make_stream, reads=reads: run_peer(minutes, make_stream, reads)
+            runs[name] = lambda make_stream=make_stream, reads=reads: run_peer(minutes, make_stream, reads, peer_dtype)
     results = {}
     for name, run in runs.items():
         print(f"training {name} ...", flush=True)
