@@ -239,9 +239,9 @@ def _run_segment(
     def after_the_end(codes: list[int]) -> _Segment:
         """The code the ranks meant to exit with (finished, or stopped by the supervisor); the others died."""
         meant = (0, EXIT_USER_ERROR, EXIT_STOPPED_BY_SUPERVISOR)
-        code = next((code for code in codes if code in meant), 0)
-        teardown = {rank: code for rank, code in enumerate(codes) if code not in meant}
-        return _Segment(code, False, heartbeats[0].step, 0.0, 0.0, None, teardown)
+        intended = next((c for c in codes if c in meant), 0)
+        teardown = {rank: c for rank, c in enumerate(codes) if c not in meant}
+        return _Segment(intended, False, heartbeats[0].step, 0.0, 0.0, None, teardown)
 
     try:
         while True:
