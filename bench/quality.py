@@ -24,6 +24,7 @@ compare fairly. The issue's target is keel/nanogpt-bpe <= 0.8.
     python bench/quality.py --only keel --minutes 6 --set train.max_steps=400   # fixed schedule, budget as a cap
     python bench/quality.py --only keel --ablate zero_init   # a recipe change of bench/_ablations.py
     python bench/quality.py --float32            # both in float32, what a CPU without native bf16 computes
+    python bench/quality.py --minutes 30 --keep /tmp/q30   # keep keel's run: `keel logbook /tmp/q30/quality`
 
 keel's row also prints its val loss at every evaluation (train.eval_batches batches), so recipes
 that differ in speed compare at equal steps as well as at equal time.
@@ -32,6 +33,7 @@ that differ in speed compare at equal steps as well as at equal time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -48,7 +50,7 @@ from _peers import Shape  # noqa: E402
 from throughput import DATA_DIR, prepare_data, print_machine  # noqa: E402
 
 
-def run_keel(minutes: float, overrides: list[str], ablations: list[str]) -> dict:
+def run_keel(minutes: float, overrides: list[str], ablations: list[str], keep: Path | None) -> dict:
     from keel import config as config_lib
     from keel.inference import evaluate_run, load_run
     from keel.models.gpt import GPT
@@ -67,7 +69,9 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str]) -> dict
     dtype = pick_dtype(config.train.dtype, pick_device(config.train.device))
     for name in ablations:
         ABLATIONS[name]()
-    with tempfile.TemporaryDirectory() as tmp:
+    if keep:
+        keep.mkdir(parents=True)
+    with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "quality"
         config = init_run_dir(config, run_dir)
         # A registry of its own only to read back the val loss at each evaluation: recipes that
@@ -81,7 +85,7 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str]) -> dict
         repairs = Counter(e["name"] for e in logbook if e["kind"] == "action")
         signals = Counter(e["name"] for e in logbook if e["kind"] == "signal")
         # what led to repairs beyond rung 1's skips, and the repairs, as the logbook tells them: the run
-        # directory is temporary
+        # directory is temporary unless --keep
         routine = {("action", "skip_update"), ("signal", "grad_spike")}
         told = [
             f"step {e['step']}: {e['message']}"
@@ -193,7 +197,15 @@ def main() -> None:
         action="store_true",
         help="every trainer computes in float32, as on a CPU without native bf16 (at this CPU's float32 speed)",
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep keel's run directory (DIR/quality: logbook, checkpoints) and registry (DIR/registry.sqlite)",
+    )
     args = parser.parse_args()
+    if args.keep and args.keep.exists():
+        parser.error(f"--keep {args.keep} already exists; name a new directory")
     minutes = 1.0 if args.quick else args.minutes
     if minutes <= 0:
         parser.error(f"--minutes must be positive, got {minutes:g}")
@@ -208,7 +220,7 @@ def main() -> None:
     )
     overrides = args.overrides + ["train.dtype=float32"] * args.float32
     peer_dtype = torch.float32 if args.float32 else None  # None: keel's rule for this CPU
-    runs = {} if args.only == "peer" else {"keel": lambda: run_keel(minutes, overrides, args.ablate)}
+    runs = {} if args.only == "peer" else {"keel": lambda: run_keel(minutes, overrides, args.ablate, args.keep)}
     if args.only != "keel":
         for name, (make_stream, reads) in PEERS[args.peer].items():
             runs[name] = lambda make_stream=make_stream, reads=reads: run_peer(minutes, make_stream, reads, peer_dtype)
