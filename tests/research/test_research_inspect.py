@@ -11,6 +11,7 @@ from conftest import TINY, keel, run
 from keel import config as config_lib
 from keel.cli import main
 from keel.errors import UserError
+from keel.inference import load_run
 from keel.research.inspect import (
     UNSCORED_CLOSE,
     UNSCORED_OPEN,
@@ -19,6 +20,7 @@ from keel.research.inspect import (
     format_batch,
     inspect_run,
     inspect_text,
+    last_cursor,
     load_lm_run,
     row_pieces,
     text_ids,
@@ -193,8 +195,10 @@ def test_bad_inputs_are_one_sentence_and_write_nothing(copy_run, tmp_path):
         inspect_run(tmp_path, out_dir=out)
     with pytest.raises(UserError, match="--cursor must be 0 or more"):
         inspect_run(copy_run, cursor=-1, out_dir=out)
-    with pytest.raises(UserError, match=r"past the end of .* cursors 0 to \d+"):  # one per step, skipped or not
-        inspect_run(copy_run, cursor=10 * STEPS, out_dir=out)
+    last = last_cursor(load_run(copy_run))
+    assert last >= STEPS - 1  # one cursor per step, plus one per skipped batch
+    with pytest.raises(UserError, match=f"past the end of .* cursors 0 to {last} "):
+        inspect_run(copy_run, cursor=last + 1, out_dir=out)
     for prompt in ("", "  \n"):
         with pytest.raises(UserError, match="--prompt is empty"):
             inspect_run(copy_run, prompt=prompt, out_dir=out)
