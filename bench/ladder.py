@@ -121,7 +121,7 @@ class Outcome:
     status: str
     skips: int
     repairs: list[str]  # the actions of rungs 2-5, in order
-    signals: list[str]  # the state signals (divergence, act_growth, ...) that were logged
+    signals: list[str]  # the state signals (divergence, act_growth, ...) logged, and unconfirmed divergences
     lr_multiplier: float  # where the supervisor's cuts left the learning rate
     seconds: float
     act_norm: list[float]  # per step applied, as the supervisor saw them
@@ -183,7 +183,13 @@ def run(model: str, data: Path, multiple: float, seed: int, supervised: bool) ->
         status=result.status,
         skips=sum(e["name"] == "skip_update" for e in actions),
         repairs=[e["name"] for e in actions if e["name"] in REPAIRS],
-        signals=[e["name"] for e in entries if e["kind"] == "signal" and e["name"] not in ("loss_spike", "grad_spike")],
+        signals=[
+            e["name"]
+            for e in entries
+            if e["kind"] == "signal"
+            and e["name"] not in ("loss_spike", "grad_spike")
+            or e["name"] == "divergence_unconfirmed"
+        ],
         lr_multiplier=cuts[-1] if cuts else 1.0,
         seconds=time.perf_counter() - start,
         act_norm=[v for _, v in series.get("act_norm", [])],

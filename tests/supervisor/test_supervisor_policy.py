@@ -42,8 +42,15 @@ class Loop:
         checkpoint_every: int = 50,
         seed: int = 0,
         fp16: bool = False,
+        val: Callable[["Loop"], float] | None = None,
+        eval_every: int = 200,
     ):
+        """`val`, when given, is the held-out loss of the weights now: evaluated every `eval_every` steps
+        and asked by the supervisor, as keel's loop does."""
         self.supervisor, self.shape, self.checkpoint_every = supervisor, shape, checkpoint_every
+        self.eval_every, self.val = eval_every, val
+        if val is not None:
+            supervisor.held_out = lambda: val(self)
         self.rng = random.Random(seed)
         self.step = self.cursor = 0
         self.lr_scale, self.reset_moments = 1.0, 0
@@ -100,6 +107,8 @@ class Loop:
                 elif action.kind == "stop":
                     self.diagnosis = action.params["diagnosis"]
                     return "stopped"
+            if not skip and self.val is not None and self.step % self.eval_every == 0:
+                self.supervisor.evaluated(self.step, self.val(self))
             if not skip and self.step % self.checkpoint_every == 0:
                 self.checkpoints[self.step] = self.supervisor.checkpoint_is_good(self.step)
                 self.saved_scaler[self.step] = (self.loss_scale, self.clean_steps)
@@ -323,6 +332,63 @@ def test_slow_divergence_rolls_back_before_the_climb_and_a_failed_rollback_means
     # The second bout: the rollback alone had failed before, so the lr cut comes first.
     assert repairs[5:] == ["scale_lr", "set_clip"] and third[0] > 2200
     assert supervisor.first_rung == "lower_lr" and loop.lr_scale == 0.25
+
+
+def climb(start: int, until: int):
+    """The slow climb above: the training loss rises from `start` for as long as loop.step < until."""
+
+    def factor(loop) -> float:
+        return 1 + min(max(loop.step - start, 0), 600) / 400 if loop.step < until else 1.0
+
+    return factor
+
+
+def healthy_val(loop) -> float:
+    """A held-out loss that keeps falling, a little above the training loss, without batch noise."""
+    return 2.5 + 5.3 * math.exp(-loop.step / 250) - 1e-5 * loop.step
+
+
+def test_a_training_loss_climb_the_held_out_loss_does_not_share_is_not_repaired(tmp_path):
+    """A model that memorises its corpus: batch losses swing up for a while, the held-out loss falls."""
+    up = climb(1200, 1500)
+    loop = Loop(supervise(tmp_path), lambda loop, v: {**v, "loss": v["loss"] * up(loop)}, val=healthy_val)
+    assert loop.run(3000) == "finished"
+    assert loop.rollbacks == [] and not entries(tmp_path, "signal") and not entries(tmp_path, "action")
+    unconfirmed = entries(tmp_path, "info", "divergence_unconfirmed")
+    assert unconfirmed and 1250 < unconfirmed[0]["step"] < 1500
+    first = unconfirmed[0]["evidence"]
+    assert first["reference_step"] <= first["calm_step"] and first["val_loss"] < first["reference_val_loss"]
+    assert "did not rise" in unconfirmed[0]["message"]
+
+
+def test_a_climb_the_held_out_loss_shares_is_repaired_and_says_so(tmp_path):
+    up = climb(1200, 3000)
+
+    def shape(loop, v):
+        return {**v, "loss": v["loss"] * up(loop)} if loop.lr_scale == 1 else v
+
+    loop = Loop(
+        supervise(tmp_path), shape, val=lambda loop: healthy_val(loop) * up(loop) if loop.lr_scale == 1 else 2.6
+    )
+    assert loop.run(3000) == "finished"
+    (first, *_) = entries(tmp_path, "signal", "divergence")
+    assert 1250 < first["step"] < 1400 and "held-out loss rose" in first["message"]
+    assert first["evidence"]["val_rise"] > 0.05 and loop.rollbacks and loop.rollbacks[0][1] <= 1200
+    assert loop.lr_scale == 0.5 and not entries(tmp_path, "info", "divergence_unconfirmed")
+
+
+def test_a_repair_whose_held_out_loss_came_back_worked_though_the_training_average_did_not(tmp_path):
+    """After the rollback the batches run 15% higher (other data), the held-out loss is back: no second repair."""
+    up = climb(1200, 3000)
+
+    def shape(loop, v):
+        return {**v, "loss": v["loss"] * (1.15 if loop.rollbacks else up(loop))}
+
+    loop = Loop(supervise(tmp_path), shape, val=lambda loop: healthy_val(loop) * (1 if loop.rollbacks else up(loop)))
+    assert loop.run(3000) == "finished"
+    assert len(loop.rollbacks) == 1 and loop.lr_scale == 1
+    (outcome,) = entries(tmp_path, "outcome", "rollback")
+    assert outcome["evidence"]["recovered"] == 1 and "held-out loss" in outcome["message"]
 
 
 def test_persistent_trouble_climbs_every_rung_then_stops_with_a_diagnosis(tmp_path):

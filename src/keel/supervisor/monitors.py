@@ -280,9 +280,12 @@ class DivergenceMonitor(Monitor):
     the monitor (re)started, taken once the EWM has settled (after `span` values). The climb is
     taken to have begun at the last step the EWM was within half the margin of its best: on a flat
     noisy curve the best itself can be hundreds of steps older than the trouble.
+
+    A signal the policy `dismiss`es (the held-out loss did not rise) fires again only once the EWM
+    climbs another `margin` above where it was dismissed, with the climb still dated from its start.
     """
 
-    state_fields = ("ewm", "best", "best_step", "calm_step", "steps_above", "fired")
+    state_fields = ("ewm", "best", "best_step", "calm_step", "steps_above", "fired", "dismissed_at")
 
     def __init__(self, span: int, margin: float, patience: int):
         self.span, self.margin, self.patience = span, margin, patience
@@ -291,6 +294,7 @@ class DivergenceMonitor(Monitor):
         self.best_step = self.calm_step = -1
         self.steps_above = 0
         self.fired = False
+        self.dismissed_at = 0.0  # the level of the last dismissed signal (0: none in this climb)
 
     def observe(self, loss: float, step: int) -> Signal | None:
         self.ewm.add(loss)
@@ -302,10 +306,10 @@ class DivergenceMonitor(Monitor):
         if level <= self.best * (1 + self.margin / 2):
             self.calm_step = step
         if level <= self.best * (1 + self.margin):
-            self.steps_above, self.fired = 0, False
+            self.steps_above, self.fired, self.dismissed_at = 0, False, 0.0
             return None
         self.steps_above += 1
-        if self.steps_above < self.patience or self.fired:
+        if self.steps_above < self.patience or self.fired or level <= self.dismissed_at * (1 + self.margin):
             return None
         self.fired = True
         rise = level / self.best - 1
@@ -325,6 +329,11 @@ class DivergenceMonitor(Monitor):
             },
             began_step=self.calm_step,
         )
+
+    def dismiss(self) -> float:
+        """The last signal was no divergence: fire again only `margin` higher. Returns that level."""
+        self.fired, self.dismissed_at = False, self.ewm.mean
+        return self.dismissed_at * (1 + self.margin)
 
     @property
     def level(self) -> float:

@@ -15,6 +15,16 @@ pass without trouble and the loss is back at its pre-trouble level, and nothing 
 an incident, `repair_after_skips` loss spikes or non-finite steps, or any "state" trouble
 (divergence, norm growth, loss-scale collapse), call for a repair (rungs 2-4).
 
+Divergence is confirmed on held-out data when the task has some (`held_out`): the training loss
+average's best is the lowest of thousands of noisy values, biased low, and a model that has seen its
+corpus several times swings from batch to batch more than its held-out loss moves (a healthy 30-minute
+run climbed 13% above that best for 50 steps while its held-out loss fell). On the signal, the weights
+now are evaluated and compared with the best evaluation before the climb began; the signal stands
+when the held-out loss rose by half the divergence margin, else it is logged as unconfirmed and asked
+again only if the average climbs another margin (the climb still dated from where it began, so a
+repair then rolls back before it). Likewise a judge step that finds the training average
+still high asks the held-out loss before calling the repair a failure.
+
 A grad-norm spike next to a normal loss is skipped but does not count: healthy small-batch runs
 have such steps in clusters (three within 90 steps in a measured healthy run) and their loss
 shows no harm. Only a run of them counts, from its `repair_after_skips`-th step in a row on: that
@@ -58,6 +68,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -158,8 +169,12 @@ class Supervisor:
         max_steps: int,
         grad_clip: float,
         task_monitors: list | None = None,
+        held_out: Callable[[], float] | None = None,
     ):
+        """`held_out`, when the task has held-out data, evaluates the weights now and returns their loss;
+        the loop must also report its scheduled evaluations through `evaluated`."""
         validate_config(config)
+        self.held_out = held_out
         # The task's monitors of its own metrics: their signals are logged; repairs act on the standard ones.
         self.task_monitors = list(task_monitors or [])
         self.config, self.logbook, self.max_steps = config, logbook, max_steps
@@ -173,6 +188,7 @@ class Supervisor:
         self.grad_spikes_in_a_row = 0
         self.good_checkpoints: list[list[int]] = []  # [step, tokens] of checkpoints called good, oldest first
         self.last_tokens = 0  # tokens trained into the weights so far
+        self.evaluations: list[list[float]] = []  # [step, held-out loss] of the loop's evaluations, oldest first
         # Not saved: a rollback in flight, logged once the loop reports where it landed.
         self.pending_rollback: dict[str, Any] | None = None
         self._build_monitors()
@@ -283,12 +299,55 @@ class Supervisor:
             if not any(spikes):
                 self.loss_spike.add(record.loss)
                 self.grad_spike.add(record.grad_norm)
-                signals.append(self.divergence.observe(record.loss, record.step))
+                divergence = self.divergence.observe(record.loss, record.step)
+                signals.append(self._confirmed(divergence) if divergence else None)
                 for monitor, value in ((self.act_growth, record.act_norm), (self.logit_growth, record.logit_norm)):
                     if math.isfinite(value):
                         signals.append(monitor.observe(value, record.loss, record.step))
                 signals += [monitor.observe(record) for monitor in self.task_monitors]
         return [s for s in signals if s is not None]
+
+    def _held_out_rise(self, before_step: int) -> dict[str, float] | None:
+        """Evaluate the weights now against the best evaluation at or before `before_step`; None without one."""
+        earlier = [e for e in self.evaluations if e[0] <= before_step]
+        if self.held_out is None or not earlier:
+            return None
+        reference_step, reference = min(earlier, key=lambda e: e[1])
+        now = self.held_out()
+        return {
+            "val_loss": now,
+            "reference_val_loss": reference,
+            "reference_step": reference_step,
+            "val_rise": now / reference - 1,
+        }
+
+    def _confirmed(self, signal: Signal) -> Signal | None:
+        """The divergence signal when the held-out loss rose with the training loss (or cannot be asked)."""
+        rise = self._held_out_rise(signal.began_step)
+        if rise is None:
+            return signal
+        then = f"{rise['reference_val_loss']:.4g} at step {rise['reference_step']:.0f}, {rise['val_loss']:.4g} now"
+        evidence = {**signal.evidence, **rise}
+        if not rise["val_rise"] <= self.config.divergence_margin / 2:  # a NaN counts as a rise
+            signal.message += f"; the held-out loss rose {rise['val_rise']:.0%} with it ({then})"
+            signal.evidence = evidence
+            return signal
+        again = self.divergence.dismiss()
+        self.logbook.write(
+            signal.step,
+            "info",
+            "divergence_unconfirmed",
+            f"{signal.message}, but the held-out loss did not rise with it ({then}): no repair, "
+            f"asked again if the average passes {again:.4g}",
+            evidence,
+        )
+        return None
+
+    def evaluated(self, step: int, val_loss: float) -> None:
+        """The loop evaluated the weights of `step` on the held-out data (on its schedule)."""
+        if math.isfinite(val_loss):
+            kept = [e for e in self.evaluations if e[0] < step]
+            self.evaluations = [*kept[-(_EVALUATIONS_KEPT - 1) :], [step, val_loss]]
 
     def skip_limits(self) -> list[float]:
         """What `observe` will judge the next record's update by, for the device to apply it alone:
@@ -339,9 +398,18 @@ class Supervisor:
         """The incident's judge step is reached without new trouble: did the loss come back?"""
         incident = self.incident
         assert incident is not None
-        target = incident["reference_loss"] * (1 + self.config.recovery_tolerance)
+        tolerance = self.config.recovery_tolerance
+        target = incident["reference_loss"] * (1 + tolerance)
         level = self.divergence.level
+        back = ""
         if math.isfinite(target) and math.isfinite(level) and level > target:
+            rise = self._held_out_rise(incident["began_step"])
+            if rise is not None and rise["val_rise"] <= tolerance:
+                back = (
+                    f", and the held-out loss {rise['val_loss']:.4g} is back within {tolerance:.0%} of its "
+                    f"{rise['reference_val_loss']:.4g} before the trouble (the loss average {level:.4g} is not)"
+                )
+        if not back and math.isfinite(target) and math.isfinite(level) and level > target:
             return self._repair(
                 record,
                 f"the loss average {level:.4g} is still above {target:.4g}, "
@@ -353,8 +421,8 @@ class Supervisor:
             record.step,
             "outcome",
             repair,
-            f"{_DOING[repair]} worked: no trouble for {self.config.judge_steps} steps and the loss average {level:.4g} "
-            f"is under {target:.4g}",
+            f"{_DOING[repair]} worked: no trouble for {self.config.judge_steps} steps"
+            + (back or f" and the loss average {level:.4g} is under {target:.4g}"),
             {"loss_ewm": level, "target": target, "began_step": incident["began_step"], "recovered": 1},
         )
         if incident["rung"]:
@@ -527,6 +595,7 @@ class Supervisor:
             for name, message, evidence in pending["entries"]:
                 self.logbook.write(from_step, "action", name, message, evidence)
         self.good_checkpoints = [pair for pair in self.good_checkpoints if pair[0] <= restored_step]
+        self.evaluations = [e for e in self.evaluations if e[0] <= restored_step]  # of weights that are gone
         self._build_monitors()
         self.grad_spikes_in_a_row = 0
 
@@ -559,6 +628,7 @@ class Supervisor:
             "grad_spikes_in_a_row": self.grad_spikes_in_a_row,
             "good_checkpoints": [list(pair) for pair in self.good_checkpoints],
             "last_tokens": self.last_tokens,
+            "evaluations": [list(e) for e in self.evaluations],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -572,6 +642,7 @@ class Supervisor:
         self.incident = copy.deepcopy(state["incident"])
         self.grad_spikes_in_a_row, self.last_tokens = state["grad_spikes_in_a_row"], state["last_tokens"]
         self.good_checkpoints = [list(pair) for pair in state["good_checkpoints"]]
+        self.evaluations = [list(e) for e in state.get("evaluations", [])]  # absent before 2026-12-03
 
 
 _DOING = {
@@ -583,3 +654,4 @@ _DOING = {
 _RATIO_WARMUP = 10  # values before a ratio test may fire: a 20-step EWM of fewer is still jumpy
 _THROUGHPUT_WARMUP = 20  # step times before the median is trusted (OLMo-core's minimum of 20 values, reused)
 _GOOD_CHECKPOINTS_KEPT = 64  # far more than any keep_checkpoints; bounds the state
+_EVALUATIONS_KEPT = 64  # at the default eval_every, 12800 steps back

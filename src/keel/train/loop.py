@@ -191,7 +191,14 @@ class Trainer:
         self.tensorboard = TensorBoardWriter(self.run_dir) if t.tensorboard and self.world.main else None
         self.logbook = Logbook(self.run_dir / LOGBOOK_FILE, mirror=self._mirror_event, rank=self.world.rank)
         self.supervisor = (
-            Supervisor(config.supervisor, self.logbook, t.max_steps, config.optim.grad_clip, self.task.monitors())
+            Supervisor(
+                config.supervisor,
+                self.logbook,
+                t.max_steps,
+                config.optim.grad_clip,
+                self.task.monitors(),
+                held_out=self._held_out_loss,
+            )
             if config.supervisor.enabled
             else None
         )
@@ -260,6 +267,12 @@ class Trainer:
             evaluation = self.task.evaluate(self.model)
         assert "val_loss" in evaluation, "a task's evaluation reports val_loss, which picks the best checkpoint"
         return evaluation
+
+    def _held_out_loss(self) -> float:
+        """The supervisor's question before it repairs a divergence: the held-out loss of the weights now."""
+        with self.timer("eval"):
+            self.beat(self.state.step)
+            return self._evaluate()["val_loss"]
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -748,6 +761,8 @@ class Trainer:
                             evaluation = self._evaluate()
                             val_loss = evaluation["val_loss"]
                         self.pending_metrics.append((step, evaluation))
+                        if self.supervisor:
+                            self.supervisor.evaluated(step, val_loss)
                         if self.state.best_val_loss is None or val_loss < self.state.best_val_loss:
                             self.state.best_val_loss = val_loss
                     if not skip and (step % t.checkpoint_every == 0 or last):
