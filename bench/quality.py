@@ -83,14 +83,16 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str], keep: P
         evaluation = evaluate_run(load_run(run_dir), Path(config.data.path))
         logbook = read_logbook(run_dir / LOGBOOK_FILE)
         repairs = Counter(e["name"] for e in logbook if e["kind"] == "action")
-        signals = Counter(e["name"] for e in logbook if e["kind"] == "signal")
+        # what it saw: signals, and the divergences the held-out loss did not confirm
+        seen = [e for e in logbook if e["kind"] == "signal" or e["name"] == "divergence_unconfirmed"]
+        signals = Counter(e["name"] for e in seen)
         # what led to repairs beyond rung 1's skips, and the repairs, as the logbook tells them: the run
         # directory is temporary unless --keep
         routine = {("action", "skip_update"), ("signal", "grad_spike")}
         told = [
             f"step {e['step']}: {e['message']}"
             for e in logbook
-            if e["kind"] in ("signal", "action") and (e["kind"], e["name"]) not in routine
+            if (e in seen or e["kind"] == "action") and (e["kind"], e["name"]) not in routine
         ]
     m = config.model
     return {
