@@ -36,7 +36,7 @@ def test_divergence_signals_are_checked_against_the_loops_own_evaluations(tiny_d
         if "reference_step" not in evidence:  # no evaluation before the climb yet: repaired as without held-out data
             assert entry["name"] == "divergence" and evidence["calm_step"] < 6, entry
             continue
-        # The reference is the best scheduled evaluation before the climb, with the value the loop saved.
+        # The reference is the last scheduled evaluation before the climb, with the value the loop saved.
         assert evidence["reference_step"] <= evidence["calm_step"] and evidence["reference_step"] % 6 == 0
         if evidence["reference_step"] in scheduled:
             assert evidence["reference_val_loss"] == scheduled[evidence["reference_step"]]

@@ -361,6 +361,21 @@ def test_a_training_loss_climb_the_held_out_loss_does_not_share_is_not_repaired(
     assert "did not rise" in unconfirmed[0]["message"]
 
 
+def test_an_overfitting_run_is_judged_against_its_last_evaluation_before_the_climb_not_its_best(tmp_path):
+    """From step ~1000 on the held-out loss rises slowly (2% per 200 steps), ~8% above its best by step
+    2000: that is overfitting, not the climb, which is judged against the evaluation just before it."""
+    up = climb(2000, 2300)
+    loop = Loop(
+        supervise(tmp_path),
+        lambda loop, v: {**v, "loss": v["loss"] * up(loop)},
+        val=lambda loop: healthy_val(loop) + 3e-4 * max(loop.step - 400, 0),
+    )
+    assert loop.run(3000) == "finished"
+    assert loop.rollbacks == [] and not entries(tmp_path, "signal", "divergence")
+    unconfirmed = [e["evidence"] for e in entries(tmp_path, "info", "divergence_unconfirmed")]
+    assert unconfirmed and all(e["reference_step"] == 2000 and 0 < e["val_rise"] < 0.05 for e in unconfirmed)
+
+
 def test_a_climb_the_held_out_loss_shares_is_repaired_and_says_so(tmp_path):
     up = climb(1200, 3000)
 

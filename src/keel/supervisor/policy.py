@@ -19,7 +19,8 @@ Divergence is confirmed on held-out data when the task has some (`held_out`): th
 average's best is the lowest of thousands of noisy values, biased low, and a model that has seen its
 corpus several times swings from batch to batch more than its held-out loss moves (a healthy 30-minute
 run climbed 13% above that best for 50 steps while its held-out loss fell). On the signal, the weights
-now are evaluated and compared with the best evaluation before the climb began; the signal stands
+now are evaluated and compared with the last evaluation before the climb began (not the best: a
+run that overfits has a held-out loss above its best for good reasons); the signal stands
 when the held-out loss rose by half the divergence margin, else it is logged as unconfirmed and asked
 again only if the average climbs another margin (the climb still dated from where it began, so a
 repair then rolls back before it). Likewise a judge step that finds the training average
@@ -308,11 +309,11 @@ class Supervisor:
         return [s for s in signals if s is not None]
 
     def _held_out_rise(self, before_step: int) -> dict[str, float] | None:
-        """Evaluate the weights now against the best evaluation at or before `before_step`; None without one."""
+        """Evaluate the weights now against the last evaluation at or before `before_step`; None without one."""
         earlier = [e for e in self.evaluations if e[0] <= before_step]
         if self.held_out is None or not earlier:
             return None
-        reference_step, reference = min(earlier, key=lambda e: e[1])
+        reference_step, reference = earlier[-1]
         now = self.held_out()
         return {
             "val_loss": now,
@@ -401,15 +402,10 @@ class Supervisor:
         tolerance = self.config.recovery_tolerance
         target = incident["reference_loss"] * (1 + tolerance)
         level = self.divergence.level
-        back = ""
-        if math.isfinite(target) and math.isfinite(level) and level > target:
-            rise = self._held_out_rise(incident["began_step"])
-            if rise is not None and rise["val_rise"] <= tolerance:
-                back = (
-                    f", and the held-out loss {rise['val_loss']:.4g} is back within {tolerance:.0%} of its "
-                    f"{rise['reference_val_loss']:.4g} before the trouble (the loss average {level:.4g} is not)"
-                )
-        if not back and math.isfinite(target) and math.isfinite(level) and level > target:
+        high = math.isfinite(target) and math.isfinite(level) and level > target
+        rise = self._held_out_rise(incident["began_step"]) if high else None
+        back = rise is not None and rise["val_rise"] <= tolerance  # the held-out loss has the last word
+        if high and not back:
             return self._repair(
                 record,
                 f"the loss average {level:.4g} is still above {target:.4g}, "
@@ -422,7 +418,12 @@ class Supervisor:
             "outcome",
             repair,
             f"{_DOING[repair]} worked: no trouble for {self.config.judge_steps} steps"
-            + (back or f" and the loss average {level:.4g} is under {target:.4g}"),
+            + (
+                f", and the held-out loss {rise['val_loss']:.4g} is back within {tolerance:.0%} of its "
+                f"{rise['reference_val_loss']:.4g} before the trouble (the loss average {level:.4g} is not)"
+                if back
+                else f" and the loss average {level:.4g} is under {target:.4g}"
+            ),
             {"loss_ewm": level, "target": target, "began_step": incident["began_step"], "recovered": 1},
         )
         if incident["rung"]:
