@@ -127,6 +127,35 @@ def seq_warmup() -> None:
     PretrainTask.batch = batch
 
 
+# Batch-size warmup: (first batch index at which it applies, windows kept of train.batch_size).
+BATCH_STAGES = ((0, 2), (200, 4), (400, 8))
+
+
+def batch_warmup() -> None:
+    """Small batches first: of each batch of B windows only the first 2 are trained for the first 200
+    batches, then 4 until batch 400, then all 8 (the default B). Early updates need less averaging
+    (the gradient noise is small next to the signal while the loss falls fast), so more of them per
+    token; the windows left out are not seen in that pass over the corpus. One compiled graph per size."""
+    import torch._dynamo
+
+    from keel.tasks.base import Batch
+    from keel.tasks.pretrain import PretrainTask
+
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    original = PretrainTask.batch
+
+    def batch(self, index: int) -> Batch:
+        full = original(self, index)
+        rows = next(kept for start, kept in reversed(BATCH_STAGES) if index >= start)
+        B = next(iter(full.tensors.values())).shape[0]
+        if rows >= B:
+            return full
+        tensors = {k: t[:rows] for k, t in full.tensors.items()}
+        return Batch(tensors, units=full.units * rows // B, tokens=full.tokens * rows // B)
+
+    PretrainTask.batch = batch
+
+
 def _patch_trunk(extra_parameters: Callable[[nn.Module], None], trunk: Callable) -> None:
     """Give GPT more parameters (extra_parameters(model), before init_weights runs) and a new block loop:
     trunk(model, x, cos, sin) -> the last block's output, for whole rows (training and evaluation)."""
@@ -212,4 +241,4 @@ def value_embeds() -> None:
     _patch_trunk(add, trunk)
 
 
-ABLATIONS = {f.__name__: f for f in (zero_init, softcap, zloss, seq_warmup, unet_skips, value_embeds)}
+ABLATIONS = {f.__name__: f for f in (zero_init, softcap, zloss, seq_warmup, batch_warmup, unet_skips, value_embeds)}
