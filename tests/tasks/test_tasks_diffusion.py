@@ -96,6 +96,27 @@ def test_a_short_run_learns_and_the_healthy_run_raises_no_signal(trained):
     assert (run_dir / "images.json").is_file() and not (run_dir / "tokenizer.json").exists()
 
 
+def test_the_divergence_check_evaluates_the_loss_alone_without_a_sample_grid(digits, tmp_path):
+    """A hair-trigger divergence test, so the supervisor asks the held-out loss often (its repairs are off,
+    so the run goes on whatever it concludes): the grids are still only those of the scheduled evaluations."""
+    hair_trigger = [
+        "supervisor.divergence_span=6",
+        "supervisor.divergence_patience=1",
+        "supervisor.divergence_margin=0.002",
+        "supervisor.rate_check_steps=0",
+        "supervisor.rollback=false",
+        "supervisor.lower_lr=false",
+        "supervisor.reset_optimizer=false",
+        "supervisor.stop_on_failure=false",
+    ]
+    run_dir = tmp_path / "run"
+    config = init_run_dir(config_lib.load(None, [f"data.path={digits}", *TINY_DIT, *hair_trigger]), run_dir)
+    assert train(config, run_dir, registry=None, progress=False).status == "finished"
+    asked = [e for e in read_logbook(run_dir / "logbook.jsonl") if "val_rise" in e["evidence"]]
+    assert asked, "the check never ran"
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [f"step_{s:08d}.png" for s in (10, 20, 30)]
+
+
 def test_the_zero_initialised_output_growing_is_no_signal(digits, tmp_path):
     """adaLN-Zero starts the output at zero, so it grows a hundredfold in the first steps of a healthy run; the
     norm monitors watch the last block's activations, not the output (a logit monitor on it rolled this back)."""

@@ -99,6 +99,10 @@ class Task:
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         raise NotImplementedError
 
+    def held_out_loss(self, model: torch.nn.Module) -> float:
+        """The validation loss alone, for the supervisor's check of a divergence: no other work, no files."""
+        return self.evaluate(model)["val_loss"]
+
     def monitors(self) -> list:
         """Monitors of this task's own metrics: objects with `name`, `observe(record) -> Signal | None`,
         `state_dict()` and `load_state_dict()`."""

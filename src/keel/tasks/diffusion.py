@@ -285,6 +285,10 @@ class DiffusionTask(Task):
             )
         return numbers
 
+    def held_out_loss(self, model: DiT) -> float:
+        """The EMA's validation loss without the sample grid, which costs a sampler run."""
+        return validation_loss(self.ema.model, self.data, self.config, self.device, self.dtype)
+
 
 def validation_batches(data: ImageData, config: RunConfig) -> list[dict[str, torch.Tensor]]:
     """train.eval_batches batches of train.batch_size images of val (all of them if fewer), in a fixed random

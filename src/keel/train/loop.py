@@ -270,9 +270,9 @@ class Trainer:
 
     def _held_out_loss(self) -> float:
         """The supervisor's question before it repairs a divergence: the held-out loss of the weights now."""
-        with self.timer("eval"):
+        with self.timer("eval"), self.parallel.full_weights():
             self.beat(self.state.step)
-            return self._evaluate()["val_loss"]
+            return self.task.held_out_loss(self.model)
 
     # -- checkpoints ------------------------------------------------------------------------
 
