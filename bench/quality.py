@@ -92,7 +92,8 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str], keep: P
         told = [
             f"step {e['step']}: {e['message']}"
             for e in logbook
-            if (e in seen or e["kind"] == "action") and (e["kind"], e["name"]) not in routine
+            if (e["kind"] in ("signal", "action") or e["name"] == "divergence_unconfirmed")
+            and (e["kind"], e["name"]) not in routine
         ]
     m = config.model
     return {

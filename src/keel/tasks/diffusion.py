@@ -278,7 +278,7 @@ class DiffusionTask(Task):
 
     def evaluate(self, model: DiT) -> dict[str, float]:
         """The loss of the EMA weights on the fixed validation batches, and a sample grid for the report."""
-        numbers = {"val_loss": validation_loss(self.ema.model, self.data, self.config, self.device, self.dtype)}
+        numbers = {"val_loss": self.held_out_loss(model)}
         if self.config.diffusion.grid_columns and self.run_dir is not None:
             write_eval_grid(
                 self.ema.model, self.config, Path(self.run_dir) / SAMPLES_DIR, self.ema.step, self.heartbeat
