@@ -58,7 +58,6 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str], keep: P
     from keel.runs.rundir import LOGBOOK_FILE, init_run_dir
     from keel.supervisor.logbook import read_logbook
     from keel.train.loop import train
-    from keel.train.optim import resolve_optimizer
     from keel.train.precision import pick_device, pick_dtype
 
     # A max_steps given with --set fixes the schedule (the budget still caps it), so recipes compare
@@ -111,7 +110,7 @@ def run_keel(minutes: float, overrides: list[str], ablations: list[str], keep: P
         "params": GPT(m).num_params(),
         "shape": f"{m.n_layer}L/{m.d_model}d/{m.n_head}h/{m.n_kv_head}kv/T{m.context_length}/"
         f"B{config.train.batch_size}",
-        "recipe": f"{resolve_optimizer(config).optimizer} lr {config.optim.lr:g} {config.optim.schedule}"
+        "recipe": f"{config_lib.resolve_optimizer(config).optimizer} lr {config.optim.lr:g} {config.optim.schedule}"
         + (" qk_norm" if m.qk_norm else "")
         + (f" {m.mlp}" if m.mlp != "swiglu" else "")
         + "".join(f" {name}" for name in ablations)

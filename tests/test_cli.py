@@ -121,6 +121,19 @@ def _final_weights(run_dir: Path) -> bytes:
     return (run_dir / "checkpoints" / "step_00000030" / "model.safetensors").read_bytes()
 
 
+def test_the_watchdog_side_of_keel_train_does_not_import_torch(tiny_data, tmp_path):
+    """The watchdog lives as long as the run beside its trainer: torch would cost it 2 s to start and
+    ~200 MB for nothing. --write-only goes through every check and write before the watchdog starts."""
+    args = tiny_train_args(tiny_data, tmp_path / "run")
+    code = (
+        "import sys; from keel.cli import main; import keel.supervisor.watchdog; "
+        f"assert main({[*args, '--write-only']!r}) == 0; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
 def test_exact_resume_after_sigkill(tiny_data, trained, tmp_path):
     """Kill the whole process tree mid-run, run the same command again: same losses, same weights."""
     reference_dir, reference_home = trained

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from keel import config as config_lib
-from keel.config import ModelConfig
+from keel.config import ModelConfig, resolve_optimizer
 from keel.models.gpt import GPT
 from keel.tasks.lm import token_loss
-from keel.train.optim import MUON_MOMENTUM, build_optimizer, lr_at, reset_moments, resolve_optimizer, step_unless
+from keel.train.optim import MUON_MOMENTUM, build_optimizer, lr_at, reset_moments, step_unless
 
 
 def test_schedules_warm_up_then_end_at_the_floor():

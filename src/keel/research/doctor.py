@@ -39,9 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keel.config import DataConfig, InitConfig, LoRAConfig, RunConfig, SFTConfig, TaskConfig
+from keel.config import DataConfig, InitConfig, LoRAConfig, RunConfig, SFTConfig, TaskConfig, resolve_optimizer
 from keel.errors import UserError
-from keel.train.optim import resolve_optimizer
 
 INIT_TOLERANCE = 0.1  # relative to ln(vocab)
 EARLY_STEPS = 10

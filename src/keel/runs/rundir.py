@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 from keel import config as config_lib
-from keel.config import ModelConfig, RunConfig
+from keel.config import ModelConfig, RunConfig, resolve_optimizer
 from keel.data import open_data
 from keel.data.examples import open_examples
 from keel.errors import UserError
-from keel.train.optim import resolve_optimizer
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = "keel.lock"

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from keel.config import RunConfig, TrainConfig
+from keel.config import RunConfig, TrainConfig, resolve_optimizer
 from keel.errors import UserError
 from keel.models.lora import lora_for_run, reset_adapters
 from keel.models.memory import apply_activation_checkpointing
@@ -48,7 +48,7 @@ from keel.tasks import build_task
 from keel.tasks.base import ACT_NORM, LOGIT_NORM, step_weights
 from keel.train import checkpoint as ckpt
 from keel.train.faults import Faults
-from keel.train.optim import build_optimizer, lr_at, reset_moments, resolve_optimizer, step_unless
+from keel.train.optim import build_optimizer, lr_at, reset_moments, step_unless
 from keel.train.parallel import (
     Parallel,
     barrier,

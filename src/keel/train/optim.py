@@ -10,19 +10,18 @@ optim.lr, its schedule and optim.weight_decay: Muon's "match_rms_adamw" scaling 
 like an AdamW one. The two are bundled in `MuonAdamW`, which the loop, the grad scaler and the
 checkpoints use like a single torch optimizer.
 `optim.optimizer=auto` (the default) is Muon where it was measured to win and AdamW elsewhere
-(`resolve_optimizer`).
+(`keel.config.resolve_optimizer`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from keel.config import OptimConfig, RunConfig
+from keel.config import OptimConfig
 
 # Muon's own momentum, not optim.beta1: its update is orthogonalised, so the momentum only averages
 # directions and does not set the step size; 0.95 (with Nesterov) is the value Muon was tuned and
@@ -65,25 +64,9 @@ class MuonAdamW:
         self.adamw.load_state_dict(state_dict["adamw"])
 
 
-def resolve_optimizer(config: RunConfig) -> OptimConfig:
-    """config.optim with optimizer=auto decided: muon when pretraining a model from its own initialisation
-    with whole matrices, adamw otherwise.
-
-    Muon won 8% fewer bits per byte than AdamW in 10 CPU minutes of pretraining (docs/benchmarks.md).
-    Fine-tuning keeps AdamW: the weights it starts from were shaped by another optimizer and the
-    fine-tuning recipes were tuned with AdamW; LoRA factors are not whole matrices, and FSDP2 shards them.
-    """
-    o = config.optim
-    if o.optimizer != "auto":
-        return o
-    from_scratch = config.task.kind == "pretrain" and not config.init.from_
-    whole = config.lora.rank == 0 and config.train.parallel != "fsdp"
-    return dataclasses.replace(o, optimizer="muon" if from_scratch and whole else "adamw")
-
-
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW | MuonAdamW:
     """AdamW, or Muon for a GPT's block matrices plus AdamW for the rest (see the module docstring);
-    config.optimizer is adamw or muon (`resolve_optimizer` decides auto).
+    config.optimizer is adamw or muon (`keel.config.resolve_optimizer` decides auto).
 
     AdamW decays matrices only: decaying norms and embeddings hurts and buys nothing.
     """
