@@ -13,13 +13,24 @@ from keel.supervisor.chaos import Chaos, _entries, _final, format_scorecard
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture
-def chaos(tiny_data, tmp_path):
+STEPS = 60  # a scenario's fault lands at a third of the run (step 20), between checkpoints 10 apart
+
+
+@pytest.fixture(scope="module")
+def chaos(tiny_data, tmp_path_factory):
+    """One per module (per pytest-xdist worker): the scenarios that compare with the undisturbed run
+    share its reference, and each scenario trains in a directory of its own name."""
     base = config_lib.load(
         None,
-        [f"data.path={tiny_data}", *TINY, "train.max_steps=150", "train.checkpoint_every=10", "train.eval_every=50"],
+        [
+            f"data.path={tiny_data}",
+            *TINY,
+            f"train.max_steps={STEPS}",
+            "train.checkpoint_every=10",
+            "train.eval_every=30",
+        ],
     )
-    return Chaos(base, tmp_path / "chaos")
+    return Chaos(base, tmp_path_factory.mktemp("chaos"))
 
 
 def test_nan_step_is_skipped_and_logged(chaos):
@@ -29,7 +40,7 @@ def test_nan_step_is_skipped_and_logged(chaos):
     weights = load_file(str(_final(run_dir) / "model.safetensors"))
     assert all(math.isfinite(float(t.sum())) for t in weights.values())
     signals = [e for e in _entries(run_dir, "signal") if e["name"] == "nonfinite"]
-    assert signals and signals[0]["step"] == 50
+    assert signals and signals[0]["step"] == STEPS // 3
 
 
 def test_sigkilled_trainer_is_restarted_and_ends_bit_identical(chaos):
@@ -53,16 +64,16 @@ def test_hung_trainer_is_detected_and_restarted(chaos):
 
 def test_repeated_spikes_roll_back_and_skip_batches(chaos, monkeypatch):
     """Three spiking steps in one incident: skipped, then a rollback to a checkpoint before them."""
-    monkeypatch.setenv("KEEL_FAULTS", "spike@60,spike@61,spike@62")
+    monkeypatch.setenv("KEEL_FAULTS", "spike@30,spike@31,spike@32")
     run_dir = chaos._train("spikes")
     actions = _entries(run_dir, "action")
     kinds = [e["name"] for e in actions]
     assert kinds.count("skip_update") >= 2 and "rollback" in kinds, kinds
     rollback = next(e for e in actions if e["name"] == "rollback")
-    assert rollback["evidence"]["to_step"] < 60 <= rollback["evidence"]["from_step"]
+    assert rollback["evidence"]["to_step"] < 30 <= rollback["evidence"]["from_step"]
     with Registry() as registry:
         run = registry.get_run("chaos-spikes")
-    assert run["status"] == "finished" and run["step"] == 150
+    assert run["status"] == "finished" and run["step"] == STEPS
 
 
 def test_a_second_trainer_is_refused_while_the_owner_trains_on(chaos):
@@ -82,8 +93,8 @@ def test_a_full_disk_stops_cleanly_and_the_run_resumes(chaos):
     assert result.passed, result.evidence
     run_dir = chaos.out_dir / "disk_full"
     failed = [e for e in _entries(run_dir, "fault") if e["name"] == "checkpoint_failed"]
-    assert [e["step"] for e in failed] == [50, 60, 70]
-    assert "File too large" in failed[0]["message"] and "intact (newest: step 40)" in failed[0]["message"]
+    assert [e["step"] for e in failed] == [20, 30, 40]  # from a third of the run, checkpoints 10 apart
+    assert "File too large" in failed[0]["message"] and "intact (newest: step 10)" in failed[0]["message"]
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 

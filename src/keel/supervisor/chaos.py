@@ -324,7 +324,14 @@ class Chaos:
         owner = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_for_step(run_dir, self.base.train.max_steps // 4, owner)
-            second = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            # The owner's trainer is paused while the second command runs, so a short run cannot finish
+            # (and free the directory) first; a pause changes none of its numbers.
+            trainer = _heartbeat(run_dir)["pid"]
+            os.kill(trainer, signal.SIGSTOP)
+            try:
+                second = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            finally:
+                os.kill(trainer, signal.SIGCONT)
             code = owner.wait(timeout=1800)
         finally:
             _stop(owner)
