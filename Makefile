@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch is installed before the project so pip never resolves the range to a multi-GB CUDA build
 # on a CPU box: 2.13.0 is the CPU wheel that lies on disk here (/opt/wheels). Elsewhere pip picks
-# the build for that machine (CUDA on a GPU box); override with `make setup TORCH='torch==2.7.1'`.
+# the build for that machine (CUDA on a GPU box); override with `make setup TORCH='torch==2.9.1'`.
 TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test bench clean
