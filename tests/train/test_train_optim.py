@@ -8,6 +8,7 @@ from keel import config as config_lib
 from keel.config import ModelConfig, resolve_optimizer
 from keel.models.gpt import GPT
 from keel.tasks.lm import token_loss
+from keel.train import optim
 from keel.train.optim import MUON_MOMENTUM, build_optimizer, lr_at, reset_moments, step_unless
 
 
@@ -174,6 +175,59 @@ def test_a_step_the_device_drops_leaves_weights_and_optimizer_untouched(python_b
     train_steps(dropped, opts[id(dropped)], python_bytes, 1)
     for a, b in zip(dropped.parameters(), stepped.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.fixture(params=["cpu", "accelerator"])
+def flag_path(request, monkeypatch):
+    """keel's Muon reads a CPU flag on the host and selects on an accelerator's flag on the device;
+    "accelerator" takes the device path on the CPU."""
+    if request.param == "accelerator":
+        monkeypatch.setattr(optim, "_free_to_read", lambda flag: False)
+    return request.param
+
+
+def test_keels_muon_steps_as_torchs_does_bit_for_bit(python_bytes, flag_path):
+    """keel's Muon only adds the device-side drop: with nothing dropped (no flag, or a 0 flag), its
+    weights and momentum equal torch.optim.Muon's exactly, tall and wide matrices alike."""
+    ours, theirs = tiny_gpt(), tiny_gpt()
+    ours_opt, theirs_opt = build_optimizer(ours, optim_config()), build_optimizer(theirs, optim_config())
+    theirs_opt.muon = torch.optim.Muon(theirs_opt.muon.param_groups[0]["params"], **theirs_opt.muon.defaults)
+    theirs_opt.optimizers = (theirs_opt.muon, theirs_opt.adamw)
+    assert type(theirs_opt.muon) is torch.optim.Muon and type(ours_opt.muon) is not torch.optim.Muon
+    train_steps(ours, ours_opt, python_bytes, 2)
+    train_steps(theirs, theirs_opt, python_bytes, 2)
+    for _ in range(2):  # with the flag
+        token_loss(ours, {"inputs": python_bytes[:, :-1], "targets": python_bytes[:, 1:]}).loss.backward()
+        step_unless(ours_opt, torch.tensor(0.0))
+        ours_opt.zero_grad(set_to_none=True)
+    train_steps(theirs, theirs_opt, python_bytes, 2)
+    shapes = {tuple(p.shape) for p in ours_opt.muon.param_groups[0]["params"]}
+    assert any(r > c for r, c in shapes) and any(r < c for r, c in shapes)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(optimizer_state(ours_opt), optimizer_state(theirs_opt)))
+
+
+def test_a_dropped_step_leaves_no_trace_of_a_nan_gradient(python_bytes, flag_path):
+    """... and on an accelerator the host never reads the flag, so it never waits for the verdict."""
+    model = tiny_gpt()
+    opt = build_optimizer(model, optim_config())
+    train_steps(model, opt, python_bytes, 1)
+    weights, state = [p.detach().clone() for p in model.parameters()], optimizer_state(opt)
+    token_loss(model, {"inputs": python_bytes[:, :-1], "targets": python_bytes[:, 1:]}).loss.backward()
+    for param in model.parameters():
+        param.grad[0] = float("nan")
+
+    def host_read(*args):
+        raise AssertionError("the skip flag was read on the host")
+
+    with pytest.MonkeyPatch.context() as patch:
+        if flag_path == "accelerator":
+            patch.setattr(torch.Tensor, "__bool__", host_read)
+            patch.setattr(torch.Tensor, "item", host_read)
+        step_unless(opt, torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(state, optimizer_state(opt)))
 
 
 def test_grad_scaler_unscales_steps_and_skips_non_finite_updates(python_bytes):

@@ -31,6 +31,77 @@ MUON_MOMENTUM = 0.95
 MUON_MOMENTS = {"exp_avg": "momentum_buffer"}
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon whose step a device-side flag can drop, as fused AdamW's can: the host never
+    waits for the supervisor's verdict, so on a GPU the next step's kernels queue behind this one.
+
+    The flag is `found_inf` (a 0-d float tensor, 1 = drop), set for one step by `step_unless`. The
+    step is torch's algorithm (its hyperparameters, state and checkpoints too): momentum lerp,
+    Nesterov, Newton–Schulz orthogonalisation in bf16, decoupled decay, the shape-adjusted rate. On
+    an accelerator each matrix's new momentum and weights are computed aside and kept only where the
+    flag is 0 (torch.where, so a NaN gradient leaves no trace): one select per matrix and one
+    matrix-sized temporary at a time more than the in-place step, the same numbers. A flag in CPU
+    memory is read directly (nothing to wait for) and the step runs in place, as torch's does.
+    """
+
+    @torch.no_grad()
+    def step(self) -> None:
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and _free_to_read(found_inf):
+            if found_inf.item():
+                return
+            found_inf = None
+        keep = None if found_inf is None else found_inf == 0
+        for group in self.param_groups:
+            lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad, state = param.grad, self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                new_buf = buf.lerp_(grad, 1 - momentum) if keep is None else buf.lerp(grad, 1 - momentum)
+                update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                new_param = param.mul_(1 - lr * decay) if keep is None else param.mul(1 - lr * decay)
+                new_param.add_(update, alpha=-lr * _lr_scale(group, param.shape))
+                if keep is not None:
+                    buf.copy_(new_buf.where(keep, buf))
+                    param.copy_(new_param.where(keep, param))
+
+
+def _free_to_read(flag: torch.Tensor) -> bool:
+    """A flag in CPU memory costs nothing to read on the host: there is no device to wait for."""
+    return flag.device.type == "cpu"
+
+
+def newton_schulz(
+    matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
+    """The orthogonalised direction of `matrix` (about U V^T of its SVD), by the quintic Newton–Schulz
+    iteration Muon uses, in bf16, on the wide orientation (fewer rows than columns)."""
+    a, b, c = coefficients
+    x = matrix.bfloat16()
+    tall = matrix.size(0) > matrix.size(1)
+    if tall:
+        x = x.T
+    x = x.div(x.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def _lr_scale(group: dict, shape: torch.Size) -> float:
+    """Muon's per-matrix rate factor: "match_rms_adamw" sizes the update like AdamW's (Liu et al.,
+    2025), the original (None or "original") corrects for the aspect ratio."""
+    rows, cols = shape[:2]
+    if group["adjust_lr_fn"] == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))
+
+
 class MuonAdamW:
     """Muon and AdamW stepped together, with the parts of the torch.optim.Optimizer API keel uses.
 
@@ -91,7 +162,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW 
     adamw = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True)
     if config.optimizer == "adamw":
         return adamw
-    muon = torch.optim.Muon(
+    muon = Muon(
         hidden, lr=config.lr, weight_decay=config.weight_decay, momentum=MUON_MOMENTUM, adjust_lr_fn="match_rms_adamw"
     )
     return MuonAdamW(muon, adamw)
@@ -101,14 +172,14 @@ def step_unless(optimizer: torch.optim.Optimizer | MuonAdamW, skip: torch.Tensor
     """optimizer.step(), dropped when `skip` (a 0-d float32 tensor on the parameters' device) is 1.
 
     Fused AdamW reads the flag inside its kernel and leaves weights, moments and step counts as they
-    were (the mechanism GradScaler uses for fp16 overflows), so the host never waits for the verdict.
-    Muon has no such flag: its part of MuonAdamW waits for the verdict, one device sync per step.
+    were (the mechanism GradScaler uses for fp16 overflows); keel's Muon selects on it. So the host
+    never waits for the verdict. Any other optimizer waits for it (one device sync).
     """
     if skip is None:
         optimizer.step()
         return
     for part in getattr(optimizer, "optimizers", (optimizer,)):
-        if part.defaults.get("fused"):
+        if part.defaults.get("fused") or isinstance(part, Muon):
             part.found_inf = skip
             try:
                 part.step()
