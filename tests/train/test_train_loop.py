@@ -126,8 +126,8 @@ def test_a_cpu_trainer_reuses_freed_memory_instead_of_faulting_it_in_again(tiny_
 @pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="torch.compile needs a C++ compiler on a CPU")
 def test_compiled_step_matches_eager_and_still_feeds_the_supervisor(tiny_data, tmp_path):
     records = {}
-    for setting in ("false", "true"):
-        config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, f"train.compile={setting}"])
+    for setting in ("false", "true"):  # one block, as the compiled resume test: one compile warms both
+        config = config_lib.load(None, [f"data.path={tiny_data}", *TINY, "model.n_layer=1", f"train.compile={setting}"])
         trainer = Trainer(init_run_dir(config, tmp_path / setting), tmp_path / setting, registry=None, progress=False)
         assert trainer.compiled == (setting == "true")
         x = trainer.task.batch(0).tensors["inputs"]
