@@ -51,7 +51,7 @@ def export_run(
     (the weights the adapters go on) with the adapters beside it in PEFT's format, in out/adapter."""
     from keel.inference import load_run
     from keel.models.hf import llama_config
-    from keel.train.checkpoint import MANIFEST, WEIGHTS
+    from keel.train.checkpoint import weights_sha256
 
     run_dir, out = Path(run_dir), Path(out)
     assert fmt in FORMATS and dtype in DTYPES, (fmt, dtype)  # argparse's choices
@@ -79,7 +79,7 @@ def export_run(
         )
     checkpoint = run.checkpoint
     assert checkpoint is not None
-    weights_sha256 = json.loads((checkpoint / MANIFEST).read_text())["files"][WEIGHTS]["sha256"]
+    checkpoint_sha256 = weights_sha256(checkpoint)
     chat = all(run.tokenizer.token_to_id(token) is not None for token in (EOT, *CHAT_TOKENS))
 
     tmp = out.parent / f".{out.name}.tmp-export"
@@ -97,7 +97,7 @@ def export_run(
             "run_name": run.config.name,
             "step": run.step,
             "checkpoint": checkpoint.name,
-            "checkpoint_sha256": weights_sha256,
+            "checkpoint_sha256": checkpoint_sha256,
             "chat_template": chat,
             "adapters": ADAPTER_DIR if adapters else None,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

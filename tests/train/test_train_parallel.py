@@ -1,6 +1,7 @@
 """Several processes on gloo (2 CPU ranks): DDP and FSDP2 equal one process, one verdict for all ranks,
 sharded checkpoints that load at another world size, a dead rank restarts the group, bad layouts refused."""
 
+import json
 import os
 import subprocess
 import sys
@@ -121,6 +122,15 @@ def test_sharded_checkpoints_load_at_another_world_size(one_rank_adamw, tiny_dat
     train(tiny_data, run_dir, "train.max_steps=6", ADAMW)  # one process
     train(tiny_data, run_dir, "train.max_steps=13", "train.parallel=fsdp", nproc=2)  # 1 -> 2: sharded on load
     assert ckpt.is_sharded(ckpt.list_checkpoints(run_dir)[-1])
+    # the one-process commands read the shards: eval, sample, export
+    evaluated = keel("eval", str(run_dir))
+    assert evaluated.returncode == 0 and "step 13" in evaluated.stdout, evaluated.stderr[-2000:]
+    sampled = keel("sample", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8")
+    assert sampled.returncode == 0 and sampled.stdout.startswith("def "), sampled.stderr[-2000:]
+    exported = keel("export", str(run_dir), "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file(), exported.stderr[-2000:]
+    marker = json.loads((tmp_path / "hf" / "keel_export.json").read_text())
+    assert marker["step"] == 13 and len(marker["checkpoint_sha256"]) == 64  # the shards' digest
     train(tiny_data, run_dir, "train.parallel=fsdp")  # 2 -> 1: DCP reshards the shards for one process
     final, expected = weights(run_dir), weights(one_rank)  # keel's one-process loading reads shards too
     for name in expected:

@@ -22,6 +22,7 @@ checkpoint (under FSDP every rank first writes its shards into the temporary dir
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -322,6 +323,16 @@ def load_checkpoint(
     train_state = torch.load(path / STATE, map_location=map_location, weights_only=True)
     meta = json.loads((path / META).read_text())
     return train_state, meta
+
+
+def weights_sha256(checkpoint: Path) -> str:
+    """What identifies a checkpoint's weights: its model.safetensors' sha256 (as `sha256sum` prints it),
+    or for an FSDP run's sharded checkpoint the sha256 of its shard files' names and sha256s (sorted)."""
+    files = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    if WEIGHTS in files:
+        return files[WEIGHTS]["sha256"]
+    shards = sorted(f"{name} {entry['sha256']}\n" for name, entry in files.items() if name.startswith(f"{SHARDED}/"))
+    return hashlib.sha256("".join(shards).encode()).hexdigest()
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:
