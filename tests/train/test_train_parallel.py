@@ -131,6 +131,13 @@ def test_sharded_checkpoints_load_at_another_world_size(one_rank_adamw, tiny_dat
     assert exported.returncode == 0 and (tmp_path / "hf" / "model.safetensors").is_file(), exported.stderr[-2000:]
     marker = json.loads((tmp_path / "hf" / "keel_export.json").read_text())
     assert marker["step"] == 13 and len(marker["checkpoint_sha256"]) == 64  # the shards' digest
+    # ... and a run that starts from it (init.from takes its best checkpoint, the sharded one)
+    assert ckpt.is_sharded(ckpt.find_best(run_dir))
+    started = weights(train(tiny_data, tmp_path / "from", f"init.from={run_dir}", "train.max_steps=1", ADAMW))
+    shards = ckpt.read_weights(ckpt.find_best(run_dir))
+    assert set(started) == set(shards)
+    for name in shards:  # one warm-up step (lr 6e-4) away from the shards' weights
+        torch.testing.assert_close(started[name], shards[name], atol=2e-3, rtol=0)
     train(tiny_data, run_dir, "train.parallel=fsdp")  # 2 -> 1: DCP reshards the shards for one process
     final, expected = weights(run_dir), weights(one_rank)  # keel's one-process loading reads shards too
     for name in expected:

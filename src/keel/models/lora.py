@@ -201,12 +201,7 @@ def base_identity(base_run: Path) -> dict[str, str]:
     from keel.train import checkpoint as ckpt
 
     best = ckpt.find_best(base_run)
-    manifest = json.loads((best / ckpt.MANIFEST).read_text())
-    return {
-        "run": str(Path(base_run).resolve()),
-        "checkpoint": best.name,
-        "weights_sha256": manifest["files"][ckpt.WEIGHTS]["sha256"],
-    }
+    return {"run": str(Path(base_run).resolve()), "checkpoint": best.name, "weights_sha256": ckpt.weights_sha256(best)}
 
 
 def check_base(recorded: dict[str, str] | None, base_run: Path, where: Path) -> None:

@@ -326,7 +326,7 @@ def open_teacher(config: RunConfig) -> Teacher:
             f"model.vocab_size={config.model.vocab_size} differs from the teacher's "
             f"({teacher_config.model.vocab_size}); set model.vocab_size=0 to take it from the data."
         )
-    weights_hash = json.loads((checkpoint / ckpt.MANIFEST).read_text())["files"][ckpt.WEIGHTS]["sha256"]
+    weights_hash = ckpt.weights_sha256(checkpoint)
     return Teacher(run_dir, checkpoint, teacher_config, weights_hash)
 
 

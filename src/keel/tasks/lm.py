@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-import safetensors.torch
 import torch
 
 from keel.config import RunConfig
@@ -235,7 +234,7 @@ def load_init_weights(model: GPT, init_run: Path) -> None:
     from keel.train import checkpoint as ckpt
 
     path = ckpt.find_best(init_run)
-    state = safetensors.torch.load_file(path / ckpt.WEIGHTS, device=str(next(model.parameters()).device))
+    state = ckpt.read_weights(path, next(model.parameters()).device)
     if model.config.tie_embeddings:  # stored once under either name
         state.setdefault("embed.weight", state.get("lm_head.weight"))
         state.setdefault("lm_head.weight", state["embed.weight"])

@@ -352,6 +352,24 @@ def _load_sharded_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's model weights by name, from model.safetensors or an FSDP run's shards (shaped as
+    the shards' metadata says, so they need no model to load into: init.from a run of another vocabulary)."""
+    if not is_sharded(path):
+        return safetensors.torch.load_file(path / WEIGHTS, device=str(device))
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path / SHARDED)).read_metadata().state_dict_metadata
+    state = {
+        key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.items()
+        if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)
+    }
+    _dcp_load({"model": state}, path)
+    return {name: tensor.to(device) for name, tensor in state.items()}
+
+
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
     """DCP's load in place into `state`; in one process without a process group (it reshards either way)."""
     import torch.distributed as dist
