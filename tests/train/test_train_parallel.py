@@ -24,6 +24,7 @@ ADAMW = "optim.optimizer=adamw"
 def train(data, run_dir, *sets, nproc=1, env=None):
     result = keel(*tiny_train_args(data, run_dir, *STEPS, *sets), "--nproc", str(nproc), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("finished at step") == 1, result.stderr[-3000:]  # one summary, not one per rank
     return run_dir
 
 

@@ -67,11 +67,12 @@ def main(argv: list[str]) -> int:
     if result.status == "stopped_by_supervisor":
         print(f"stopped by the supervisor: {result.diagnosis}", file=sys.stderr)
         return EXIT_STOPPED_BY_SUPERVISOR
-    print(
-        f"{result.status} at step {result.steps} ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tokens/s); "
-        f"val loss {result.val_loss if result.val_loss is not None else float('nan'):.4f}",
-        file=sys.stderr,
-    )
+    if os.environ.get("RANK", "0") == "0":  # one summary for the run, as rank 0 keeps its registry and logbook
+        print(
+            f"{result.status} at step {result.steps} ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} "
+            f"tokens/s); val loss {result.val_loss if result.val_loss is not None else float('nan'):.4f}",
+            file=sys.stderr,
+        )
     return 0
 
 
