@@ -105,6 +105,16 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank_under_torchrun(tiny_data, tm
         assert registry.get_run(run_dir.name)["step"] == 20
 
 
+def test_the_worker_refuses_a_directory_keel_train_did_not_write(tmp_path):
+    """What torchrun starts on every rank: a mistyped RUN_DIR is one sentence and exit 2, and nothing
+    is written into it."""
+    (tmp_path / "empty").mkdir()
+    for run_dir in (tmp_path / "missing", tmp_path / "empty"):
+        worker = [sys.executable, "-m", "keel.train.worker", str(run_dir)]
+        assert_user_error(subprocess.run(worker, capture_output=True, text=True), str(run_dir), "keel train")
+    assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
+
+
 def test_spikes_on_one_rank_roll_back_once_everywhere(tiny_data, tmp_path):
     sets = ["model.d_model=128", "train.max_steps=100", "train.eval_every=100", "train.checkpoint_every=20"]
     run_dir = train(

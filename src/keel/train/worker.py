@@ -47,15 +47,20 @@ def main(argv: list[str]) -> int:
     run_dir = Path(argv[0])
     faulthandler.enable()  # a trainer killed by SIGSEGV or SIGABRT leaves its Python stacks on stderr
     stop_with_watchdog()
+    from keel.runs.rundir import load_run_config
+
+    try:  # a mistyped RUN_DIR given to torchrun is one sentence, not a traceback per rank
+        config = load_run_config(run_dir)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     # A first sign of life before the slow imports (torch takes seconds to load on a busy machine).
     beat = heartbeat_file(int(os.environ.get("RANK", "0")))
     (run_dir / beat).write_text(json.dumps({"step": None, "time": time.time(), "pid": os.getpid()}))
     from keel.runs.registry import Registry
-    from keel.runs.rundir import load_run_config
     from keel.train.loop import train
 
     try:
-        config = load_run_config(run_dir)
         if os.environ.get("RANK", "0") != "0":  # rank 0 keeps the registry for the run
             result = train(config, run_dir, None, progress=False)
         else:
