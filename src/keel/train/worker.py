@@ -54,14 +54,15 @@ def main(argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    rank = int(os.environ.get("RANK", "0"))
     # A first sign of life before the slow imports (torch takes seconds to load on a busy machine).
-    beat = heartbeat_file(int(os.environ.get("RANK", "0")))
+    beat = heartbeat_file(rank)
     (run_dir / beat).write_text(json.dumps({"step": None, "time": time.time(), "pid": os.getpid()}))
     from keel.runs.registry import Registry
     from keel.train.loop import train
 
     try:
-        if os.environ.get("RANK", "0") != "0":  # rank 0 keeps the registry for the run
+        if rank != 0:  # rank 0 keeps the registry for the run
             result = train(config, run_dir, None, progress=False)
         else:
             with Registry() as registry:  # closing saves the writes a registry outage held back
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> int:
     if result.status == "stopped_by_supervisor":
         print(f"stopped by the supervisor: {result.diagnosis}", file=sys.stderr)
         return EXIT_STOPPED_BY_SUPERVISOR
-    if os.environ.get("RANK", "0") == "0":  # one summary for the run, as rank 0 keeps its registry and logbook
+    if rank == 0:  # one summary for the run, as rank 0 keeps its registry and logbook
         print(
             f"{result.status} at step {result.steps} ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} "
             f"tokens/s); val loss {result.val_loss if result.val_loss is not None else float('nan'):.4f}",
