@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from keel.errors import UserError
 
 STATUSES = ("running", "finished", "stopped", "failed", "crashed")
@@ -597,7 +599,10 @@ def _append(path: Path, text: str) -> None:
 
 
 def _warn(message: str) -> None:
-    print(f"registry: {message}", file=sys.stderr, flush=True)
+    # tqdm.write lifts this process's progress bar off the line first (the trainer's), so the message
+    # starts a line of its own instead of trailing the bar.
+    tqdm.write(f"registry: {message}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _to_sql(value: float | None) -> float | None:

@@ -355,7 +355,7 @@ class Trainer:
             f"checkpoint at step {step} could not be written ({why}); the checkpoints before it are intact "
             f"(newest: step {last}), {then}."
         )
-        print(f"trainer: {message}", file=sys.stderr)
+        tqdm.write(f"trainer: {message}", file=sys.stderr)  # on a line of its own, not after the bar
         try:
             if own or self.world.main:  # each rank logs its own failure; rank 0 also the others'
                 self.logbook.write(step, "fault", "checkpoint_failed", message, {"error": why, "errno": err.errno})
