@@ -307,7 +307,7 @@ def load_checkpoint(
         raise UserError(f"checkpoint {path} is corrupt ({reason}); load an earlier checkpoint from {path.parent}.")
     try:
         if is_sharded(path):
-            _load_sharded_weights(model, path)
+            model.load_state_dict(read_weights(path, map_location), strict=True)
         elif _has_frozen(model):
             _load_trainable(model, path / WEIGHTS, str(map_location))
         else:
@@ -344,17 +344,10 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
         return {}
 
 
-def _load_sharded_weights(model: nn.Module, path: Path) -> None:
-    """An FSDP run's weights into a plain model, in this one process (keel sample, eval, export)."""
-
-    state = model.state_dict()
-    _dcp_load({"model": state}, path)
-    model.load_state_dict(state, strict=True)
-
-
 def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A checkpoint's model weights by name, from model.safetensors or an FSDP run's shards (shaped as
-    the shards' metadata says, so they need no model to load into: init.from a run of another vocabulary)."""
+    """A checkpoint's model weights by name, from model.safetensors or, in this one process, an FSDP run's
+    shards (shaped as the shards' metadata says, so they need no model to load into: init.from a run of
+    another vocabulary; keel sample, eval and export load them into a plain model)."""
     if not is_sharded(path):
         return safetensors.torch.load_file(path / WEIGHTS, device=str(device))
     import torch.distributed.checkpoint as dcp
